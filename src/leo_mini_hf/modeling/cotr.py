@@ -1,0 +1,65 @@
+"""CoTR: conditional token reduction (LEO-MINI, Sec. 3).
+
+For expert i with tokens I_i (N_i × d_i) and learned projections (hat):
+    s_query = Q̂_i Î_iᵀ                          (N_V × N_i)
+    s_self  = (Σ_n Î_i,n) Î_iᵀ                    (1 × N_i)
+    s_cross = (Σ_{j≠i} Σ_n Î_j,n) Î_iᵀ            (1 × N_i)
+    s_text  = (Σ_t T̂_t) Î_iᵀ                      (1 × N_i)
+    α_i = softmax over N_i of the scaled sum;   Ī_i = α_i I_i   (N_V × d_i, the UNprojected tokens)
+Every pooled term sums first, so the cost is O(N·d): no N × N matrix is ever formed.
+"""
+
+import math
+
+import torch
+from torch import nn
+
+
+class ConditionalTokenReduction(nn.Module):
+    """Reduces each expert's tokens to `num_visual_tokens`, conditioned on all experts and the prompt text."""
+
+    def __init__(self, config, expert_hidden_sizes: list[int]):
+        super().__init__()
+        projection_dim = config.cotr_projection_dim
+        text_hidden_size = config.text_config.hidden_size
+        self.expert_hidden_sizes = list(expert_hidden_sizes)
+        self.score_scaling = config.cotr_score_scaling
+        self.visual_projections = nn.ModuleList(
+            nn.Linear(hidden_size, projection_dim, bias=False) for hidden_size in expert_hidden_sizes
+        )
+        self.text_projections = nn.ModuleList(
+            nn.Linear(text_hidden_size, projection_dim, bias=False) for _ in expert_hidden_sizes
+        )
+        num_query_sets = 1 if config.cotr_shared_query else len(expert_hidden_sizes)
+        self.queries = nn.Parameter(torch.empty(num_query_sets, config.num_visual_tokens, projection_dim))
+
+    def expert_attention(self, expert_features: list[torch.Tensor], text_sum: torch.Tensor) -> list[torch.Tensor]:
+        """Softmax weights α_i per expert: list of (n_images, N_V, N_i)."""
+        projected = [proj(features) for proj, features in zip(self.visual_projections, expert_features)]  # (n, N_i, p)
+        pooled = [tokens.sum(dim=1) for tokens in projected]  # Σ_n Î_i,n: (n, p)
+        pooled_all_experts = torch.stack(pooled).sum(dim=0)  # (n, p)
+        weights = []
+        for i, tokens in enumerate(projected):
+            query = self.queries[min(i, self.queries.shape[0] - 1)]  # (N_V, p)
+            text_pooled = self.text_projections[i](text_sum)  # Σ_t T̂_t = Ŵ(Σ_t T_t): (n, p)
+            s_query = torch.einsum("qp,nkp->nqk", query, tokens)  # (n, N_V, N_i)
+            s_self = torch.einsum("np,nkp->nk", pooled[i], tokens).unsqueeze(1)  # (n, 1, N_i)
+            s_cross = torch.einsum("np,nkp->nk", pooled_all_experts - pooled[i], tokens).unsqueeze(1)
+            s_text = torch.einsum("np,nkp->nk", text_pooled, tokens).unsqueeze(1)
+            hidden_size = self.expert_hidden_sizes[i]
+            if self.score_scaling == "sqrt_dim":
+                scores = (s_query + s_self + s_cross + s_text) / math.sqrt(hidden_size)
+            else:  # "pooled_inverse_dim"
+                scores = s_query + (s_self + s_cross + s_text) / hidden_size
+            weights.append(scores.softmax(dim=-1))
+        return weights
+
+    def forward(self, expert_features: list[torch.Tensor], text_sum: torch.Tensor) -> torch.Tensor:
+        """
+        expert_features: per expert (n_images, N_i, d_i); text_sum: (n_images, d_text), the sum of the prompt's
+        text-token embeddings for each image's prompt. Returns (n_images, N_V, Σ d_i), experts concatenated
+        channel-wise.
+        """
+        weights = self.expert_attention(expert_features, text_sum)
+        reduced = [torch.bmm(alpha, features) for alpha, features in zip(weights, expert_features)]
+        return torch.cat(reduced, dim=-1)

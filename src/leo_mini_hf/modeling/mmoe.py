@@ -1,0 +1,147 @@
+"""MMoE-LLM: a frozen linear + an always-on general LoRA + routed LoRA experts, routed on multimodal context.
+
+    y = W x + b + s·B_g A_g x + s·Σ_{e ∈ top-k} w_e · B_e A_e x,      s = alpha / rank
+
+The router sees the per-sample context (pooled prompt text + pooled visual tokens) and, when configured, the
+token's hidden state. B matrices start at zero, so a fresh model computes exactly its base LLM.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class MMoERoutingState:
+    """What all MMoE layers of one model share during a forward: the routing context in, router outputs out.
+
+    Router outputs are keyed by layer name, so activation-checkpoint recomputation overwrites instead of adding.
+    """
+
+    def __init__(self):
+        self.context: torch.Tensor | None = None  # (batch, context_dim)
+        self.token_mask: torch.Tensor | None = None  # (batch, seq) 1 for real tokens, or None
+        self.router_probs: dict[str, torch.Tensor] = {}  # layer name → (batch, seq or 1, num_experts)
+
+    def start(self, context: torch.Tensor, token_mask: torch.Tensor | None):
+        self.context = context
+        self.token_mask = token_mask
+        self.router_probs = {}
+
+
+class MMoERouter(nn.Module):
+    """Small MLP: logits = W_out act(W_ctx context [+ W_hid hidden]) over the routed experts."""
+
+    def __init__(self, context_dim: int, in_features: int, hidden_size: int, num_experts: int, uses_hidden: bool):
+        super().__init__()
+        self.context_proj = nn.Linear(context_dim, hidden_size)
+        self.hidden_proj = nn.Linear(in_features, hidden_size, bias=False) if uses_hidden else None
+        self.out_proj = nn.Linear(hidden_size, num_experts)
+
+    def forward(self, context: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        """context (B, C), hidden_states (B, T, in) → logits (B, T, E) per token, or (B, 1, E) per sample."""
+        routed = self.context_proj(context).unsqueeze(1)
+        if self.hidden_proj is not None:
+            routed = routed + self.hidden_proj(hidden_states)
+        return self.out_proj(F.gelu(routed))
+
+
+class MMoELinear(nn.Linear):
+    """An `nn.Linear` that keeps its own weight and bias (checkpoint keys unchanged) and adds MMoE LoRA terms."""
+
+    def __init__(self, base: nn.Linear, config, context_dim: int, routing_state: MMoERoutingState, name: str):
+        nn.Module.__init__(self)  # not nn.Linear.__init__: the base weight is reused, never reallocated
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight
+        self.bias = base.bias
+        rank, num_experts = config.mmoe_rank, config.mmoe_num_experts
+        self.scaling = config.mmoe_alpha / rank
+        self.top_k = config.mmoe_top_k
+        self.expert_weighting = config.mmoe_expert_weighting
+        self.layer_name = name
+        self.routing_state = routing_state  # shared with the model; not a submodule
+        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.dropout = nn.Dropout(config.mmoe_dropout)
+        self.general_lora_A = nn.Parameter(torch.empty(rank, self.in_features, **factory))
+        self.general_lora_B = nn.Parameter(torch.empty(self.out_features, rank, **factory))
+        self.num_experts = num_experts
+        if num_experts:
+            self.experts_lora_A = nn.Parameter(torch.empty(num_experts, rank, self.in_features, **factory))
+            self.experts_lora_B = nn.Parameter(torch.empty(num_experts, self.out_features, rank, **factory))
+            self.router = MMoERouter(context_dim, self.in_features, config.mmoe_router_hidden_size, num_experts,
+                                     config.mmoe_router_uses_hidden_state).to(**factory)
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self, init=nn.init):
+        """A: uniform ±1/sqrt(in_features) (PEFT's Kaiming default), B: zero — the layer starts equal to its base.
+
+        `init` may be `transformers.initialization`, whose functions skip tensors loaded from a checkpoint.
+        """
+        bound = 1.0 / math.sqrt(self.in_features)
+        init.uniform_(self.general_lora_A, -bound, bound)
+        init.zeros_(self.general_lora_B)
+        if self.num_experts:
+            init.uniform_(self.experts_lora_A, -bound, bound)
+            init.zeros_(self.experts_lora_B)
+
+    def expert_weights(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Dense (B, T or 1, E) weights, non-zero on each token's top-k experts; records the router's probs."""
+        context = self.routing_state.context
+        if context is None or context.shape[0] != hidden_states.shape[0]:
+            raise ValueError(
+                f"MMoE layer {self.layer_name} has no routing context for a batch of {hidden_states.shape[0]}; "
+                "call it through LeoMiniModel, which sets the context before the LLM runs."
+            )
+        probs = self.router(context.to(hidden_states.dtype), hidden_states).float().softmax(dim=-1)
+        self.routing_state.router_probs[self.layer_name] = probs
+        top_probs, top_experts = probs.topk(self.top_k, dim=-1)
+        if self.expert_weighting == "renormalized":
+            top_probs = top_probs / top_probs.sum(dim=-1, keepdim=True)
+        return torch.zeros_like(probs).scatter(-1, top_experts, top_probs).to(hidden_states.dtype)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """hidden_states (B, T, in_features) → (B, T, out_features)."""
+        output = F.linear(hidden_states, self.weight, self.bias)
+        lora_input = self.dropout(hidden_states)
+        output = output + self.scaling * (lora_input @ self.general_lora_A.T) @ self.general_lora_B.T
+        if self.num_experts:
+            weights = self.expert_weights(hidden_states)  # (B, T|1, E)
+            expert_hidden = torch.einsum("bti,eri->bter", lora_input, self.experts_lora_A)  # (B, T, E, r)
+            expert_hidden = expert_hidden * weights.unsqueeze(-1)
+            output = output + self.scaling * torch.einsum("bter,eor->bto", expert_hidden, self.experts_lora_B)
+        return output
+
+
+def add_mmoe_adapters(language_model: nn.Module, config, context_dim: int, routing_state: MMoERoutingState) -> int:
+    """Replace every `nn.Linear` whose name ends in one of `config.mmoe_target_modules`; returns the count."""
+    targets = set(config.mmoe_target_modules)
+    replaced = 0
+    for parent_name, parent in list(language_model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            if child_name in targets and type(child) is nn.Linear:
+                full_name = f"{parent_name}.{child_name}" if parent_name else child_name
+                setattr(parent, child_name, MMoELinear(child, config, context_dim, routing_state, full_name))
+                replaced += 1
+    if targets and not replaced:
+        raise ValueError(f"mmoe_target_modules {sorted(targets)} match no nn.Linear in {type(language_model).__name__}")
+    return replaced
+
+
+def load_balancing_loss(router_probs: list[torch.Tensor], top_k: int, token_mask: torch.Tensor | None) -> torch.Tensor:
+    """Switch-style, differentiable: E · Σ_e f_e · P_e averaged over layers (1.0 when perfectly balanced).
+
+    router_probs: per layer (B, T, E) probabilities (T = 1 for per-sample routing); token_mask: (B, T) or None.
+    f_e is the fraction of top-k assignments to expert e (no gradient), P_e the mean probability (gradient).
+    """
+    losses = []
+    for probs in router_probs:
+        num_experts = probs.shape[-1]
+        if token_mask is not None and token_mask.shape == probs.shape[:2]:
+            probs = probs[token_mask.bool()]
+        probs = probs.reshape(-1, num_experts)
+        assignments = F.one_hot(probs.topk(top_k, dim=-1).indices, num_experts).sum(dim=1).float()
+        fraction_routed = assignments.mean(dim=0) / top_k
+        mean_prob = probs.mean(dim=0)
+        losses.append(num_experts * (fraction_routed * mean_prob).sum())
+    return torch.stack(losses).mean()

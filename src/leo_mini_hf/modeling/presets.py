@@ -1,0 +1,153 @@
+"""Named LEO-MINI configurations, as complete keyword dictionaries for `LeoMiniConfig`.
+
+Every sub-config here is complete: in transformers 5.x a partial sub-config dict silently becomes a full-size
+default model. `tiny` is the one place the test suite and the `tiny` preset take their sizes from.
+"""
+
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+# Special tokens of the tiny tokenizer; the tiny text config's vocabulary is sized to hold them.
+TINY_IMAGE_TOKEN_ID = 4
+TINY_VOCAB_SIZE = 384
+
+
+def _llama_text_config(
+    vocab_size, hidden_size, intermediate_size, num_hidden_layers, num_attention_heads, num_key_value_heads, **extra
+):
+    return {
+        "model_type": "llama",
+        "vocab_size": vocab_size,
+        "hidden_size": hidden_size,
+        "intermediate_size": intermediate_size,
+        "num_hidden_layers": num_hidden_layers,
+        "num_attention_heads": num_attention_heads,
+        "num_key_value_heads": num_key_value_heads,
+        "hidden_act": "silu",
+        "rms_norm_eps": 1e-5,
+        **extra,
+    }
+
+
+def _vit_like_expert(model_type, hidden_size, intermediate_size, layers, heads, image_size, patch_size, **spec):
+    config = {
+        "model_type": model_type,
+        "hidden_size": hidden_size,
+        "intermediate_size": intermediate_size,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "image_size": image_size,
+        "patch_size": patch_size,
+    }
+    return {"config": config, "image_size": image_size, **spec}
+
+
+def tiny():
+    """Random, tiny: two experts of different kinds (ViT-style CLIP, CNN-style ConvNeXt); seconds on CPU."""
+    return {
+        "text_config": _llama_text_config(
+            vocab_size=TINY_VOCAB_SIZE,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            tie_word_embeddings=False,
+        ),
+        "vision_experts": [
+            _vit_like_expert(
+                "clip_vision_model", 32, 64, layers=2, heads=2, image_size=32, patch_size=8,
+                feature_layer=-2, num_prefix_tokens=1, image_mean=CLIP_MEAN, image_std=CLIP_STD,
+            ),
+            {
+                "config": {
+                    "model_type": "convnext",
+                    "hidden_sizes": [8, 16, 24, 40],
+                    "depths": [1, 1, 1, 1],
+                    "image_size": 64,
+                },
+                "image_size": 64,
+                "feature_layer": None,
+                "num_prefix_tokens": 0,
+                "image_mean": IMAGENET_MEAN,
+                "image_std": IMAGENET_STD,
+            },
+        ],
+        "image_size": 64,
+        "image_mean": CLIP_MEAN,
+        "image_std": CLIP_STD,
+        "image_token_id": TINY_IMAGE_TOKEN_ID,
+        "num_visual_tokens": 4,
+        "cotr_projection_dim": 16,
+        "mmoe_rank": 4,
+        "mmoe_alpha": 8,
+        "mmoe_router_hidden_size": 16,
+    }
+
+
+def leo_mini_llama3_8b():
+    """The paper's LEO-Mini-Llama3-8B shape: Llama-3-8B + four EAGLE-X4 experts at 1024 px, N_V = 64.
+
+    CLIP ViT-L/14-336 and a CLIP-ConvNeXt-XXL-shaped ConvNeXt have transformers classes. EVA-02-L and the
+    Pix2Struct-large encoder have none that takes `pixel_values`, so they are ViT models of the same width,
+    depth and patch size (stand-ins for cost and shape, not for weights).
+    """
+    return {
+        "text_config": _llama_text_config(
+            vocab_size=128256,
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            max_position_embeddings=8192,
+            rope_theta=500000.0,
+            bos_token_id=128000,
+            eos_token_id=128009,
+            tie_word_embeddings=False,
+        ),
+        "vision_experts": [
+            _vit_like_expert(
+                "clip_vision_model", 1024, 4096, layers=24, heads=16, image_size=336, patch_size=14,
+                feature_layer=-2, num_prefix_tokens=1, image_mean=CLIP_MEAN, image_std=CLIP_STD,
+            ),
+            {
+                "config": {
+                    "model_type": "convnext",
+                    "hidden_sizes": [384, 768, 1536, 3072],
+                    "depths": [3, 4, 30, 3],
+                    "image_size": 1024,
+                },
+                "image_size": 1024,
+                "feature_layer": None,
+                "num_prefix_tokens": 0,
+                "image_mean": CLIP_MEAN,
+                "image_std": CLIP_STD,
+            },
+            _vit_like_expert(  # EVA-02-L stand-in
+                "vit", 1024, 4096, layers=24, heads=16, image_size=1024, patch_size=16,
+                feature_layer=None, num_prefix_tokens=1, image_mean=CLIP_MEAN, image_std=CLIP_STD,
+            ),
+            _vit_like_expert(  # Pix2Struct-large encoder stand-in
+                "vit", 1536, 3968, layers=18, heads=24, image_size=1024, patch_size=16,
+                feature_layer=None, num_prefix_tokens=1, image_mean=CLIP_MEAN, image_std=CLIP_STD,
+            ),
+        ],
+        "image_size": 1024,
+        "image_mean": CLIP_MEAN,
+        "image_std": CLIP_STD,
+        "image_token_id": 128002,  # <|reserved_special_token_0|>
+        "num_visual_tokens": 64,
+    }
+
+
+LEO_MINI_PRESETS = {
+    "tiny": tiny,
+    "leo-mini-llama3-8b": leo_mini_llama3_8b,
+}

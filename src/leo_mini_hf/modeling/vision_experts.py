@@ -1,0 +1,81 @@
+"""Vision experts: transformers vision models that each turn the canonical image into a sequence of tokens."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+from transformers import AutoConfig, AutoModel
+
+
+class VisionExpert(nn.Module):
+    """One vision tower built from its own config (CLIP, SigLIP, DINOv2, ConvNeXt, MobileNetV2, ViT, ...).
+
+    It takes the canonical `pixel_values`, resizes and re-normalises them to its own input, runs its tower and
+    returns the chosen layer's features as tokens. ViT-style (B, N, C) and CNN-style (B, C, H, W) outputs alike.
+    """
+
+    def __init__(self, expert: dict, canonical_mean: list, canonical_std: list):
+        super().__init__()
+        tower_config = dict(expert["config"])
+        self.model = AutoModel.from_config(AutoConfig.for_model(tower_config.pop("model_type"), **tower_config))
+        self.image_size = expert["image_size"]
+        self.feature_layer = expert["feature_layer"]
+        self.num_prefix_tokens = expert["num_prefix_tokens"]
+        # canonical normalisation → this expert's: x * scale + shift, per channel
+        canonical_mean, canonical_std = torch.tensor(canonical_mean), torch.tensor(canonical_std)
+        mean, std = torch.tensor(expert["image_mean"]), torch.tensor(expert["image_std"])
+        self.input_scale = (canonical_std / std).tolist()
+        self.input_shift = ((canonical_mean - mean) / std).tolist()
+        self.num_tokens, self.hidden_size, self.grid_size = self._infer_output_shape()
+
+    def _prepare_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if pixel_values.shape[-1] != self.image_size or pixel_values.shape[-2] != self.image_size:
+            pixel_values = F.interpolate(
+                pixel_values, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False,
+                antialias=pixel_values.shape[-1] > self.image_size,
+            )
+        scale = torch.tensor(self.input_scale, dtype=pixel_values.dtype, device=pixel_values.device)
+        shift = torch.tensor(self.input_shift, dtype=pixel_values.dtype, device=pixel_values.device)
+        return pixel_values * scale.view(1, 3, 1, 1) + shift.view(1, 3, 1, 1)
+
+    def _tower_features(self, pixel_values: torch.Tensor, model_call) -> torch.Tensor:
+        wants_hidden_states = self.feature_layer is not None
+        outputs = model_call(pixel_values=pixel_values, output_hidden_states=wants_hidden_states, return_dict=True)
+        features = outputs.hidden_states[self.feature_layer] if wants_hidden_states else outputs.last_hidden_state
+        if features.dim() == 4:  # CNN: (B, C, H, W) → (B, H*W, C), row-major
+            features = features.flatten(2).transpose(1, 2)
+        return features[:, self.num_prefix_tokens :]
+
+    def _infer_output_shape(self) -> tuple[int, int, int | None]:
+        """(tokens, channels, grid side or None) from a dry run on the meta device: no compute, no memory."""
+        state = {
+            name: torch.empty_like(tensor, device="meta")
+            for name, tensor in [*self.model.named_parameters(), *self.model.named_buffers()]
+        }
+        pixels = torch.empty(1, 3, self.image_size, self.image_size, device="meta")
+
+        def model_call(**kwargs):
+            return functional_call(self.model, state, args=(), kwargs=kwargs)
+
+        features = self._tower_features(pixels, model_call)
+        num_tokens, hidden_size = features.shape[1], features.shape[2]
+        grid_side = round(num_tokens**0.5)
+        return num_tokens, hidden_size, grid_side if grid_side * grid_side == num_tokens else None
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values (n_images, 3, S, S), canonical normalisation → tokens (n_images, num_tokens, hidden_size)."""
+        return self._tower_features(self._prepare_pixels(pixel_values), self.model)
+
+    def resample_to_grid(self, features: torch.Tensor, grid_size: int) -> torch.Tensor:
+        """(n, num_tokens, C) → (n, grid_size², C) by bilinear resampling of the token grid."""
+        if self.grid_size == grid_size:
+            return features
+        if self.grid_size is None:
+            raise ValueError(
+                f"Expert {type(self.model).__name__} yields {self.num_tokens} tokens, not a square grid; "
+                "it cannot be resampled for token_reduction='none'."
+            )
+        n, _, channels = features.shape
+        grid = features.transpose(1, 2).reshape(n, channels, self.grid_size, self.grid_size)
+        grid = F.interpolate(grid, size=(grid_size, grid_size), mode="bilinear", align_corners=False)
+        return grid.flatten(2).transpose(1, 2)
