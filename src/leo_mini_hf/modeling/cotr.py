@@ -32,6 +32,13 @@ class ConditionalTokenReduction(nn.Module):
         )
         num_query_sets = 1 if config.cotr_shared_query else len(expert_hidden_sizes)
         self.queries = nn.Parameter(torch.empty(num_query_sets, config.num_visual_tokens, projection_dim))
+        self.reset_parameters()
+
+    def reset_parameters(self, init=nn.init):
+        """Xavier-uniform queries and projections. `init` may be `transformers.initialization`."""
+        init.xavier_uniform_(self.queries)
+        for projection in [*self.visual_projections, *self.text_projections]:
+            init.xavier_uniform_(projection.weight)
 
     def expert_attention(self, expert_features: list[torch.Tensor], text_sum: torch.Tensor) -> list[torch.Tensor]:
         """Softmax weights α_i per expert: list of (n_images, N_V, N_i)."""

@@ -77,9 +77,7 @@ class LeoMiniPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module):
         super()._init_weights(module)
         if isinstance(module, ConditionalTokenReduction):
-            init.xavier_uniform_(module.queries)
-            for projection in [*module.visual_projections, *module.text_projections]:
-                init.xavier_uniform_(projection.weight)
+            module.reset_parameters(init=init)
         elif isinstance(module, LeoMiniModel):
             # MMoE layers live inside the LLM, whose own `_init_weights` knows nothing of LoRA.
             for layer in module.language_model.modules():
@@ -136,7 +134,7 @@ class LeoMiniModel(LeoMiniPreTrainedModel):
         if not isinstance(pixel_values, torch.Tensor):
             raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
         if not pixel_values.is_floating_point():
-            raise TypeError(f"pixel_values must be a floating-point tensor (normalised pixels), got {pixel_values.dtype}")
+            raise ValueError(f"pixel_values must be a floating-point tensor (normalised pixels), got {pixel_values.dtype}")
         size = self.config.image_size
         if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != (3, size, size):
             raise ValueError(
@@ -204,6 +202,8 @@ class LeoMiniModel(LeoMiniPreTrainedModel):
             raise ValueError("Images need input_ids: their placeholder tokens mark where visual tokens go")
         if pixel_values is not None and image_features is not None:
             raise ValueError("Pass pixel_values or image_features, not both")
+        if pixel_values is not None:
+            self._check_pixel_values(pixel_values)
         if input_ids is not None:
             vocab_size = self.config.text_config.vocab_size
             if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= vocab_size):
@@ -346,6 +346,22 @@ class LeoMiniForConditionalGeneration(LeoMiniPreTrainedModel, GenerationMixin):
             return aux_loss
         micro_batch_items = (labels[..., 1:] != -100).sum()
         return aux_loss * micro_batch_items.to(aux_loss.dtype) / torch.as_tensor(num_items_in_batch).to(aux_loss)
+
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        """Beams / return sequences: repeat each prompt's whole group of images, not each image on its own
+        (the default `repeat_interleave` on `pixel_values` mis-assigns images when a prompt has several)."""
+        pixel_values = model_kwargs.pop("pixel_values", None)
+        if pixel_values is not None and expand_size > 1 and input_ids is not None:
+            self.model._check_pixel_values(pixel_values)
+            images_per_sample = self.model.images_per_sample(input_ids, pixel_values.shape[0]).tolist()
+            groups = pixel_values.split(images_per_sample)
+            pixel_values = torch.cat([group for group in groups for _ in range(expand_size)])
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
+        )
+        if pixel_values is not None:
+            model_kwargs["pixel_values"] = pixel_values
+        return input_ids, model_kwargs
 
     def prepare_inputs_for_generation(self, input_ids, *args, is_first_iteration=False, **kwargs):
         model_inputs = super().prepare_inputs_for_generation(

@@ -21,11 +21,11 @@ class VisionExpert(nn.Module):
         self.image_size = expert["image_size"]
         self.feature_layer = expert["feature_layer"]
         self.num_prefix_tokens = expert["num_prefix_tokens"]
-        # canonical normalisation → this expert's: x * scale + shift, per channel
-        canonical_mean, canonical_std = torch.tensor(canonical_mean), torch.tensor(canonical_std)
-        mean, std = torch.tensor(expert["image_mean"]), torch.tensor(expert["image_std"])
-        self.input_scale = (canonical_std / std).tolist()
-        self.input_shift = ((canonical_mean - mean) / std).tolist()
+        # canonical normalisation → this expert's: x * scale + shift, per channel (plain floats: model init may
+        # run on the meta device)
+        mean, std = expert["image_mean"], expert["image_std"]
+        self.input_scale = [c_std / e_std for c_std, e_std in zip(canonical_std, std)]
+        self.input_shift = [(c_mean - e_mean) / e_std for c_mean, e_mean, e_std in zip(canonical_mean, mean, std)]
         self.num_tokens, self.hidden_size, self.grid_size = self._infer_output_shape()
 
     def _prepare_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:

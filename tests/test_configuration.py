@@ -1,0 +1,85 @@
+"""LeoMiniConfig: presets, options and their validation, serialisation."""
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from leo_mini_hf import LeoMiniConfig, LeoMiniForConditionalGeneration
+
+
+def test_tiny_preset_and_overrides():
+    config = tiny_config(num_visual_tokens=8, cotr_shared_query=True)
+    assert config.num_visual_tokens == 8 and config.cotr_shared_query
+    assert config.text_config.model_type == "llama"
+    assert len(config.vision_experts) == 2
+    assert config.num_image_tokens == 8
+    assert tiny_config(token_reduction="none").num_image_tokens == 16
+
+
+def test_documented_defaults():
+    config = LeoMiniConfig(**{k: v for k, v in LeoMiniConfig.from_preset("tiny").to_dict().items()
+                              if k in ("text_config", "vision_experts", "image_token_id")})
+    assert config.num_visual_tokens == 64
+    assert config.cotr_projection_dim == 256
+    assert config.cotr_score_scaling == "pooled_inverse_dim"
+    assert config.cotr_shared_query is False
+    assert config.mmoe_target_modules == ["down_proj"]
+    assert (config.mmoe_num_experts, config.mmoe_top_k, config.mmoe_rank) == (3, 1, 16)
+    assert config.mmoe_router_uses_hidden_state is True
+    assert config.mmoe_expert_weighting == "softmax"
+    assert config.mmoe_balance_loss_coef == 0.05
+    assert config.format_version == 1
+
+
+def test_paper_preset_shapes_on_meta_device():
+    config = LeoMiniConfig.from_preset("leo-mini-llama3-8b")
+    assert config.text_config.hidden_size == 4096 and config.text_config.num_hidden_layers == 32
+    with torch.device("meta"):
+        model = LeoMiniForConditionalGeneration(config)
+    experts = model.model.vision_experts
+    assert [e.hidden_size for e in experts] == [1024, 3072, 1024, 1536]  # EAGLE-X4: 6656 channels
+    assert [e.num_tokens for e in experts] == [576, 1024, 4096, 4096]
+    assert model.model.multi_modal_projector.linear_1.in_features == 6656
+    llm_params = sum(p.numel() for p in model.model.language_model.parameters() if p.requires_grad)
+    assert 7.4e9 < llm_params + model.lm_head.weight.numel() < 8.2e9
+
+
+def test_unknown_preset_raises():
+    with pytest.raises(ValueError, match="Unknown preset 'huge'"):
+        LeoMiniConfig.from_preset("huge")
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        ({"token_reduction": "pool"}, "token_reduction"),
+        ({"cotr_score_scaling": "none"}, "cotr_score_scaling"),
+        ({"mmoe_expert_weighting": "max"}, "mmoe_expert_weighting"),
+        ({"num_visual_tokens": 0}, "num_visual_tokens"),
+        ({"mmoe_top_k": 4}, "mmoe_top_k"),
+        ({"mmoe_num_experts": -1}, "mmoe_num_experts"),
+        ({"image_token_id": -1}, "image_token_id"),
+        ({"image_mean": [0.5, 0.5]}, "image_mean"),
+        ({"text_config": {"hidden_size": 64}}, "model_type"),
+        ({"vision_experts": [{"config": {"model_type": "convnext"}, "image_size": 64, "layer": 1}]}, "unknown keys"),
+        ({"vision_experts": [{"config": {}, "image_size": 64}]}, "model_type"),
+        ({"vision_experts": [{"config": {"model_type": "convnext"}, "image_size": 0}]}, "image_size"),
+    ],
+)
+def test_bad_options_raise(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_config(**overrides)
+
+
+def test_model_without_experts_raises():
+    with pytest.raises(ValueError, match="at least one vision expert"):
+        LeoMiniForConditionalGeneration(tiny_config(vision_experts=[]))
+
+
+def test_json_round_trip(tmp_path):
+    config = tiny_config(num_visual_tokens=8, mmoe_router_uses_hidden_state=False)
+    config.save_pretrained(tmp_path)
+    reloaded = LeoMiniConfig.from_pretrained(tmp_path)
+    assert reloaded.to_dict() == config.to_dict()
+    assert reloaded.vision_experts == config.vision_experts
+    assert reloaded.text_config.to_dict() == config.text_config.to_dict()

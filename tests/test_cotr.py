@@ -1,0 +1,118 @@
+"""CoTR against a slow, literal implementation of the paper's equations, and its behaviour at init."""
+
+import math
+
+import pytest
+import torch
+
+from conftest import image_prompt, random_pixels, tiny_config, tiny_model
+from leo_mini_hf.modeling.cotr import ConditionalTokenReduction
+
+
+def literal_cotr(module: ConditionalTokenReduction, expert_features, text_tokens, scaling):
+    """Slow reference: per image, builds the N×N similarity matrices the equations write down and sums them."""
+    outputs = []
+    for image_index in range(expert_features[0].shape[0]):
+        projected = [module.visual_projections[i](f[image_index]) for i, f in enumerate(expert_features)]
+        reduced = []
+        for i, tokens_i in enumerate(projected):
+            num_tokens, d_i = expert_features[i].shape[1], expert_features[i].shape[2]
+            ones = torch.ones(1, num_tokens, dtype=tokens_i.dtype)
+            query = module.queries[0] if module.queries.shape[0] == 1 else module.queries[i]
+            s_query = query @ tokens_i.T
+            s_self = ones @ (tokens_i @ tokens_i.T)
+            s_cross = torch.zeros(1, num_tokens, dtype=tokens_i.dtype)
+            for j, tokens_j in enumerate(projected):
+                if j != i:
+                    s_cross = s_cross + torch.ones(1, tokens_j.shape[0], dtype=tokens_i.dtype) @ (tokens_j @ tokens_i.T)
+            text_projected = module.text_projections[i](text_tokens[image_index])  # (L, p)
+            s_text = torch.ones(1, text_projected.shape[0], dtype=tokens_i.dtype) @ (text_projected @ tokens_i.T)
+            if scaling == "sqrt_dim":
+                scores = (s_query + s_self + s_cross + s_text) / math.sqrt(d_i)
+            else:
+                scores = s_query + (s_self + s_cross + s_text) / d_i
+            alpha = torch.softmax(scores, dim=-1)
+            reduced.append(alpha @ expert_features[i][image_index])
+        outputs.append(torch.cat(reduced, dim=-1))
+    return torch.stack(outputs)
+
+
+@pytest.mark.parametrize("scaling", ["pooled_inverse_dim", "sqrt_dim"])
+@pytest.mark.parametrize("shared_query", [False, True])
+def test_cotr_matches_literal_equations(scaling, shared_query):
+    torch.manual_seed(0)
+    config = tiny_config(cotr_score_scaling=scaling, cotr_shared_query=shared_query, num_visual_tokens=5)
+    module = ConditionalTokenReduction(config, [12, 20, 8]).double()
+    torch.nn.init.normal_(module.queries)
+    expert_features = [torch.randn(2, n, d, dtype=torch.double) for n, d in [(9, 12), (16, 20), (4, 8)]]
+    text_tokens = torch.randn(2, 7, config.text_config.hidden_size, dtype=torch.double)
+
+    fast = module(expert_features, text_tokens.sum(dim=1))
+    slow = literal_cotr(module, expert_features, text_tokens, scaling)
+
+    assert fast.shape == (2, 5, 12 + 20 + 8)
+    torch.testing.assert_close(fast, slow, rtol=1e-10, atol=1e-10)
+
+
+def test_cotr_output_is_convex_combination_of_unprojected_tokens():
+    torch.manual_seed(0)
+    config = tiny_config(num_visual_tokens=3)
+    module = ConditionalTokenReduction(config, [6])
+    features = torch.randn(1, 10, 6)
+    text_sum = torch.randn(1, config.text_config.hidden_size)
+    weights = module.expert_attention([features], text_sum)[0]
+    torch.testing.assert_close(weights.sum(-1), torch.ones(1, 3))
+    torch.testing.assert_close(module([features], text_sum), weights @ features)
+
+
+def _init_statistics(scaling):
+    """α at init, paper-sized (N=576, d=1024, projection 256, N_V=64): mean row entropy, mean L1 distance
+    between rows, and the largest cosine similarity between two reduced tokens."""
+    torch.manual_seed(0)
+    config = tiny_config(cotr_score_scaling=scaling, num_visual_tokens=64, cotr_projection_dim=256)
+    module = ConditionalTokenReduction(config, [1024, 1024])
+    features = [torch.randn(1, 576, 1024), torch.randn(1, 576, 1024)]
+    text_sum = torch.randn(1, 20, config.text_config.hidden_size).sum(1)
+    alpha = module.expert_attention(features, text_sum)[0][0]  # (64, 576)
+    entropy = -(alpha * alpha.clamp_min(1e-30).log()).sum(-1).mean().item()
+    row_distance = torch.cdist(alpha, alpha, p=1).mean().item()
+    reduced = torch.nn.functional.normalize(alpha @ features[0][0], dim=-1)
+    cosine = (reduced @ reduced.T)[~torch.eye(64, dtype=torch.bool)]
+    return entropy, row_distance, cosine.max().item()
+
+
+def test_default_scaling_does_not_collapse_at_init():
+    entropy, row_distance, max_cosine = _init_statistics("pooled_inverse_dim")
+    assert entropy > 0.8 * math.log(576)
+    assert row_distance > 0.1
+    assert max_cosine < 0.99
+
+
+def test_sqrt_dim_scaling_collapses_at_init_as_documented():
+    entropy, row_distance, max_cosine = _init_statistics("sqrt_dim")
+    assert entropy < 0.3 * math.log(576)
+    assert row_distance < 0.01
+    assert max_cosine > 0.999
+
+
+def test_answer_tokens_cannot_change_visual_tokens():
+    model = tiny_model()
+    config = model.config
+    prompt = image_prompt(config)
+    pixels = random_pixels(config)
+    features = []
+    for answer in ([20, 21, 2], [30, 31, 2]):
+        input_ids = torch.tensor([prompt + answer])
+        labels = torch.full_like(input_ids, -100)
+        labels[0, len(prompt):] = input_ids[0, len(prompt):]
+        features.append(model(input_ids=input_ids, pixel_values=pixels, labels=labels).image_hidden_states)
+    torch.testing.assert_close(features[0], features[1], rtol=0, atol=0)
+
+
+def test_prompt_text_does_change_visual_tokens():
+    model = tiny_model()
+    config = model.config
+    pixels = random_pixels(config)
+    first = model(input_ids=torch.tensor([image_prompt(config, text_after=(12, 13))]), pixel_values=pixels)
+    second = model(input_ids=torch.tensor([image_prompt(config, text_after=(50, 60))]), pixel_values=pixels)
+    assert not torch.allclose(first.image_hidden_states, second.image_hidden_states)

@@ -1,0 +1,241 @@
+"""LeoMiniForConditionalGeneration end to end: shapes, training signal, save/load, generation, bad input."""
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
+
+from conftest import image_prompt, random_pixels, tiny_config, tiny_model
+from leo_mini_hf import LeoMiniConfig, LeoMiniForConditionalGeneration, LeoMiniModel
+
+
+def test_shapes_through_every_stage(model):
+    config = model.config
+    pixels = random_pixels(config, num_images=2)
+    experts = model.model.vision_experts
+    expert_features = [expert(pixels) for expert in experts]
+    assert [tuple(f.shape) for f in expert_features] == [(2, 16, 32), (2, 4, 40)]  # CLIP 4x4 (CLS dropped), ConvNeXt 2x2
+    assert [(e.num_tokens, e.hidden_size) for e in experts] == [(16, 32), (4, 40)]
+    reduced = model.model.token_reducer(expert_features, torch.zeros(2, config.text_config.hidden_size))
+    assert reduced.shape == (2, config.num_visual_tokens, 32 + 40)
+    projected = model.get_image_features(pixels)
+    assert projected.shape == (2, config.num_visual_tokens, config.text_config.hidden_size)
+
+    prompt = image_prompt(config, num_images=2)
+    output = model(input_ids=torch.tensor([prompt]), pixel_values=pixels)
+    assert output.logits.shape == (1, len(prompt), config.text_config.vocab_size)
+    assert output.image_hidden_states.shape == (2, config.num_visual_tokens, config.text_config.hidden_size)
+    assert output.routing_context.shape == (1, 2 * config.text_config.hidden_size)
+    assert output.aux_loss.ndim == 0
+
+
+def test_visual_tokens_land_on_image_positions(model):
+    config = model.config
+    prompt = image_prompt(config)
+    hooked = {}
+    handle = model.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: hooked.update(embeds=kwargs["inputs_embeds"]), with_kwargs=True
+    )
+    output = model(input_ids=torch.tensor([prompt]), pixel_values=random_pixels(config))
+    handle.remove()
+    positions = [i for i, token in enumerate(prompt) if token == config.image_token_id]
+    torch.testing.assert_close(hooked["embeds"][0, positions], output.image_hidden_states[0])
+
+
+def test_full_token_baseline_passes_every_token():
+    model = tiny_model(token_reduction="none")
+    config = model.config
+    assert model.model.token_reducer is None
+    assert config.num_image_tokens == 16  # the first expert's 4x4 grid; ConvNeXt's 2x2 is resampled to it
+    output = model(input_ids=torch.tensor([image_prompt(config)]), pixel_values=random_pixels(config))
+    assert output.image_hidden_states.shape == (1, 16, config.text_config.hidden_size)
+
+
+def test_text_only_input_works(model):
+    output = model(input_ids=torch.tensor([[1, 10, 11, 12]]), labels=torch.tensor([[1, 10, 11, 12]]))
+    assert output.image_hidden_states is None
+    assert torch.isfinite(output.loss)
+    generated = model.generate(input_ids=torch.tensor([[1, 10, 11]]), max_new_tokens=3, do_sample=False)
+    assert generated.shape == (1, 6)
+
+
+def _stage3_trainable(model):
+    """The paper's stage 3: CoTR, projector, MMoE trainable; LLM base weights and vision experts frozen."""
+    for name, param in model.named_parameters():
+        param.requires_grad = any(key in name for key in ("token_reducer", "multi_modal_projector", "lora", "router"))
+
+
+def test_gradients_reach_trainable_parts_only():
+    model = tiny_model().train()
+    _stage3_trainable(model)
+    config = model.config
+    prompt = image_prompt(config)
+    input_ids = torch.tensor([prompt + [20, 21, 2]])
+    labels = torch.full_like(input_ids, -100)
+    labels[0, len(prompt):] = input_ids[0, len(prompt):]
+    model(input_ids=input_ids, pixel_values=random_pixels(config), labels=labels).loss.backward()
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            assert param.grad is not None and param.grad.abs().sum() > 0, f"no gradient reached {name}"
+        else:
+            assert param.grad is None, f"frozen {name} received a gradient"
+    trainable = {name.split(".")[1] for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"token_reducer", "multi_modal_projector", "language_model"}
+
+
+def test_aux_loss_is_added_and_scaled_by_micro_batch_share():
+    model = tiny_model()
+    config = model.config
+    input_ids = torch.tensor([image_prompt(config) + [20, 21, 2]])
+    labels = input_ids.clone()
+    labels[0, :-3] = -100
+    pixels = random_pixels(config)
+    plain = model(input_ids=input_ids, pixel_values=pixels, labels=labels)
+    lm_loss = plain.loss - config.mmoe_balance_loss_coef * plain.aux_loss
+    lm_loss_sum = lm_loss * 3  # the plain loss is the mean over the 3 answer tokens
+    accumulated = model(input_ids=input_ids, pixel_values=pixels, labels=labels, num_items_in_batch=6)
+    # this micro-batch holds 3 of the 6 label tokens of the accumulated batch: half of each loss
+    expected = lm_loss_sum / 6 + config.mmoe_balance_loss_coef * plain.aux_loss * 3 / 6
+    torch.testing.assert_close(accumulated.loss, expected)
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    config = tiny_config()
+    prompt = image_prompt(config)
+    input_ids = torch.tensor([prompt + [20, 21, 2]])
+    labels = input_ids.clone()
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_model().train()
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        model(input_ids=input_ids, pixel_values=random_pixels(config), labels=labels).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_save_and_load_round_trip(tmp_path, model):
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    reloaded = LeoMiniForConditionalGeneration.from_pretrained(tmp_path).eval()
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(reloaded.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
+    config = model.config
+    inputs = {"input_ids": torch.tensor([image_prompt(config)]), "pixel_values": random_pixels(config)}
+    torch.testing.assert_close(reloaded(**inputs).logits, model(**inputs).logits, rtol=0, atol=0)
+
+
+def test_auto_classes_are_registered(tmp_path, model):
+    model.save_pretrained(tmp_path)
+    assert type(AutoConfig.from_pretrained(tmp_path)) is LeoMiniConfig
+    assert type(AutoModelForImageTextToText.from_pretrained(tmp_path)) is LeoMiniForConditionalGeneration
+    assert type(AutoModel.from_pretrained(tmp_path)) is LeoMiniModel
+    assert type(AutoModelForImageTextToText.from_config(model.config)) is LeoMiniForConditionalGeneration
+
+
+def test_tied_embeddings_follow_the_text_config():
+    text_config = dict(tiny_config().text_config.to_dict(), tie_word_embeddings=True)
+    model = LeoMiniForConditionalGeneration(tiny_config(text_config=text_config))
+    assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+
+
+# ---- generation ------------------------------------------------------------------------------------------------
+
+def test_greedy_with_and_without_cache_agree(model):
+    config = model.config
+    inputs = {"input_ids": torch.tensor([image_prompt(config)]), "pixel_values": random_pixels(config)}
+    cached = model.generate(**inputs, max_new_tokens=8, do_sample=False, use_cache=True)
+    uncached = model.generate(**inputs, max_new_tokens=8, do_sample=False, use_cache=False)
+    assert cached.tolist() == uncached.tolist()
+
+
+def test_vision_runs_once_per_generate(model):
+    config = model.config
+    calls = []
+    handle = model.model.vision_experts[0].register_forward_hook(lambda *args: calls.append(1))
+    model.generate(input_ids=torch.tensor([image_prompt(config)]), pixel_values=random_pixels(config),
+                   max_new_tokens=5, do_sample=False)
+    handle.remove()
+    assert len(calls) == 1
+
+
+def test_left_padded_batch_matches_single_prompts(model):
+    config = model.config
+    prompts = [image_prompt(config, text_after=(12, 13, 14, 15, 16)), image_prompt(config, text_after=(40,))]
+    pixels = random_pixels(config, num_images=2)
+    singles = [
+        model.generate(input_ids=torch.tensor([p]), pixel_values=pixels[i:i + 1], max_new_tokens=6, do_sample=False)
+        [0, len(p):].tolist()
+        for i, p in enumerate(prompts)
+    ]
+    width = max(map(len, prompts))
+    input_ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    batched = model.generate(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixels,
+                             max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert batched[:, width:].tolist() == singles
+
+
+def test_beam_search_and_multiple_return_sequences(model):
+    config = model.config
+    inputs = {"input_ids": torch.tensor([image_prompt(config)] * 2), "pixel_values": random_pixels(config, 2)}
+    beams = model.generate(**inputs, max_new_tokens=4, num_beams=3, num_return_sequences=2, do_sample=False)
+    assert beams.shape == (4, inputs["input_ids"].shape[1] + 4)
+    best = model.generate(**inputs, max_new_tokens=4, num_beams=3, do_sample=False)
+    assert beams[::2].tolist() == best.tolist()
+    sampled = model.generate(**inputs, max_new_tokens=4, do_sample=True, num_return_sequences=3)
+    assert sampled.shape[0] == 6
+
+
+# ---- bad input ---------------------------------------------------------------------------------------------------
+
+def test_image_token_count_mismatch_raises(model):
+    config = model.config
+    short = image_prompt(config)[:-4]  # cuts one image token
+    with pytest.raises(ValueError, match="Image tokens and images do not match"):
+        model(input_ids=torch.tensor([short]), pixel_values=random_pixels(config))
+    with pytest.raises(ValueError, match="Image tokens and images do not match"):
+        model(input_ids=torch.tensor([image_prompt(config)]), pixel_values=random_pixels(config, num_images=2))
+    # right total (2 images), but row 0 holds 1.5 image blocks and row 1 holds half a block
+    image, half = config.image_token_id, config.num_image_tokens // 2
+    rows = [[1, 10] + [image] * (3 * half) + [12] * half, [1, 10] + [12] * half + [image] * half + [12] * 2 * half]
+    with pytest.raises(ValueError, match=r"\[6, 2\] image tokens per row"):
+        model(input_ids=torch.tensor(rows), pixel_values=random_pixels(config, num_images=2))
+
+
+@pytest.mark.parametrize(
+    "pixels, error, match",
+    [
+        (torch.randn(1, 3, 32, 32), ValueError, r"pixel_values must have shape \(n_images, 3, 64, 64\)"),
+        (torch.randn(3, 64, 64), ValueError, "pixel_values must have shape"),
+        (torch.randn(1, 4, 64, 64), ValueError, "pixel_values must have shape"),
+        (torch.zeros(1, 3, 64, 64, dtype=torch.uint8), ValueError, "floating-point"),
+        ([[0.0]], TypeError, "torch.Tensor"),
+    ],
+)
+def test_bad_pixel_values_raise(model, pixels, error, match):
+    with pytest.raises(error, match=match):
+        model(input_ids=torch.tensor([image_prompt(model.config)]), pixel_values=pixels)
+
+
+def test_out_of_vocabulary_ids_raise(model):
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        model(input_ids=torch.tensor([[1, 10, model.config.text_config.vocab_size]]))
+
+
+def test_image_token_id_outside_vocab_raises():
+    with pytest.raises(ValueError, match="image_token_id"):
+        tiny_config(image_token_id=10_000)
+
+
+def test_beam_search_keeps_each_prompts_images_together(model):
+    config = model.config
+    prompts = [image_prompt(config, num_images=2), image_prompt(config, text_after=(12, 13, 14) + (15,) * 4)]
+    assert len(prompts[0]) == len(prompts[1])
+    pixels = random_pixels(config, num_images=3)
+    expected = model(input_ids=torch.tensor(prompts), pixel_values=pixels).logits[:, -1]  # (2, V)
+    beams = model.generate(input_ids=torch.tensor(prompts), pixel_values=pixels, max_new_tokens=1, num_beams=2,
+                           do_sample=False, output_logits=True, return_dict_in_generate=True)
+    first_step = beams.logits[0]  # (2 prompts x 2 beams, V)
+    torch.testing.assert_close(first_step, expected.repeat_interleave(2, dim=0), rtol=1e-5, atol=1e-5)
