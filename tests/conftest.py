@@ -39,3 +39,20 @@ def random_pixels(config, num_images=1, seed=0) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def model():
     return tiny_model()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A complete tiny checkpoint folder written by `leo-mini build --preset tiny --random-init`."""
+    from leo_mini_hf.cli import main
+
+    folder = tmp_path_factory.mktemp("checkpoints") / "tiny"
+    main(["build", "--preset", "tiny", "--random-init", "--out", str(folder)])
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_processor(tiny_checkpoint):
+    from leo_mini_hf import LeoMiniProcessor
+
+    return LeoMiniProcessor.from_pretrained(tiny_checkpoint)

@@ -1,16 +1,32 @@
 """leo-mini-hf: the LEO-MINI multimodal LLM (arXiv 2504.04653) as transformers model classes.
 
-Importing the package registers `leo_mini` with transformers' Auto classes.
+Importing the package registers `leo_mini` with transformers' Auto classes (config, models, processors).
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+)
 
 from .modeling import LeoMiniConfig, LeoMiniForConditionalGeneration, LeoMiniModel, LeoMiniPreTrainedModel
+from .processor import LeoMiniImageProcessor, LeoMiniProcessor
 
 __version__ = "0.1.0"
 
 AutoConfig.register("leo_mini", LeoMiniConfig, exist_ok=True)
 AutoModel.register(LeoMiniConfig, LeoMiniModel, exist_ok=True)
 AutoModelForImageTextToText.register(LeoMiniConfig, LeoMiniForConditionalGeneration, exist_ok=True)
+AutoImageProcessor.register(LeoMiniConfig, image_processor_classes={"pil": LeoMiniImageProcessor}, exist_ok=True)
+AutoProcessor.register(LeoMiniConfig, LeoMiniProcessor, exist_ok=True)
 
-__all__ = ["LeoMiniConfig", "LeoMiniForConditionalGeneration", "LeoMiniModel", "LeoMiniPreTrainedModel"]
+__all__ = [
+    "LeoMiniConfig",
+    "LeoMiniForConditionalGeneration",
+    "LeoMiniImageProcessor",
+    "LeoMiniModel",
+    "LeoMiniPreTrainedModel",
+    "LeoMiniProcessor",
+]

@@ -1,7 +1,10 @@
 """`leo-mini` command line."""
 
 import argparse
+import shutil
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -35,6 +38,29 @@ def run_demo(args: argparse.Namespace) -> None:
           f"in {time.perf_counter() - started:.2f} s")
 
 
+def run_build(args: argparse.Namespace) -> None:
+    """Write a complete checkpoint folder. It is built in a temporary sibling and moved into place at the end, so
+    a failure never leaves a half-written folder, and an existing non-empty folder is never overwritten."""
+    from .conversion.build import build_random_checkpoint
+
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise SystemExit(f"leo-mini build: {out} exists and is not empty; choose a new --out")
+    if not args.random_init:
+        raise SystemExit("leo-mini build: pass --random-init (building from pretrained parts is not available yet)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        build_random_checkpoint(args.preset, staging, seed=args.seed)
+        if out.exists():
+            out.rmdir()
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print(f"wrote {out} ({time.perf_counter() - started:.1f} s)")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="leo-mini", description="LEO-MINI multimodal LLM tools")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -44,6 +70,13 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("--max-new-tokens", type=int, default=8)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(handler=run_demo)
+
+    build = commands.add_parser("build", help="write a complete LEO-MINI checkpoint folder")
+    build.add_argument("--preset", default="tiny")
+    build.add_argument("--random-init", action="store_true", help="random weights (offline, seconds for 'tiny')")
+    build.add_argument("--out", required=True)
+    build.add_argument("--seed", type=int, default=0)
+    build.set_defaults(handler=run_build)
 
     args = parser.parse_args(argv)
     args.handler(args)

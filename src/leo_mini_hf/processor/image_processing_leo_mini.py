@@ -1,0 +1,184 @@
+"""LEO-MINI image processor: any image → RGB → pad to square with the mean colour → resize → rescale → normalise.
+
+Runs on transformers' PIL backend (PIL + numpy; no torchvision). The output is the canonical `pixel_values` the
+model's vision experts each resize and re-normalise from.
+"""
+
+import os
+import warnings
+
+import numpy as np
+from PIL import Image, ImageFile, UnidentifiedImageError
+from transformers.image_processing_backends import PilBackend
+from transformers.image_processing_utils import BatchFeature
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
+from transformers.processing_utils import ImagesKwargs
+
+DEFAULT_MAX_IMAGE_PIXELS = 64 * 1024 * 1024  # 64 megapixels: far above any real input, far below a bomb
+
+
+class LeoMiniImageProcessorKwargs(ImagesKwargs, total=False):
+    max_image_pixels: int
+
+
+def _check_size(width: int, height: int, max_image_pixels: int, source: str) -> None:
+    if width <= 0 or height <= 0:
+        raise ValueError(f"{source} has zero size ({width}x{height})")
+    if width * height > max_image_pixels:
+        raise ValueError(
+            f"{source} has {width}x{height} = {width * height:,} pixels, over the limit of {max_image_pixels:,} "
+            "(max_image_pixels); refusing it as a possible decompression bomb"
+        )
+
+
+def _open_image_file(path: str, max_image_pixels: int) -> Image.Image:
+    if not os.path.isfile(path):
+        raise ValueError(f"Image file not found: {path!r}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(path)
+            _check_size(image.width, image.height, max_image_pixels, f"Image file {path!r}")
+            previous, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
+            try:
+                image.load()
+            finally:
+                ImageFile.LOAD_TRUNCATED_IMAGES = previous
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as error:
+        raise ValueError(f"Image file {path!r} is corrupt, truncated or not an image: {error}") from error
+    return image
+
+
+def _array_to_pil(array: np.ndarray) -> Image.Image:
+    """HWC or CHW (C in 1, 3, 4) or HW array of uint8 / uint16 / bool / float in [0, 1] → PIL image."""
+    if array.ndim == 3 and array.shape[-1] not in (1, 3, 4) and array.shape[0] in (1, 3, 4):
+        array = np.moveaxis(array, 0, -1)  # CHW → HWC
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
+        raise ValueError(f"Image array must be HW, HWC or CHW with 1, 3 or 4 channels, got shape {array.shape}")
+    if array.size == 0:
+        raise ValueError(f"Image array has zero size (shape {array.shape})")
+    if array.dtype == np.bool_:
+        array = array.astype(np.uint8) * 255
+    elif array.dtype == np.uint16:
+        array = (array.astype(np.uint32) // 257).astype(np.uint8)
+    elif np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all() or array.min() < 0.0 or array.max() > 1.0:
+            raise ValueError("Float image arrays must hold finite values in [0, 1]")
+        array = np.round(array * 255.0).astype(np.uint8)
+    elif array.dtype != np.uint8:
+        raise ValueError(f"Image arrays must be uint8, uint16, bool or float in [0, 1], got {array.dtype}")
+    return Image.fromarray(np.ascontiguousarray(array))
+
+
+def to_rgb_image(image, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """Any supported input (PIL image of any mode, numpy array, torch tensor, file path) → PIL RGB image.
+
+    Transparent pixels are composited onto white; 16-bit images are scaled to 8 bits (v // 257); CMYK, palette,
+    grey and other modes use PIL's own conversion. The same input always gives the same pixels.
+    """
+    if isinstance(image, (str, os.PathLike)):
+        image = _open_image_file(os.fspath(image), max_image_pixels)
+    elif type(image).__module__.startswith("torch") and hasattr(image, "detach"):
+        image = _array_to_pil(image.detach().cpu().numpy())
+    elif isinstance(image, np.ndarray):
+        image = _array_to_pil(image)
+    elif not isinstance(image, Image.Image):
+        raise TypeError(
+            f"Unsupported image type {type(image).__name__}: pass a PIL image, numpy array, torch tensor or file path"
+        )
+    _check_size(image.width, image.height, max_image_pixels, "Image")
+
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        image = _array_to_pil(np.asarray(image).astype(np.uint16))
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "RGBa", "La"):
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    return image.convert("RGB")
+
+
+class LeoMiniImageProcessor(PilBackend):
+    r"""
+    Produces LEO-MINI's canonical `pixel_values` (n_images, 3, size, size). As in EAGLE, images are padded to a
+    square with the mean colour before resizing, so nothing is cropped away.
+
+    Args:
+        size (`dict`, default `{"height": 224, "width": 224}`): output side (square).
+        image_mean, image_std: normalisation (CLIP's by default).
+        do_pad (`bool`, default True): pad to square with the mean colour.
+        max_image_pixels (`int`, default 64 MP): larger images are refused (decompression bombs).
+    """
+
+    valid_kwargs = LeoMiniImageProcessorKwargs
+    model_input_names = ["pixel_values"]
+    resample = PILImageResampling.BICUBIC
+    image_mean = OPENAI_CLIP_MEAN
+    image_std = OPENAI_CLIP_STD
+    size = {"height": 224, "width": 224}
+    do_resize = True
+    do_rescale = True
+    rescale_factor = 1 / 255
+    do_normalize = True
+    do_convert_rgb = True
+    do_pad = True
+    max_image_pixels = DEFAULT_MAX_IMAGE_PIXELS
+
+    def _prepare_images_structure(self, images, expected_ndims: int = 3):
+        """A single image, a list of images, or a list of per-sample lists → flat list (no URL fetching)."""
+        if isinstance(images, (list, tuple)):
+            flat = []
+            for item in images:
+                flat.extend(item if isinstance(item, (list, tuple)) else [item])
+            images = flat
+        elif isinstance(images, np.ndarray) and images.ndim == 4:
+            images = list(images)
+        elif type(images).__module__.startswith("torch") and getattr(images, "ndim", 0) == 4:
+            images = list(images)
+        else:
+            images = [images]
+        if not images:
+            raise ValueError("No images given")
+        return images
+
+    def process_image(self, image, max_image_pixels: int | None = None, **kwargs) -> np.ndarray:
+        """One image of any supported kind → (3, H, W) uint8."""
+        rgb = to_rgb_image(image, max_image_pixels or self.max_image_pixels)
+        return np.moveaxis(np.asarray(rgb), -1, 0)
+
+    @staticmethod
+    def pad_to_square(image: np.ndarray, fill: tuple[int, int, int]) -> np.ndarray:
+        """(3, H, W) → (3, S, S), S = max(H, W), the image centred on the fill colour."""
+        _, height, width = image.shape
+        side = max(height, width)
+        if height == width:
+            return image
+        canvas = np.empty((3, side, side), dtype=image.dtype)
+        canvas[:] = np.asarray(fill, dtype=image.dtype).reshape(3, 1, 1)
+        top, left = (side - height) // 2, (side - width) // 2
+        canvas[:, top : top + height, left : left + width] = image
+        return canvas
+
+    def _preprocess(self, images, do_resize, size, resample, do_rescale, rescale_factor, do_normalize, image_mean,
+                    image_std, do_pad=None, return_tensors=None, **kwargs) -> BatchFeature:
+        processed = []
+        for image in images:
+            if do_pad:
+                image = self.pad_to_square(image, tuple(int(round(m * 255)) for m in image_mean))
+            if do_resize:
+                image = self.resize(image=image, size=size, resample=resample)
+            image = image.astype(np.float32)
+            if do_rescale:
+                image = image * np.float32(rescale_factor)
+            if do_normalize:
+                mean = np.asarray(image_mean, dtype=np.float32).reshape(3, 1, 1)
+                std = np.asarray(image_std, dtype=np.float32).reshape(3, 1, 1)
+                image = (image - mean) / std
+            processed.append(image)
+        return BatchFeature(data={"pixel_values": np.stack(processed)}, tensor_type=return_tensors)
+
+
+__all__ = ["LeoMiniImageProcessor"]

@@ -1,0 +1,153 @@
+"""LEO-MINI processor: image processor + tokenizer; each image placeholder becomes exactly N_V image tokens."""
+
+from transformers import ProcessorMixin
+from transformers.feature_extraction_utils import BatchFeature
+
+# ChatML. `{"type": "image"}` blocks render as the placeholder; assistant turns sit inside {% generation %} so
+# training can take the loss on answers only (`return_assistant_tokens_mask=True`).
+LEO_MINI_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\n' -}}"
+    "{%- if message['role'] == 'assistant' -%}{%- generation -%}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}"
+    "{%- else -%}{%- for block in message['content'] -%}"
+    "{%- if block['type'] == 'text' -%}{{- block['text'] -}}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{- '<|im_end|>' -}}{%- endgeneration -%}{{- '\n' -}}"
+    "{%- else -%}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}"
+    "{%- else -%}{%- for block in message['content'] -%}"
+    "{%- if block['type'] == 'image' -%}{{- '<image>' -}}"
+    "{%- elif block['type'] == 'text' -%}{{- block['text'] -}}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{- '<|im_end|>\n' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}"
+)
+
+TOKENIZER_KWARGS = ("padding", "truncation", "max_length", "add_special_tokens", "padding_side", "pad_to_multiple_of",
+                    "return_attention_mask", "return_offsets_mapping", "return_token_type_ids")
+IMAGE_KWARGS = ("max_image_pixels", "do_pad", "do_resize", "size", "resample", "do_rescale", "rescale_factor",
+                "do_normalize", "image_mean", "image_std")
+
+
+class LeoMiniProcessor(ProcessorMixin):
+    r"""
+    Args:
+        image_processor (`LeoMiniImageProcessor`), tokenizer (a fast tokenizer holding `image_token` as a special
+        token), chat_template (`str`), num_image_tokens (`int`): tokens per image in `input_ids` (the model's
+        `config.num_image_tokens`: N_V with CoTR); image_token (`str`): the placeholder, default `"<image>"`.
+    """
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, num_image_tokens=64,
+                 image_token="<image>"):
+        self.num_image_tokens = num_image_tokens
+        self.image_token = image_token
+        super().__init__(image_processor, tokenizer, chat_template=chat_template)
+        self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
+        if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
+            raise ValueError(f"The tokenizer has no token {image_token!r}; add it as a special token first")
+
+    @staticmethod
+    def _group_images(images, num_texts: int) -> list[list] | None:
+        """None, one image, a flat list, or per-text lists → per-text lists (flat lists are split later)."""
+        if images is None:
+            return None
+        if not isinstance(images, (list, tuple)):
+            return [[images]]
+        if images and all(isinstance(item, (list, tuple)) for item in images):
+            if len(images) != num_texts:
+                raise ValueError(f"Got {len(images)} lists of images for {num_texts} text(s)")
+            return [list(item) for item in images]
+        return [list(images)]
+
+    def __call__(self, images=None, text=None, videos=None, audio=None, return_tensors=None, **kwargs) -> BatchFeature:
+        """
+        text: str or list of str, with one `image_token` per image; images: one image, a list (assigned to the
+        placeholders in order), or one list per text. Returns input_ids, attention_mask and, with images,
+        pixel_values (n_images, 3, S, S).
+        """
+        if videos is not None or audio is not None:
+            raise ValueError("LEO-MINI takes images and text only, not videos or audio")
+        if text is None:
+            raise ValueError("LeoMiniProcessor needs text (with one image placeholder per image)")
+        texts = [text] if isinstance(text, str) else list(text)
+        if not all(isinstance(t, str) for t in texts):
+            raise TypeError("text must be a string or a list of strings")
+        images_kwargs = dict(kwargs.pop("images_kwargs", None) or {})
+        text_kwargs = dict(kwargs.pop("text_kwargs", None) or {})
+        for key in list(kwargs):
+            if key in IMAGE_KWARGS:
+                images_kwargs[key] = kwargs.pop(key)
+            elif key in TOKENIZER_KWARGS:
+                text_kwargs[key] = kwargs.pop(key)
+        kwargs.pop("return_mm_token_type_ids", None)
+        return_replacement_offsets = kwargs.pop("return_text_replacement_offsets", False)
+        if kwargs:
+            raise TypeError(
+                f"LeoMiniProcessor got unexpected arguments {sorted(kwargs)}; with a pipeline, generation options go "
+                "in generate_kwargs={...} (e.g. generate_kwargs={'do_sample': False})"
+            )
+
+        placeholders = [t.count(self.image_token) for t in texts]
+        grouped = self._group_images(images, len(texts))
+        num_images = 0 if grouped is None else sum(len(group) for group in grouped)
+        if num_images != sum(placeholders) or (grouped is not None and len(grouped) == len(texts)
+                                               and [len(g) for g in grouped] != placeholders):
+            raise ValueError(
+                f"The text holds {sum(placeholders)} image placeholder(s) {self.image_token!r} "
+                f"(per text: {placeholders}) but {num_images} image(s) were given"
+            )
+
+        expanded, replacement_offsets = zip(*(self.expand_image_placeholders(t) for t in texts))
+        encoding = self.tokenizer(list(expanded), **text_kwargs)
+        for row, (ids, count) in enumerate(zip(encoding["input_ids"], placeholders)):
+            found = sum(1 for token in ids if token == self.image_token_id)
+            if found != count * self.num_image_tokens:
+                raise ValueError(
+                    f"Text {row} should hold {count} x {self.num_image_tokens} image tokens after tokenisation but "
+                    f"holds {found}: truncation (max_length) cut into an image, or the text contains the image "
+                    "token itself. Raise max_length or shorten the text."
+                )
+        data = dict(encoding)
+        if return_replacement_offsets:  # lets apply_chat_template map assistant spans onto the expanded text
+            data["text_replacement_offsets"] = list(replacement_offsets)
+        if num_images:
+            flat_images = [image for group in grouped for image in group]
+            data.update(self.image_processor(flat_images, return_tensors=None, **images_kwargs))
+        return BatchFeature(data=data, tensor_type=return_tensors, skip_tensor_conversion=["text_replacement_offsets"])
+
+    def expand_image_placeholders(self, text: str) -> tuple[str, list[dict]]:
+        """Each placeholder → `num_image_tokens` image tokens; also returns where each one was (char spans)."""
+        replacement = self.image_token * self.num_image_tokens
+        pieces, offsets, position, gained = [], [], 0, 0
+        while (start := text.find(self.image_token, position)) != -1:
+            end = start + len(self.image_token)
+            pieces += [text[position:start], replacement]
+            offsets.append({"type": "image", "span": (start, end), "new_span": (start + gained, start + gained +
+                            len(replacement)), "text": self.image_token, "replacement": replacement})
+            gained += len(replacement) - len(self.image_token)
+            position = end
+        pieces.append(text[position:])
+        return "".join(pieces), offsets
+
+    def post_process_image_text_to_text(self, generated_outputs, skip_special_tokens=True, **kwargs):
+        """Decode generated ids to text with image tokens removed (also when special tokens are kept)."""
+        return self.batch_decode(generated_outputs, skip_special_tokens=skip_special_tokens, **kwargs)
+
+    def batch_decode(self, sequences, skip_special_tokens=True, **kwargs):
+        return [self.decode(sequence, skip_special_tokens=skip_special_tokens, **kwargs) for sequence in sequences]
+
+    def decode(self, token_ids, skip_special_tokens=True, **kwargs):
+        if hasattr(token_ids, "tolist"):
+            token_ids = token_ids.tolist()
+        token_ids = [token for token in token_ids if token != self.image_token_id]
+        return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens, **kwargs)
+
+    @property
+    def model_input_names(self):
+        return ["input_ids", "attention_mask", "pixel_values"]
+
+
+__all__ = ["LeoMiniProcessor"]

@@ -1,0 +1,109 @@
+"""LeoMiniImageProcessor: every input kind to canonical pixel_values, and clear refusals."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from leo_mini_hf.modeling.presets import CLIP_MEAN, CLIP_STD
+from leo_mini_hf.processor.image_processing_leo_mini import LeoMiniImageProcessor, to_rgb_image
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return LeoMiniImageProcessor(size={"height": SIZE, "width": SIZE}, image_mean=CLIP_MEAN, image_std=CLIP_STD)
+
+
+def colour_image(mode="RGB", size=(20, 12)):
+    rgb = Image.fromarray(np.random.RandomState(0).randint(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    return rgb if mode == "RGB" else rgb.convert(mode)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "LA", "P", "CMYK", "1", "I", "F", "YCbCr"])
+def test_any_pil_mode_gives_canonical_pixels(processor, mode):
+    out = processor(colour_image(mode), return_tensors="pt")["pixel_values"]
+    assert out.shape == (1, 3, SIZE, SIZE) and out.dtype == torch.float32
+    again = processor(colour_image(mode), return_tensors="pt")["pixel_values"]
+    assert torch.equal(out, again)
+
+
+def test_sixteen_bit_images_are_scaled_to_eight_bits():
+    grey = np.full((4, 4), 65535, dtype=np.uint16)
+    image = Image.fromarray(grey)
+    assert image.mode.startswith("I;16")
+    assert np.asarray(to_rgb_image(image)).min() == 255
+    assert np.asarray(to_rgb_image(grey // 2)).max() == 127
+
+
+def test_transparency_is_composited_on_white():
+    clear = Image.new("RGBA", (4, 4), (10, 20, 30, 0))
+    assert np.asarray(to_rgb_image(clear)).min() == 255
+
+
+def test_arrays_tensors_and_paths_agree(processor, tmp_path):
+    rgb = colour_image()
+    hwc = np.asarray(rgb)
+    path = tmp_path / "image.png"
+    rgb.save(path)
+    expected = processor(rgb, return_tensors="pt")["pixel_values"]
+    for variant in (hwc, np.moveaxis(hwc, -1, 0), hwc.astype(np.float32) / 255, torch.from_numpy(hwc.copy()).permute(2, 0, 1),
+                    str(path), path):
+        torch.testing.assert_close(processor(variant, return_tensors="pt")["pixel_values"], expected, atol=1e-6, rtol=0)
+
+
+def test_padding_uses_the_mean_colour(processor):
+    wide = Image.new("RGB", (40, 20), (255, 0, 0))
+    pixels = processor(wide, return_tensors="pt")["pixel_values"][0]
+    # the top rows are padding: the mean colour, which normalises to ~0
+    assert pixels[:, 0, :].abs().max() < 0.02
+    assert pixels[0, SIZE // 2, SIZE // 2] > 1.5  # red centre
+
+
+def test_batch_of_mixed_inputs(processor):
+    images = [colour_image(), np.zeros((10, 30, 3), np.uint8), torch.rand(3, 8, 8), Image.new("L", (5, 9))]
+    assert processor(images, return_tensors="pt")["pixel_values"].shape == (4, 3, SIZE, SIZE)
+
+
+@pytest.mark.parametrize(
+    "bad, error, match",
+    [
+        (np.zeros((0, 5, 3), np.uint8), ValueError, "zero size"),
+        (Image.new("RGB", (0, 0)), ValueError, "zero size"),
+        ({"not": "an image"}, TypeError, "Unsupported image type dict"),
+        (np.zeros((5, 4, 6), np.uint8), ValueError, "1, 3 or 4 channels"),
+        (np.full((4, 4, 3), 2.0, np.float32), ValueError, r"\[0, 1\]"),
+        (np.zeros((4, 4, 3), np.int64), ValueError, "uint8, uint16, bool or float"),
+        ("/no/such/image.png", ValueError, "not found"),
+    ],
+)
+def test_bad_images_raise(processor, bad, error, match):
+    with pytest.raises(error, match=match):
+        processor(bad)
+
+
+def test_corrupt_and_truncated_files_raise(processor, tmp_path):
+    garbage = tmp_path / "garbage.png"
+    garbage.write_bytes(b"definitely not a png" * 10)
+    with pytest.raises(ValueError, match="corrupt, truncated or not an image"):
+        processor(str(garbage))
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.RandomState(0).randint(0, 256, (64, 64, 3), dtype=np.uint8)).save(buffer, "PNG")
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    with pytest.raises(ValueError, match="corrupt, truncated or not an image"):
+        processor(str(truncated))
+
+
+def test_pixel_limit_refuses_bombs(tmp_path):
+    small_limit = LeoMiniImageProcessor(size={"height": SIZE, "width": SIZE}, max_image_pixels=100)
+    with pytest.raises(ValueError, match="over the limit of 100"):
+        small_limit(Image.new("RGB", (20, 20)))
+    path = tmp_path / "big.png"
+    Image.new("RGB", (20, 20)).save(path)
+    with pytest.raises(ValueError, match="over the limit of 100"):
+        small_limit(str(path))
+    assert small_limit(Image.new("RGB", (10, 10)))["pixel_values"].shape == (1, 3, SIZE, SIZE)
