@@ -61,3 +61,10 @@ def test_grid_resampling():
     features = expert(torch.randn(1, 3, 64, 64))
     assert expert.resample_to_grid(features, 4).shape == (1, 16, 32)
     assert expert.resample_to_grid(features, 2) is features
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_experts_resize(dtype):
+    expert = make_expert("convnext").to(dtype)
+    features = expert(torch.randn(1, 3, 96, 96, dtype=dtype))  # downsampling: antialiased
+    assert features.dtype == dtype and features.shape == (1, 4, 32)

@@ -1,14 +1,27 @@
-"""`leo-mini` command line."""
+"""`leo-mini` command line: demo, build, convert, export, push."""
 
 import argparse
-import shutil
-import tempfile
+import json
+import sys
 import time
-from pathlib import Path
 
 import torch
 
 from .modeling import LeoMiniConfig, LeoMiniForConditionalGeneration
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """`--set key=value` pairs → config overrides; values are JSON where they parse, else strings."""
+    overrides = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set takes KEY=VALUE, got {pair!r}")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    return overrides
 
 
 def run_demo(args: argparse.Namespace) -> None:
@@ -39,26 +52,65 @@ def run_demo(args: argparse.Namespace) -> None:
 
 
 def run_build(args: argparse.Namespace) -> None:
-    """Write a complete checkpoint folder. It is built in a temporary sibling and moved into place at the end, so
-    a failure never leaves a half-written folder, and an existing non-empty folder is never overwritten."""
+    """Write a complete checkpoint folder (atomically: never a half-written or overwritten folder)."""
     from .conversion.build import build_random_checkpoint
+    from .conversion.hub import write_folder_atomically
+    from .conversion.pretrained_parts import build_from_pretrained_parts
+    from .conversion.smol import build_leo_mini_smol
 
-    out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise SystemExit(f"leo-mini build: {out} exists and is not empty; choose a new --out")
-    if not args.random_init:
-        raise SystemExit("leo-mini build: pass --random-init (building from pretrained parts is not available yet)")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    overrides = parse_overrides(args.set)
+    if args.llm or args.vision_expert:
+        if not (args.llm and args.vision_expert):
+            raise SystemExit("leo-mini build: --llm needs at least one --vision-expert, and the other way round")
+        if args.image_size:
+            overrides["image_size"] = args.image_size
+        write = lambda folder: build_from_pretrained_parts(args.llm, args.vision_expert, folder, **overrides)  # noqa: E731
+    elif args.preset == "leo-mini-smol":
+        write = lambda folder: build_leo_mini_smol(folder, **overrides)  # noqa: E731
+    elif args.random_init:
+        write = lambda folder: build_random_checkpoint(args.preset, folder, seed=args.seed, **overrides)  # noqa: E731
+    else:
+        raise SystemExit("leo-mini build: give --llm and --vision-expert, --preset leo-mini-smol, "
+                         "or --preset tiny --random-init")
     started = time.perf_counter()
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    write_folder_atomically(args.out, write)
+    print(f"wrote {args.out} ({time.perf_counter() - started:.1f} s)")
+
+
+def run_convert(args: argparse.Namespace) -> None:
+    from .conversion.gguf_llm import convert_gguf_llm
+    from .conversion.hub import write_folder_atomically
+    from .conversion.llava import convert_llava
+    from .conversion.mobilenet_v2 import convert_mobilenet_v2
+
+    if args.source == "llava":
+        overrides = parse_overrides(args.set)
+        write = lambda folder: convert_llava(args.src, folder, token_reduction=args.token_reduction, **overrides)  # noqa: E731
+    elif args.source == "gguf":
+        write = lambda folder: convert_gguf_llm(args.src, folder)  # noqa: E731
+    else:
+        write = lambda folder: convert_mobilenet_v2(args.src, folder)  # noqa: E731
+    write_folder_atomically(args.out, write)
+    print(f"wrote {args.out}")
+
+
+def run_export(args: argparse.Namespace) -> None:
+    from .conversion.export import export_checkpoint
+
+    started = time.perf_counter()
+    export_checkpoint(args.model, args.out, max_shard_size=args.max_shard_size, dtype=args.dtype,
+                      repo_id=args.repo_id, license_name=args.license, base_models=args.base_model)
+    print(f"exported and verified {args.out} ({time.perf_counter() - started:.1f} s)")
+
+
+def run_push(args: argparse.Namespace) -> None:
+    from .conversion.push import PushError, push_folder
+
     try:
-        build_random_checkpoint(args.preset, staging, seed=args.seed)
-        if out.exists():
-            out.rmdir()
-        staging.rename(out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    print(f"wrote {out} ({time.perf_counter() - started:.1f} s)")
+        url = push_folder(args.folder, args.repo_id, private=args.private, revision=args.revision)
+    except (PushError, ValueError) as error:
+        raise SystemExit(f"leo-mini push: {error}")
+    print(f"pushed {args.folder} to {url}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -72,14 +124,47 @@ def main(argv: list[str] | None = None) -> None:
     demo.set_defaults(handler=run_demo)
 
     build = commands.add_parser("build", help="write a complete LEO-MINI checkpoint folder")
-    build.add_argument("--preset", default="tiny")
+    build.add_argument("--preset", default="tiny", help="tiny (with --random-init) or leo-mini-smol")
     build.add_argument("--random-init", action="store_true", help="random weights (offline, seconds for 'tiny')")
+    build.add_argument("--llm", help="a transformers causal LM folder")
+    build.add_argument("--vision-expert", action="append", help="a transformers vision model folder (repeatable)")
+    build.add_argument("--image-size", type=int, help="canonical input side (default: largest expert input)")
+    build.add_argument("--set", action="append", metavar="KEY=VALUE", help="any LeoMiniConfig option (repeatable)")
     build.add_argument("--out", required=True)
     build.add_argument("--seed", type=int, default=0)
     build.set_defaults(handler=run_build)
 
+    convert = commands.add_parser("convert", help="convert existing weights")
+    convert.add_argument("source", choices=["llava", "gguf", "mobilenet-v2"])
+    convert.add_argument("--src", required=True, help="LLaVA folder, .gguf file, or torchvision .pth file")
+    convert.add_argument("--out", required=True)
+    convert.add_argument("--token-reduction", default="none", choices=["none", "cotr"], help="llava only")
+    convert.add_argument("--set", action="append", metavar="KEY=VALUE", help="llava only: LeoMiniConfig options")
+    convert.set_defaults(handler=run_convert)
+
+    export = commands.add_parser("export", help="write a verified Hub-ready folder with a model card")
+    export.add_argument("--model", required=True)
+    export.add_argument("--out", required=True)
+    export.add_argument("--max-shard-size", default="5GB")
+    export.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    export.add_argument("--repo-id", help="used in the model card's usage snippet")
+    export.add_argument("--license", default="apache-2.0")
+    export.add_argument("--base-model", action="append", help="model-card base_model entry (repeatable)")
+    export.set_defaults(handler=run_export)
+
+    push = commands.add_parser("push", help="upload a folder to the Hub (token from HF_TOKEN or `hf auth login`)")
+    push.add_argument("--folder", required=True)
+    push.add_argument("--repo-id", required=True)
+    push.add_argument("--private", action="store_true")
+    push.add_argument("--revision")
+    push.set_defaults(handler=run_push)
+
     args = parser.parse_args(argv)
-    args.handler(args)
+    try:
+        args.handler(args)
+    except (FileExistsError, FileNotFoundError, ValueError) as error:
+        print(f"leo-mini {args.command}: {error}", file=sys.stderr)
+        raise SystemExit(2)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from .hub import save_for_hub
 from .tiny_tokenizer import IMAGE_TOKEN, build_tiny_tokenizer
 
 
-def build_processor(config, tokenizer) -> LeoMiniProcessor:
+def build_processor(config, tokenizer, image_token: str = IMAGE_TOKEN) -> LeoMiniProcessor:
     """The processor matching a model config: its canonical image size and statistics, its tokens per image."""
     image_processor = LeoMiniImageProcessor(
         size={"height": config.image_size, "width": config.image_size},
@@ -18,14 +18,14 @@ def build_processor(config, tokenizer) -> LeoMiniProcessor:
         image_std=list(config.image_std),
     )
     return LeoMiniProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=LEO_MINI_CHAT_TEMPLATE,
-                            num_image_tokens=config.num_image_tokens, image_token=IMAGE_TOKEN)
+                            num_image_tokens=config.num_image_tokens, image_token=image_token)
 
 
 def build_random_checkpoint(preset: str, out, seed: int = 0, **overrides) -> Path:
     """A complete, loadable checkpoint with random weights: config, safetensors, processor, tokenizer, chat
     template, remote code. Offline and in seconds for `tiny`."""
     if preset != "tiny":
-        raise ValueError(f"--random-init builds only the 'tiny' preset offline (it has a bundled tokenizer); got {preset!r}")
+        raise ValueError(f"--random-init builds only the 'tiny' preset (it has an offline tokenizer); got {preset!r}")
     config = LeoMiniConfig.from_preset(preset, **overrides)
     torch.manual_seed(seed)
     model = LeoMiniForConditionalGeneration(config)

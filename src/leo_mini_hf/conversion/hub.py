@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 REMOTE_CODE_PACKAGES = ("modeling", "processor")
@@ -48,3 +49,23 @@ def save_for_hub(model, processor, folder, max_shard_size: str = "5GB") -> Path:
 
     _update_json(folder / "processor_config.json", add_processor_auto_map)
     return folder
+
+
+def write_folder_atomically(out, write) -> Path:
+    """Call `write(staging_folder)` on a temporary sibling of `out`, then move it into place.
+
+    A failure leaves nothing where `out` should be; an existing non-empty `out` is refused, never overwritten.
+    """
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} exists and is not empty; choose a new output folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial.", dir=out.parent))
+    try:
+        write(staging)
+        if out.exists():
+            out.rmdir()
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out

@@ -30,10 +30,11 @@ class VisionExpert(nn.Module):
 
     def _prepare_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
         if pixel_values.shape[-1] != self.image_size or pixel_values.shape[-2] != self.image_size:
+            # resized in float32: antialiased bilinear has no bfloat16 / float16 kernel on CPU
             pixel_values = F.interpolate(
-                pixel_values, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False,
+                pixel_values.float(), size=(self.image_size, self.image_size), mode="bilinear", align_corners=False,
                 antialias=pixel_values.shape[-1] > self.image_size,
-            )
+            ).to(pixel_values.dtype)
         scale = torch.tensor(self.input_scale, dtype=pixel_values.dtype, device=pixel_values.device)
         shift = torch.tensor(self.input_shift, dtype=pixel_values.dtype, device=pixel_values.device)
         return pixel_values * scale.view(1, 3, 1, 1) + shift.view(1, 3, 1, 1)

@@ -17,7 +17,7 @@ LEO_MINI_CHAT_TEMPLATE = (
     "{%- else -%}"
     "{%- if message['content'] is string -%}{{- message['content'] -}}"
     "{%- else -%}{%- for block in message['content'] -%}"
-    "{%- if block['type'] == 'image' -%}{{- '<image>' -}}"
+    "{%- if block['type'] == 'image' -%}{{- image_token -}}"
     "{%- elif block['type'] == 'text' -%}{{- block['text'] -}}{%- endif -%}"
     "{%- endfor -%}{%- endif -%}"
     "{{- '<|im_end|>\n' -}}"
@@ -131,6 +131,11 @@ class LeoMiniProcessor(ProcessorMixin):
             position = end
         pieces.append(text[position:])
         return "".join(pieces), offsets
+
+    def apply_chat_template(self, conversation, chat_template=None, **kwargs):
+        """As ProcessorMixin's, with this processor's placeholder available to the template as `image_token`."""
+        kwargs.setdefault("image_token", self.image_token)
+        return super().apply_chat_template(conversation, chat_template=chat_template, **kwargs)
 
     def post_process_image_text_to_text(self, generated_outputs, skip_special_tokens=True, **kwargs):
         """Decode generated ids to text with image tokens removed (also when special tokens are kept)."""

@@ -1,0 +1,155 @@
+"""`leo-mini export`: a checkpoint folder → a verified, Hub-ready folder with a model card."""
+
+import json
+import subprocess
+import sys
+import sysconfig
+import textwrap
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from ..modeling import LeoMiniForConditionalGeneration
+from ..processor import LeoMiniProcessor
+from .hub import save_for_hub, write_folder_atomically
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CARD_TEMPLATE_NAME = "MODEL_CARD.md"
+
+
+def read_safetensors_folder(folder) -> dict[str, torch.Tensor]:
+    """Every tensor stored in a folder's safetensors files (sharded or not)."""
+    tensors = {}
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(path, framework="pt") as handle:
+            for key in handle.keys():
+                tensors[key] = handle.get_tensor(key)
+    if not tensors:
+        raise ValueError(f"No safetensors weights in {folder}")
+    return tensors
+
+
+def card_template() -> str:
+    """MODEL_CARD.md from the source checkout, or from where `pip install` put it."""
+    candidates = [Path(__file__).resolve().parents[3] / CARD_TEMPLATE_NAME,
+                  Path(sysconfig.get_paths()["data"]) / "share" / "leo-mini-hf" / CARD_TEMPLATE_NAME]
+    for path in candidates:
+        if path.is_file():
+            return path.read_text(encoding="utf-8")
+    raise FileNotFoundError(f"{CARD_TEMPLATE_NAME} not found in {[str(p) for p in candidates]}")
+
+
+def render_model_card(model, repo_id: str, license_name: str, base_models: list[str]) -> str:
+    config = model.config
+    experts = model.model.vision_experts
+    expert_rows = "\n".join(
+        f"| {type(e.model).__name__} | {e.image_size} px | {e.num_tokens} x {e.hidden_size} |" for e in experts
+    )
+    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    mmoe = sum(p.numel() for n, p in model.named_parameters() if "lora" in n or "router" in n)
+    parts = {
+        "total": count(model),
+        "LLM (incl. embeddings and LM head, without MMoE)": count(model.model.language_model) - mmoe
+        + (0 if config.tie_word_embeddings else model.lm_head.weight.numel()),
+        "vision experts": count(experts),
+        "CoTR": count(model.model.token_reducer) if model.model.token_reducer is not None else 0,
+        "projector": count(model.model.multi_modal_projector),
+        "MMoE (general + routed LoRA, routers)": mmoe,
+    }
+    options = ["token_reduction", "num_visual_tokens", "cotr_projection_dim", "cotr_score_scaling", "cotr_shared_query",
+               "mmoe_target_modules", "mmoe_num_experts", "mmoe_top_k", "mmoe_rank", "mmoe_alpha",
+               "mmoe_router_uses_hidden_state", "mmoe_expert_weighting", "mmoe_balance_loss_coef", "image_size"]
+    tokens_before = sum(e.num_tokens for e in experts)
+    values = {
+        "license": license_name,
+        "base_model_block": "".join(["base_model:\n"] + [f"- {m}\n" for m in base_models]) if base_models else "",
+        "model_name": repo_id.split("/")[-1],
+        "repo_id": repo_id,
+        "expert_rows": expert_rows,
+        "tokens_before": str(tokens_before),
+        "tokens_after": str(config.num_image_tokens),
+        "reduction": "CoTR" if config.token_reduction == "cotr" else "no reduction: full-token baseline",
+        "parameter_rows": "\n".join(f"| {name} | {value:,} |" for name, value in parts.items()),
+        "config_rows": "\n".join(f"- `{name}`: `{getattr(config, name)}`" for name in options),
+    }
+    card = card_template()
+    for key, value in values.items():
+        card = card.replace("{{" + key + "}}", value)
+    return card
+
+
+RELOAD_CHECK = """
+import importlib.abc, json, sys
+class _Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "leo_mini_hf" or name.startswith("leo_mini_hf."):
+            raise ImportError("blocked")
+sys.meta_path.insert(0, _Block())
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+folder = sys.argv[1]
+processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True).eval()
+config = model.config
+ids = torch.tensor([[config.image_token_id] * config.num_image_tokens + [1, 2, 3]])
+pixels = torch.linspace(-1, 1, 3 * config.image_size ** 2).reshape(1, 3, config.image_size, config.image_size)
+with torch.no_grad():
+    logits = model(input_ids=ids, pixel_values=pixels.to(model.dtype)).logits[0, -1].float()
+print(json.dumps(logits.tolist()))
+"""
+
+
+def _reference_logits(model) -> torch.Tensor:
+    config = model.config
+    ids = torch.tensor([[config.image_token_id] * config.num_image_tokens + [1, 2, 3]])
+    pixels = torch.linspace(-1, 1, 3 * config.image_size**2).reshape(1, 3, config.image_size, config.image_size)
+    with torch.no_grad():
+        return model.eval()(input_ids=ids, pixel_values=pixels.to(model.dtype)).logits[0, -1].float()
+
+
+def verify_export(source_tensors: dict, folder: Path, model, dtype) -> None:
+    """Every source tensor is in the output, bit-identical (or exactly cast to `dtype`); the folder reloads in a
+    fresh process without leo_mini_hf and computes the same logits (within 1e-4 in float32, 2e-2 in half precision:
+    the same weights at other memory addresses may take other SIMD paths, which changes the last bits)."""
+    exported = read_safetensors_folder(folder)
+    for key, tensor in source_tensors.items():
+        if key not in exported:
+            raise ValueError(f"Export lost tensor {key}")
+        expected = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+        if exported[key].dtype != expected.dtype or not torch.equal(exported[key], expected):
+            raise ValueError(f"Export changed tensor {key}")
+    reload = subprocess.run([sys.executable, "-c", RELOAD_CHECK, str(folder)], capture_output=True, text=True,
+                            timeout=1800)
+    if reload.returncode != 0:
+        raise ValueError(f"The exported folder does not reload without leo_mini_hf:\n{reload.stderr[-2000:]}")
+    reloaded = torch.tensor(json.loads(reload.stdout.strip().splitlines()[-1]))
+    reference = _reference_logits(model)
+    tolerance = 1e-4 if dtype in (None, torch.float32) else 2e-2  # half precision: a few units in the last place
+    if not torch.allclose(reloaded, reference, rtol=tolerance, atol=tolerance):
+        difference = (reloaded - reference).abs().max().item()
+        raise ValueError(f"The exported folder reloads but computes different logits (max difference {difference:.3g})")
+
+
+def export_checkpoint(model_dir, out, max_shard_size: str = "5GB", dtype: str | None = None,
+                      repo_id: str | None = None, license_name: str = "apache-2.0",
+                      base_models: list[str] | None = None) -> Path:
+    """Write a verified Hub-ready folder: sharded safetensors + index, config with auto_map, processor, tokenizer,
+    chat template, remote code, generation_config.json and README.md (model card). Nothing is left at `out`
+    unless every check passed."""
+    model_dir = Path(model_dir)
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    source_tensors = read_safetensors_folder(model_dir)
+    model = LeoMiniForConditionalGeneration.from_pretrained(model_dir)
+    processor = LeoMiniProcessor.from_pretrained(model_dir)
+    if dtype is not None:
+        model = model.to(DTYPES[dtype])
+
+    def write(staging: Path) -> None:
+        save_for_hub(model, processor, staging, max_shard_size=max_shard_size)
+        card = render_model_card(model, repo_id or f"your-org/{Path(out).name}", license_name, base_models or [])
+        (staging / "README.md").write_text(card, encoding="utf-8")
+        verify_export(source_tensors, staging, model, DTYPES.get(dtype))
+
+    return write_folder_atomically(out, write)

@@ -1,0 +1,80 @@
+"""transformers `LlavaForConditionalGeneration` folder → LEO-MINI with one CLIP expert.
+
+Carried over: the CLIP tower, LLaVA's projector, the LLM and LM head, the tokenizer and the image token id. With
+`token_reduction="none"` the result computes LLaVA's logits; with CoTR it is the starting point for CoTR / MMoE
+training (CoTR and MMoE fresh, LoRA B zero).
+"""
+
+from pathlib import Path
+
+import torch
+from transformers import AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration
+
+from ..modeling import LeoMiniConfig, LeoMiniForConditionalGeneration
+from ..modeling.presets import CLIP_MEAN, CLIP_STD
+from .build import build_processor
+from .hub import save_for_hub
+from .pretrained_parts import _copy_exactly
+
+
+def llava_to_leo_mini_config(llava_config, token_reduction: str = "none", **overrides) -> LeoMiniConfig:
+    vision_config = llava_config.vision_config
+    if not isinstance(llava_config.vision_feature_layer, int):
+        raise ValueError("LLaVA models that concatenate several vision feature layers are not supported")
+    if llava_config.vision_feature_select_strategy != "default":
+        raise ValueError("Only LLaVA models with vision_feature_select_strategy='default' (CLS token dropped, a square "
+                         f"token grid) convert; got {llava_config.vision_feature_select_strategy!r}")
+    image_size = vision_config.image_size
+    expert = {
+        "config": vision_config.to_dict(),
+        "image_size": image_size,
+        "feature_layer": llava_config.vision_feature_layer,
+        "num_prefix_tokens": 1,
+        "image_mean": CLIP_MEAN,
+        "image_std": CLIP_STD,
+    }
+    return LeoMiniConfig(
+        text_config=llava_config.text_config.to_dict(),
+        vision_experts=[expert],
+        image_size=image_size,
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
+        image_token_id=llava_config.image_token_id,
+        token_reduction=token_reduction,
+        full_token_grid=image_size // vision_config.patch_size,
+        tie_word_embeddings=bool(getattr(llava_config, "tie_word_embeddings", False)),
+        **overrides,
+    )
+
+
+def convert_llava_model(llava: LlavaForConditionalGeneration, token_reduction: str = "none",
+                        **overrides) -> LeoMiniForConditionalGeneration:
+    """In memory: the LLaVA weights copied exactly into a fresh LEO-MINI."""
+    config = llava_to_leo_mini_config(llava.config, token_reduction, **overrides)
+    model = LeoMiniForConditionalGeneration(config)
+    _copy_exactly(model.model.vision_experts[0].model, llava.model.vision_tower.state_dict(), "CLIP tower")
+    projector_state = dict(llava.model.multi_modal_projector.state_dict())
+    for layer in ("linear_1", "linear_2"):  # LLaVA may have no projector bias; ours always has one: zero it
+        weight = projector_state[f"{layer}.weight"]
+        projector_state.setdefault(f"{layer}.bias", torch.zeros(weight.shape[0], dtype=weight.dtype))
+    _copy_exactly(model.model.multi_modal_projector, projector_state, "projector")
+    _copy_exactly(model.model.language_model, llava.model.language_model.state_dict(), "LLM",
+                  allowed_missing=("lora", "router"))
+    if not config.tie_word_embeddings:
+        _copy_exactly(model.lm_head, llava.lm_head.state_dict(), "LM head")
+    model.generation_config = llava.generation_config
+    return model
+
+
+def convert_llava(src, out, token_reduction: str = "none", **overrides) -> Path:
+    """A LLaVA folder → a Hub-ready LEO-MINI folder (weights, processor with LLaVA's tokenizer, remote code)."""
+    src = Path(src)
+    llava = LlavaForConditionalGeneration.from_pretrained(src, dtype=torch.float32)
+    model = convert_llava_model(llava, token_reduction, **overrides)
+    try:
+        tokenizer = AutoProcessor.from_pretrained(src).tokenizer
+    except (OSError, ValueError, TypeError):
+        tokenizer = AutoTokenizer.from_pretrained(src)
+    image_token = tokenizer.convert_ids_to_tokens(model.config.image_token_id)
+    tokenizer.padding_side = "left"
+    return save_for_hub(model, build_processor(model.config, tokenizer, image_token=image_token), out)

@@ -1,0 +1,110 @@
+"""`leo-mini export` and `leo-mini push`: verified Hub folders, model card, and failure that loses nothing."""
+
+import hashlib
+import json
+
+import pytest
+import torch
+
+from leo_mini_hf.cli import main as cli
+from leo_mini_hf.conversion import export as export_module
+from leo_mini_hf.conversion.export import export_checkpoint, read_safetensors_folder
+from leo_mini_hf.conversion.push import PushError, push_folder
+
+
+def folder_digest(folder) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export") / "leo-mini-tiny"
+    cli(["export", "--model", str(tiny_checkpoint), "--out", str(out), "--max-shard-size", "300KB",
+         "--repo-id", "acme/leo-mini-tiny", "--base-model", "acme/tiny-llm"])
+    return out
+
+
+def test_export_is_sharded_complete_and_bit_identical(tiny_checkpoint, exported):
+    names = {p.name for p in exported.iterdir()}
+    assert "model.safetensors.index.json" in names and len(list(exported.glob("model-*.safetensors"))) > 1
+    for required in ("config.json", "generation_config.json", "processor_config.json", "tokenizer.json",
+                     "chat_template.jinja", "README.md", "modeling_leo_mini.py", "processing_leo_mini.py"):
+        assert required in names, required
+    assert "auto_map" in json.loads((exported / "config.json").read_text())
+    source, output = read_safetensors_folder(tiny_checkpoint), read_safetensors_folder(exported)
+    assert source.keys() == output.keys()
+    assert all(torch.equal(source[k], output[k]) and source[k].dtype == output[k].dtype for k in source)
+
+
+def test_model_card_metadata_and_numbers(exported):
+    card = (exported / "README.md").read_text()
+    header = card.split("---")[1]
+    for line in ("library_name: transformers", "pipeline_tag: image-text-to-text", "- custom_code",
+                 "base_model:\n- acme/tiny-llm", "license: apache-2.0"):
+        assert line in header, line
+    assert 'from_pretrained("acme/leo-mini-tiny", trust_remote_code=True)' in card
+    assert "Per image, 20 visual tokens from the experts become **4** tokens" in card
+    assert "| CLIPVisionModel | 32 px | 16 x 32 |" in card
+    assert "{{" not in card
+    total = int(card.split("| total | ")[1].split(" |")[0].replace(",", ""))
+    assert total == sum(t.numel() for t in read_safetensors_folder(exported).values())
+
+
+def test_export_casts_only_when_asked(tiny_checkpoint, tmp_path):
+    out = export_checkpoint(tiny_checkpoint, tmp_path / "bf16", dtype="bfloat16")
+    tensors = read_safetensors_folder(out)
+    assert {t.dtype for t in tensors.values() if t.is_floating_point()} == {torch.bfloat16}
+    with pytest.raises(ValueError, match="--dtype"):
+        export_checkpoint(tiny_checkpoint, tmp_path / "bad", dtype="int8")
+
+
+def test_failed_export_leaves_nothing(tiny_checkpoint, tmp_path, monkeypatch):
+    def broken_verify(*args, **kwargs):
+        raise ValueError("Export changed tensor x")
+
+    monkeypatch.setattr(export_module, "verify_export", broken_verify)
+    with pytest.raises(ValueError, match="changed tensor"):
+        export_checkpoint(tiny_checkpoint, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_never_overwrites(tiny_checkpoint, exported):
+    before = folder_digest(exported)
+    with pytest.raises(SystemExit):
+        cli(["export", "--model", str(tiny_checkpoint), "--out", str(exported)])
+    assert folder_digest(exported) == before
+
+
+def test_verification_catches_a_changed_tensor(tiny_checkpoint, exported):
+    source = read_safetensors_folder(tiny_checkpoint)
+    key = next(iter(source))
+    source[key] = source[key] + 1
+    with pytest.raises(ValueError, match=f"Export changed tensor {key}"):
+        export_module.verify_export(source, exported, model=None, dtype=None)
+
+
+def test_push_without_token_fails_clearly(exported, monkeypatch, tmp_path):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))
+    monkeypatch.setattr("leo_mini_hf.conversion.push.get_token", lambda: None)
+    before = folder_digest(exported)
+    with pytest.raises(PushError, match="No Hugging Face token"):
+        push_folder(exported, "acme/leo-mini-tiny")
+    assert folder_digest(exported) == before
+
+
+def test_push_to_unreachable_endpoint_fails_clearly(exported, monkeypatch, capsys):
+    monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    before = folder_digest(exported)
+    with pytest.raises(SystemExit, match=r"failed: .*127\.0\.0\.1:9|127\.0\.0\.1:9.*failed"):
+        cli(["push", "--folder", str(exported), "--repo-id", "acme/leo-mini-tiny"])
+    assert folder_digest(exported) == before
+
+
+def test_push_refuses_a_non_checkpoint(tmp_path):
+    with pytest.raises(ValueError, match="not a checkpoint folder"):
+        push_folder(tmp_path, "acme/x")
