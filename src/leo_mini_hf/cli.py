@@ -113,6 +113,40 @@ def run_push(args: argparse.Namespace) -> None:
     print(f"pushed {args.folder} to {url}")
 
 
+def run_train(args: argparse.Namespace, extra: list[str]) -> None:
+    """`leo-mini train`: Trainer with every TrainingArguments flag (parsed by HfArgumentParser)."""
+    from transformers import HfArgumentParser, TrainingArguments
+
+    from .processor import LeoMiniProcessor
+    from .training.collator import LeoMiniDataCollator
+    from .training.data import EasyVQADataset, LlavaConversationDataset
+    from .training.stages import apply_training_stage, format_parameter_table
+    from .training.trainer import LeoMiniTrainer, TrainScriptArguments
+
+    parser = HfArgumentParser((TrainScriptArguments, TrainingArguments))
+    script, training = parser.parse_args_into_dataclasses(extra)
+    training.remove_unused_columns = False  # the collator needs the raw samples
+    model = LeoMiniForConditionalGeneration.from_pretrained(script.model)
+    processor = LeoMiniProcessor.from_pretrained(script.model)
+    if script.data == "easy-vqa":
+        dataset = EasyVQADataset(split=script.split, limit=script.limit)
+    else:
+        dataset = LlavaConversationDataset(script.data, script.image_root, skip_bad_records=script.skip_bad_records)
+        if dataset.skipped:
+            print(f"skipped {len(dataset.skipped)} bad record(s); first: {dataset.skipped[0]}")
+        if script.limit:
+            dataset.samples = dataset.samples[: script.limit]
+    print(f"stage '{script.stage}':\n" + format_parameter_table(apply_training_stage(model, script.stage)))
+    trainer = LeoMiniTrainer(model=model, args=training, train_dataset=dataset,
+                             data_collator=LeoMiniDataCollator(processor, script.max_length), processing_class=processor)
+    trainer.train(resume_from_checkpoint=training.resume_from_checkpoint)
+    trainer.save_model()
+    if trainer.is_world_process_zero():
+        from .conversion.hub import add_remote_code
+
+        add_remote_code(training.output_dir)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="leo-mini", description="LEO-MINI multimodal LLM tools")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -159,9 +193,18 @@ def main(argv: list[str] | None = None) -> None:
     push.add_argument("--revision")
     push.set_defaults(handler=run_push)
 
-    args = parser.parse_args(argv)
+    train = commands.add_parser("train", help="fine-tune with the HF Trainer (all TrainingArguments flags work)",
+                                add_help=False)
+    train.set_defaults(handler=run_train)
+
+    args, extra = parser.parse_known_args(argv)
     try:
-        args.handler(args)
+        if args.handler is run_train:
+            run_train(args, extra)
+        elif extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        else:
+            args.handler(args)
     except (FileExistsError, FileNotFoundError, ValueError) as error:
         print(f"leo-mini {args.command}: {error}", file=sys.stderr)
         raise SystemExit(2)

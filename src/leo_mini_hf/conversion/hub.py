@@ -31,15 +31,11 @@ def _update_json(path: Path, update) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def save_for_hub(model, processor, folder, max_shard_size: str = "5GB") -> Path:
-    """Save model + processor into `folder` with `auto_map` and the remote-code files, ready for the Hub."""
+def add_remote_code(folder) -> Path:
+    """Copy the remote-code files into a saved model folder and point its `auto_map`s at them."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder, max_shard_size=max_shard_size)
-    processor.save_pretrained(folder)
     for source in remote_code_files():
         shutil.copyfile(source, folder / source.name)
-
     _update_json(folder / "config.json", lambda config: config.update(auto_map=dict(AUTO_MAP)))
 
     def add_processor_auto_map(config):
@@ -47,8 +43,18 @@ def save_for_hub(model, processor, folder, max_shard_size: str = "5GB") -> Path:
         if isinstance(config.get("image_processor"), dict):
             config["image_processor"]["auto_map"] = dict(PROCESSOR_AUTO_MAP)
 
-    _update_json(folder / "processor_config.json", add_processor_auto_map)
+    if (folder / "processor_config.json").is_file():
+        _update_json(folder / "processor_config.json", add_processor_auto_map)
     return folder
+
+
+def save_for_hub(model, processor, folder, max_shard_size: str = "5GB") -> Path:
+    """Save model + processor into `folder` with `auto_map` and the remote-code files, ready for the Hub."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, max_shard_size=max_shard_size)
+    processor.save_pretrained(folder)
+    return add_remote_code(folder)
 
 
 def write_folder_atomically(out, write) -> Path:

@@ -1,0 +1,74 @@
+"""`LeoMiniTrainer`: the HF Trainer, logging the MMoE balance loss on its own line, saving loadable checkpoints."""
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from ..conversion.hub import add_remote_code
+
+
+class SaveRemoteCodeCallback(TrainerCallback):
+    """Every checkpoint also gets the remote-code files, so `from_pretrained` loads it without the package."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            add_remote_code(f"{args.output_dir}/checkpoint-{state.global_step}")
+        return control
+
+
+class LeoMiniTrainer(Trainer):
+    """Adds `aux_loss` (the unweighted MMoE load-balancing loss, mean since the last log) to the logs."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.add_callback(SaveRemoteCodeCallback())
+        self._aux_loss_sum, self._aux_loss_count = 0.0, 0
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        aux_loss = outputs.get("aux_loss") if isinstance(outputs, dict) else None
+        if aux_loss is not None:
+            self._aux_loss_sum += float(aux_loss.detach())
+            self._aux_loss_count += 1
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self._aux_loss_count and "loss" in logs:
+            logs["aux_loss"] = round(self._aux_loss_sum / self._aux_loss_count, 6)
+            self._aux_loss_sum, self._aux_loss_count = 0.0, 0
+        super().log(logs, start_time)
+
+
+@dataclass
+class TrainScriptArguments:
+    """`leo-mini train` options beyond TrainingArguments."""
+
+    model: str = field(metadata={"help": "LEO-MINI checkpoint folder"})
+    data: str = field(metadata={"help": "LLaVA conversation JSON file, or 'easy-vqa'"})
+    image_root: str | None = field(default=None, metadata={"help": "folder the JSON's image paths are relative to"})
+    split: str = field(default="train", metadata={"help": "easy-vqa split"})
+    limit: int | None = field(default=None, metadata={"help": "use only the first N samples"})
+    stage: str = field(default="finetune", metadata={"help": "pretrain | finetune | full"})
+    max_length: int | None = field(default=None, metadata={"help": "truncate samples to this many tokens"})
+    skip_bad_records: bool = field(default=False, metadata={"help": "skip (and report) malformed records"})
+
+
+def default_training_arguments(**overrides) -> TrainingArguments:
+    """TrainingArguments with what a multimodal collator needs (`remove_unused_columns=False`)."""
+    defaults = {"remove_unused_columns": False, "report_to": "none"}
+    defaults.update(overrides)
+    defaults["remove_unused_columns"] = False
+    return TrainingArguments(**defaults)
+
+
+def seconds_per_step(trainer: Trainer) -> float | None:
+    runtime = [log for log in trainer.state.log_history if "train_runtime" in log]
+    if not runtime or not trainer.state.global_step:
+        return None
+    return runtime[-1]["train_runtime"] / trainer.state.global_step
+
+
+def frozen_fingerprint(model) -> dict[str, torch.Tensor]:
+    """Copies of every frozen parameter (to check they are bit-identical after training)."""
+    return {name: param.detach().clone() for name, param in model.named_parameters() if not param.requires_grad}
