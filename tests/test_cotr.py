@@ -116,3 +116,12 @@ def test_prompt_text_does_change_visual_tokens():
     first = model(input_ids=torch.tensor([image_prompt(config, text_after=(12, 13))]), pixel_values=pixels)
     second = model(input_ids=torch.tensor([image_prompt(config, text_after=(50, 60))]), pixel_values=pixels)
     assert not torch.allclose(first.image_hidden_states, second.image_hidden_states)
+
+
+def test_text_free_queries_ignore_the_prompt():
+    model = tiny_model(cotr_text_conditioning=False)
+    config = model.config
+    pixels = random_pixels(config)
+    first = model(input_ids=torch.tensor([image_prompt(config, text_after=(12, 13))]), pixel_values=pixels)
+    second = model(input_ids=torch.tensor([image_prompt(config, text_after=(50, 60))]), pixel_values=pixels)
+    torch.testing.assert_close(first.image_hidden_states, second.image_hidden_states, rtol=0, atol=0)

@@ -239,3 +239,17 @@ def test_beam_search_keeps_each_prompts_images_together(model):
                            do_sample=False, output_logits=True, return_dict_in_generate=True)
     first_step = beams.logits[0]  # (2 prompts x 2 beams, V)
     torch.testing.assert_close(first_step, expected.repeat_interleave(2, dim=0), rtol=1e-5, atol=1e-5)
+
+
+def test_average_pooling_baseline():
+    model = tiny_model(token_reduction="avg_pool", num_visual_tokens=4)
+    config = model.config
+    assert model.model.token_reducer is None and config.num_image_tokens == 4
+    pixels = random_pixels(config)
+    output = model(input_ids=torch.tensor([image_prompt(config)]), pixel_values=pixels)
+    clip, convnext = (expert(pixels) for expert in model.model.vision_experts)
+    clip_pooled = clip.reshape(1, 2, 2, 2, 2, 32).mean(dim=(2, 4)).reshape(1, 4, 32)  # 4x4 grid → 2x2 means
+    expected = model.model.multi_modal_projector(torch.cat([clip_pooled, convnext], dim=-1))
+    torch.testing.assert_close(output.image_hidden_states, expected)
+    with pytest.raises(ValueError, match="square num_visual_tokens"):
+        tiny_config(token_reduction="avg_pool", num_visual_tokens=5)

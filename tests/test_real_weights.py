@@ -69,7 +69,7 @@ def test_leo_mini_smol_builds_and_answers_text(tmp_path, capsys):
     with capsys.disabled():
         print(f"\nleo-mini-smol: build {build_seconds:.1f} s, load {load_seconds:.2f} s, {total:,} parameters "
               f"({llm:,} LLM, {sum(p.numel() for p in model.model.vision_experts.parameters()):,} vision)")
-    assert model.model.vision_experts[0].num_tokens == 196 and model.config.num_image_tokens == 64
+    assert model.model.vision_experts[0].num_tokens == 196 and model.config.num_image_tokens == 16
     chat = [{"role": "user", "content": [{"type": "text", "text": "What is the capital of France?"}]}]
     inputs = processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=True,
                                            return_tensors="pt")

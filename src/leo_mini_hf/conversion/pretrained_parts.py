@@ -73,9 +73,15 @@ def _copy_exactly(target: torch.nn.Module, source_state: dict, what: str, allowe
             raise ValueError(f"{what}: tensor {key} did not load exactly")
 
 
-def build_from_pretrained_parts(llm_dir, expert_dirs: list, out, image_size: int | None = None,
-                                expert_image_sizes: list | None = None, **config_overrides) -> Path:
-    """Assemble LEO-MINI from a causal LM folder and vision model folders; write a Hub-ready checkpoint to `out`.
+def build_from_pretrained_parts(llm_dir, expert_dirs: list, out, **options) -> Path:
+    """Assemble LEO-MINI from a causal LM folder and vision model folders; write a Hub-ready checkpoint to `out`."""
+    model, processor = assemble_from_pretrained_parts(llm_dir, expert_dirs, **options)
+    return save_for_hub(model, processor, out)
+
+
+def assemble_from_pretrained_parts(llm_dir, expert_dirs: list, image_size: int | None = None,
+                                   expert_image_sizes: list | None = None, **config_overrides):
+    """In memory: (LeoMiniForConditionalGeneration, LeoMiniProcessor) from a causal LM and vision model folders.
 
     `expert_image_sizes` overrides each expert's input side (CNNs take any size); `image_size` is the canonical
     input (default: the largest expert input). Other keyword arguments are `LeoMiniConfig` options.
@@ -126,4 +132,4 @@ def build_from_pretrained_parts(llm_dir, expert_dirs: list, out, image_size: int
     generation_config.pad_token_id = tokenizer.pad_token_id
     generation_config.suppress_tokens = [image_token_id]  # the placeholder is input-only
     model.generation_config = generation_config
-    return save_for_hub(model, build_processor(config, tokenizer), out)
+    return model, build_processor(config, tokenizer)

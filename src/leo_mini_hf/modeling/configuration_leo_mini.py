@@ -9,7 +9,7 @@ from .presets import LEO_MINI_PRESETS
 
 FORMAT_VERSION = 1
 
-TOKEN_REDUCTIONS = ("cotr", "none")
+TOKEN_REDUCTIONS = ("cotr", "none", "avg_pool")
 COTR_SCORE_SCALINGS = ("pooled_inverse_dim", "sqrt_dim")
 MMOE_EXPERT_WEIGHTINGS = ("softmax", "renormalized")
 VISION_EXPERT_KEYS = {"config", "image_size", "feature_layer", "num_prefix_tokens", "image_mean", "image_std"}
@@ -39,13 +39,16 @@ class LeoMiniConfig(PreTrainedConfig):
         image_size, image_mean, image_std:
             The canonical `pixel_values` every expert is resized and re-normalised from (as EAGLE does).
         image_token_id (`int`): placeholder token id; must be inside the LLM vocabulary.
-        token_reduction (`"cotr"` or `"none"`):
+        token_reduction (`"cotr"`, `"none"` or `"avg_pool"`):
             `"none"` is the full-token baseline: every expert is resampled to a `full_token_grid`² grid and all
-            tokens reach the LLM.
+            tokens reach the LLM. `"avg_pool"` is a text-agnostic baseline at the same budget: each expert's grid
+            is average-pooled to sqrt(N_V) x sqrt(N_V) (N_V must be a square).
         num_visual_tokens (`int`, default 64): N_V, tokens per image after CoTR (the paper's main model).
         cotr_projection_dim (`int`, default 256): width of CoTR's learned projections (one reading of the paper).
         cotr_shared_query (`bool`, default False): one set of learned queries shared by all experts instead of
             one per expert. Default per expert: the paper writes Q̂_i with the expert index.
+        cotr_text_conditioning (`bool`, default True): include the text term s_text. False gives text-free
+            learned queries (self and cross terms kept): the text-agnostic ablation of CoTR.
         cotr_score_scaling (default `"pooled_inverse_dim"`): `"pooled_inverse_dim"` scales the self / cross /
             text terms by 1/d_i and leaves the query term unscaled; `"sqrt_dim"` scales the whole sum by
             1/sqrt(d_i). The pooled terms are sums over hundreds of tokens: with `"sqrt_dim"` the softmax
@@ -82,6 +85,7 @@ class LeoMiniConfig(PreTrainedConfig):
     num_visual_tokens: int = 64
     cotr_projection_dim: int = 256
     cotr_shared_query: bool = False
+    cotr_text_conditioning: bool = True
     cotr_score_scaling: str = "pooled_inverse_dim"
     full_token_grid: int | None = None
     projector_hidden_act: str = "gelu"
@@ -161,6 +165,8 @@ class LeoMiniConfig(PreTrainedConfig):
         if self.mmoe_num_experts and not 1 <= self.mmoe_top_k <= self.mmoe_num_experts:
             raise ValueError(f"`mmoe_top_k` must be in [1, mmoe_num_experts={self.mmoe_num_experts}], "
                              f"got {self.mmoe_top_k}")
+        if self.token_reduction == "avg_pool" and round(self.num_visual_tokens**0.5) ** 2 != self.num_visual_tokens:
+            raise ValueError(f"token_reduction='avg_pool' needs a square num_visual_tokens, got {self.num_visual_tokens}")
         vocab_size = self.text_config.vocab_size
         if not 0 <= self.image_token_id < vocab_size:
             raise ValueError(f"`image_token_id` {self.image_token_id} is outside the LLM vocabulary "
@@ -170,7 +176,7 @@ class LeoMiniConfig(PreTrainedConfig):
 
     @property
     def num_image_tokens(self) -> int:
-        """Tokens each image occupies in `input_ids`: N_V with CoTR, the full grid without."""
+        """Tokens each image occupies in `input_ids`: N_V with CoTR or pooling, the full grid without reduction."""
         if self.token_reduction == "none":
             return self.full_token_grid**2
         return self.num_visual_tokens

@@ -24,6 +24,7 @@ class ConditionalTokenReduction(nn.Module):
         text_hidden_size = config.text_config.hidden_size
         self.expert_hidden_sizes = list(expert_hidden_sizes)
         self.score_scaling = config.cotr_score_scaling
+        self.text_conditioning = config.cotr_text_conditioning
         self.visual_projections = nn.ModuleList(
             nn.Linear(hidden_size, projection_dim, bias=False) for hidden_size in expert_hidden_sizes
         )
@@ -53,6 +54,8 @@ class ConditionalTokenReduction(nn.Module):
             s_self = torch.einsum("np,nkp->nk", pooled[i], tokens).unsqueeze(1)  # (n, 1, N_i)
             s_cross = torch.einsum("np,nkp->nk", pooled_all_experts - pooled[i], tokens).unsqueeze(1)
             s_text = torch.einsum("np,nkp->nk", text_pooled, tokens).unsqueeze(1)
+            if not self.text_conditioning:  # ablation: text-free learned queries
+                s_text = torch.zeros_like(s_text)
             hidden_size = self.expert_hidden_sizes[i]
             if self.score_scaling == "sqrt_dim":
                 scores = (s_query + s_self + s_cross + s_text) / math.sqrt(hidden_size)

@@ -119,10 +119,15 @@ class LeoMiniModel(LeoMiniPreTrainedModel):
         """
         self._check_pixel_values(pixel_values)
         expert_features = [expert(pixel_values) for expert in self.vision_experts]  # (n, N_i, d_i)
-        if self.token_reducer is None:
+        if self.config.token_reduction == "none":
             grid = self.config.full_token_grid
             image_features = torch.cat(
                 [expert.resample_to_grid(f, grid) for expert, f in zip(self.vision_experts, expert_features)], dim=-1
+            )
+        elif self.config.token_reduction == "avg_pool":
+            grid = round(self.config.num_visual_tokens**0.5)
+            image_features = torch.cat(
+                [expert.average_pool(f, grid) for expert, f in zip(self.vision_experts, expert_features)], dim=-1
             )
         else:
             if text_sum is None:

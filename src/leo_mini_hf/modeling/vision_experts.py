@@ -67,16 +67,22 @@ class VisionExpert(nn.Module):
         """pixel_values (n_images, 3, S, S), canonical normalisation → tokens (n_images, num_tokens, hidden_size)."""
         return self._tower_features(self._prepare_pixels(pixel_values), self.model)
 
+    def _as_grid(self, features: torch.Tensor) -> torch.Tensor:
+        """(n, side², C) → (n, C, side, side)."""
+        if self.grid_size is None:
+            raise ValueError(
+                f"Expert {type(self.model).__name__} yields {self.num_tokens} tokens, not a square grid; "
+                "it cannot be resampled or pooled."
+            )
+        return features.transpose(1, 2).reshape(features.shape[0], features.shape[2], self.grid_size, self.grid_size)
+
     def resample_to_grid(self, features: torch.Tensor, grid_size: int) -> torch.Tensor:
         """(n, num_tokens, C) → (n, grid_size², C) by bilinear resampling of the token grid."""
         if self.grid_size == grid_size:
             return features
-        if self.grid_size is None:
-            raise ValueError(
-                f"Expert {type(self.model).__name__} yields {self.num_tokens} tokens, not a square grid; "
-                "it cannot be resampled for token_reduction='none'."
-            )
-        n, _, channels = features.shape
-        grid = features.transpose(1, 2).reshape(n, channels, self.grid_size, self.grid_size)
-        grid = F.interpolate(grid, size=(grid_size, grid_size), mode="bilinear", align_corners=False)
+        grid = F.interpolate(self._as_grid(features), size=(grid_size, grid_size), mode="bilinear", align_corners=False)
         return grid.flatten(2).transpose(1, 2)
+
+    def average_pool(self, features: torch.Tensor, grid_size: int) -> torch.Tensor:
+        """(n, num_tokens, C) → (n, grid_size², C) by adaptive average pooling of the token grid."""
+        return F.adaptive_avg_pool2d(self._as_grid(features), grid_size).flatten(2).transpose(1, 2)
