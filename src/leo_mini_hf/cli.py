@@ -4,6 +4,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -25,6 +26,66 @@ def parse_overrides(pairs: list[str]) -> dict:
 
 
 def run_demo(args: argparse.Namespace) -> None:
+    """LEO-MINI-Smol trained on easy-vqa, through `pipeline("image-text-to-text")`, on bundled or given questions."""
+    if args.preset == "tiny":
+        return run_random_demo(args)
+    from tqdm.auto import tqdm
+    from transformers import pipeline
+
+    from .demo import DEMO_WEIGHTS, bundled_questions, demo_checkpoint, demo_metadata
+
+    if bool(args.image) != bool(args.question):
+        raise SystemExit("leo-mini demo: give --image and --question together")
+    if not DEMO_WEIGHTS.is_file():
+        raise SystemExit(f"leo-mini demo: the trained weights {DEMO_WEIGHTS.name} are not in this install; "
+                         "run `leo-mini demo --preset tiny` for the random tiny model")
+    with tqdm(total=5, desc="preparing LEO-MINI-Smol", unit="step") as progress:
+        folder = Path(args.model) if args.model else demo_checkpoint(progress)
+        progress.set_description("loading the pipeline")
+        pipe = pipeline("image-text-to-text", model=str(folder))
+        progress.update(progress.total - progress.n)
+    model = pipe.model
+    expert_tokens = sum(expert.num_tokens for expert in model.model.vision_experts)
+    print(f"LEO-MINI-Smol ({folder}): SmolLM2-135M-Instruct + MobileNetV2, trained on easy-vqa "
+          f"({demo_metadata().get('steps', '?')} steps)")
+    print(f"visual tokens per image: {expert_tokens} from the expert -> {model.config.num_image_tokens} after CoTR")
+    questions = [{"image": args.image, "question": args.question, "answer": None}] if args.image else bundled_questions()
+    correct = 0
+    for item in questions:
+        chat = [{"role": "user", "content": [{"type": "image", "path": item["image"]},
+                                             {"type": "text", "text": item["question"]}]}]
+        started = time.perf_counter()
+        output = pipe(text=chat, max_new_tokens=8, return_full_text=False, generate_kwargs={"do_sample": False})
+        seconds = time.perf_counter() - started
+        answer = output[0]["generated_text"].strip()
+        verdict = ""
+        if item["answer"] is not None:
+            hit = answer.lower().strip(".") == item["answer"]
+            correct += hit
+            verdict = f"  (expected {item['answer']}: {'right' if hit else 'WRONG'})"
+        print(f"{Path(item['image']).name}: {item['question']} -> {answer}{verdict}  [{seconds:.2f} s]")
+    if not args.image:
+        print(f"{correct}/{len(questions)} bundled questions answered correctly")
+
+
+def run_eval(args: argparse.Namespace) -> None:
+    from .evaluation import evaluate_vqa
+    from .processor import LeoMiniProcessor
+    from .training.data import EasyVQADataset
+
+    if args.dataset != "easy-vqa":
+        raise SystemExit("leo-mini eval: only --dataset easy-vqa is available")
+    model = LeoMiniForConditionalGeneration.from_pretrained(args.model)
+    processor = LeoMiniProcessor.from_pretrained(args.model)
+    result = evaluate_vqa(model, processor, EasyVQADataset(args.split), limit=args.limit, batch_size=args.batch_size)
+    print(json.dumps(result, indent=2))
+    print(f"\n| question type | accuracy | questions |\n|---|---|---|")
+    for kind, accuracy in result["per_type"].items():
+        print(f"| {kind} | {accuracy:.3f} | {result['count_per_type'][kind]} |")
+    print(f"| all | {result['accuracy']:.3f} | {result['count']} |")
+
+
+def run_random_demo(args: argparse.Namespace) -> None:
     """Build a random model from a preset and run one image + prompt through `generate`."""
     torch.manual_seed(args.seed)
     config = LeoMiniConfig.from_preset(args.preset)
@@ -152,10 +213,21 @@ def main(argv: list[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser("demo", help="run LEO-MINI end to end on its embedded default")
-    demo.add_argument("--preset", default="tiny")
+    demo.add_argument("--preset", default="leo-mini-smol", help="leo-mini-smol (trained) or tiny (random)")
+    demo.add_argument("--model", help="use this checkpoint folder instead of building the demo one")
+    demo.add_argument("--image", help="your own image file")
+    demo.add_argument("--question", help="your question about --image")
     demo.add_argument("--max-new-tokens", type=int, default=8)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(handler=run_demo)
+
+    evaluate = commands.add_parser("eval", help="exact-match accuracy per question type (JSON + table)")
+    evaluate.add_argument("--model", required=True)
+    evaluate.add_argument("--dataset", default="easy-vqa")
+    evaluate.add_argument("--split", default="test")
+    evaluate.add_argument("--limit", type=int)
+    evaluate.add_argument("--batch-size", type=int, default=16)
+    evaluate.set_defaults(handler=run_eval)
 
     build = commands.add_parser("build", help="write a complete LEO-MINI checkpoint folder")
     build.add_argument("--preset", default="tiny", help="tiny (with --random-init) or leo-mini-smol")

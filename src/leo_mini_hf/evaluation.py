@@ -1,0 +1,82 @@
+"""Exact-match VQA evaluation (easy-vqa) with batched greedy generation."""
+
+import random
+import time
+from collections import defaultdict
+
+import torch
+
+SHAPES = {"circle", "rectangle", "triangle"}
+YES_NO = {"yes", "no"}
+
+
+def question_type(answer: str) -> str:
+    """easy-vqa's three kinds of question, told apart by their answers."""
+    return "shape" if answer in SHAPES else "yes/no" if answer in YES_NO else "colour"
+
+
+def normalise_answer(text: str) -> str:
+    return text.strip().split("\n")[0].strip().strip(".!").lower()
+
+
+def evaluation_subset(dataset, limit: int | None, seed: int = 0) -> list[int]:
+    """A fixed, seeded sample of indices (the whole split when `limit` is None)."""
+    indices = list(range(len(dataset)))
+    if limit is not None and limit < len(indices):
+        indices = sorted(random.Random(seed).sample(indices, limit))
+    return indices
+
+
+@torch.no_grad()
+def answer_questions(model, processor, samples: list[dict], batch_size: int = 16, max_new_tokens: int = 5) -> list[str]:
+    """Greedy answers for chat samples (the assistant turn, if any, is dropped)."""
+    answers = []
+    for start in range(0, len(samples), batch_size):
+        conversations = [[m for m in s["messages"] if m["role"] != "assistant"] for s in samples[start:start + batch_size]]
+        inputs = processor.apply_chat_template(conversations, add_generation_prompt=True, tokenize=True,
+                                               return_dict=True, return_tensors="pt",
+                                               processor_kwargs={"padding": True, "padding_side": "left"})
+        inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "pixel_values")}
+        generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        answers += processor.batch_decode(generated[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    return answers
+
+
+def evaluate_vqa(model, processor, dataset, limit: int | None = None, batch_size: int = 16, seed: int = 0) -> dict:
+    """Exact-match accuracy overall and per question type, on a seeded subset of `dataset`."""
+    model.eval()
+    indices = evaluation_subset(dataset, limit, seed)
+    samples = [dataset[i] for i in indices]
+    started = time.perf_counter()
+    predictions = answer_questions(model, processor, samples, batch_size)
+    seconds = time.perf_counter() - started
+    correct, total = defaultdict(int), defaultdict(int)
+    for sample, prediction in zip(samples, predictions):
+        kind = question_type(sample["answer"])
+        total[kind] += 1
+        correct[kind] += int(normalise_answer(prediction) == sample["answer"])
+    per_type = {kind: correct[kind] / total[kind] for kind in sorted(total)}
+    return {
+        "accuracy": sum(correct.values()) / max(sum(total.values()), 1),
+        "per_type": per_type,
+        "count": sum(total.values()),
+        "count_per_type": dict(sorted(total.items())),
+        "seconds": seconds,
+    }
+
+
+@torch.no_grad()
+def prefill_seconds(model, processor, sample: dict, repeats: int = 10) -> float:
+    """Median time of one prefill forward (batch 1) of `sample`'s prompt, after a warm-up."""
+    conversation = [m for m in sample["messages"] if m["role"] != "assistant"]
+    inputs = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           return_tensors="pt")
+    inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "pixel_values")}
+    model.eval()
+    model(**inputs, logits_to_keep=1)
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        model(**inputs, logits_to_keep=1)
+        times.append(time.perf_counter() - started)
+    return sorted(times)[len(times) // 2]
