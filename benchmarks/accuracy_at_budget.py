@@ -34,12 +34,14 @@ CONFIGS = {
     "avgpool-16": {"token_reduction": "avg_pool", "num_visual_tokens": 16},
     "queries-16": {"num_visual_tokens": 16, "cotr_text_conditioning": False},
     "cotr-16-no-mmoe": {"num_visual_tokens": 16, "mmoe_num_experts": 0},
+    "cotr-16-sum": {"num_visual_tokens": 16, "cotr_pooling": "sum"},
     "avgpool-64": {"token_reduction": "avg_pool", "num_visual_tokens": 64},
     "avgpool-4": {"token_reduction": "avg_pool", "num_visual_tokens": 4},
     "queries-64": {"num_visual_tokens": 64, "cotr_text_conditioning": False},
     "queries-4": {"num_visual_tokens": 4, "cotr_text_conditioning": False},
     "full-196": {"token_reduction": "none"},
 }
+VARIANT = {"no-mmoe": ", general LoRA only (no routed experts)", "sum": ", summed pooled terms (cotr_pooling='sum')"}
 METHOD = {"cotr": "CoTR (text-conditioned)", "avgpool": "average pooling", "queries": "learned queries, no text",
           "full": "full tokens (LLaVA-style)"}
 
@@ -98,7 +100,7 @@ def write_report(results: list[dict], out: Path, command: str) -> None:
              "train s/step |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         per_type = r["test"]["per_type"]
-        method = METHOD[r["name"].split("-")[0]] + (" without routed experts" if "no-mmoe" in r["name"] else "")
+        method = METHOD[r["name"].split("-")[0]] + VARIANT.get(r["name"].split("-", 2)[-1], "")
         lines.append(f"| {r['name']} | {method} | {r['visual_tokens']} | {r['test']['accuracy']:.3f} | "
                      f"{per_type.get('shape', 0):.3f} | {per_type.get('colour', 0):.3f} | {per_type.get('yes/no', 0):.3f} | "
                      f"{1000 * r['prefill_seconds']:.0f} | {r['seconds_per_step']:.2f} |")
@@ -121,13 +123,15 @@ def write_report(results: list[dict], out: Path, command: str) -> None:
     figure, axis = plt.subplots(figsize=(6.5, 4.2))
     for method in ("cotr", "avgpool", "queries", "full"):
         points = sorted((r["visual_tokens"], r["test"]["accuracy"]) for r in rows
-                        if r["name"].split("-")[0] == method and "no-mmoe" not in r["name"])
+                        if r["name"].split("-")[0] == method and r["name"].count("-") == 1)
         if points:
             axis.plot(*zip(*points), marker="o", label=METHOD[method])
+    markers = {"no-mmoe": ("x", "CoTR, general LoRA only"), "sum": ("s", "CoTR, summed pooled terms")}
     for r in rows:
-        if "no-mmoe" in r["name"]:
-            axis.scatter([r["visual_tokens"]], [r["test"]["accuracy"]], marker="x", color="black",
-                         label="CoTR, general LoRA only", zorder=3)
+        variant = r["name"].split("-", 2)[-1]
+        if r["name"].count("-") == 2 and variant in markers:
+            axis.scatter([r["visual_tokens"]], [r["test"]["accuracy"]], marker=markers[variant][0], color="black",
+                         label=markers[variant][1], zorder=3)
     axis.set_xscale("log", base=2)
     axis.set_xlabel("visual tokens per image in the LLM")
     axis.set_ylabel("easy-vqa test accuracy (exact match)")
@@ -141,7 +145,7 @@ def write_report(results: list[dict], out: Path, command: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="*", choices=sorted(CONFIGS), help="run only these configurations")
-    parser.add_argument("--steps", type=int, default=80)
+    parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--eval-limit", type=int, default=400)

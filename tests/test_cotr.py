@@ -9,7 +9,7 @@ from conftest import image_prompt, random_pixels, tiny_config, tiny_model
 from leo_mini_hf.modeling.cotr import ConditionalTokenReduction
 
 
-def literal_cotr(module: ConditionalTokenReduction, expert_features, text_tokens, scaling):
+def literal_cotr(module: ConditionalTokenReduction, expert_features, text_tokens, scaling, pooling="sum"):
     """Slow reference: per image, builds the N×N similarity matrices the equations write down and sums them."""
     outputs = []
     for image_index in range(expert_features[0].shape[0]):
@@ -27,6 +27,11 @@ def literal_cotr(module: ConditionalTokenReduction, expert_features, text_tokens
                     s_cross = s_cross + torch.ones(1, tokens_j.shape[0], dtype=tokens_i.dtype) @ (tokens_j @ tokens_i.T)
             text_projected = module.text_projections[i](text_tokens[image_index])  # (L, p)
             s_text = torch.ones(1, text_projected.shape[0], dtype=tokens_i.dtype) @ (text_projected @ tokens_i.T)
+            if pooling == "mean":
+                s_self = s_self / num_tokens
+                s_cross = sum(torch.ones(1, t.shape[0], dtype=t.dtype) @ (t @ tokens_i.T) / t.shape[0]
+                              for j, t in enumerate(projected) if j != i)
+                s_text = s_text / text_projected.shape[0]
             if scaling == "sqrt_dim":
                 scores = (s_query + s_self + s_cross + s_text) / math.sqrt(d_i)
             else:
@@ -37,18 +42,20 @@ def literal_cotr(module: ConditionalTokenReduction, expert_features, text_tokens
     return torch.stack(outputs)
 
 
+@pytest.mark.parametrize("pooling", ["sum", "mean"])
 @pytest.mark.parametrize("scaling", ["pooled_inverse_dim", "sqrt_dim"])
 @pytest.mark.parametrize("shared_query", [False, True])
-def test_cotr_matches_literal_equations(scaling, shared_query):
+def test_cotr_matches_literal_equations(scaling, shared_query, pooling):
     torch.manual_seed(0)
-    config = tiny_config(cotr_score_scaling=scaling, cotr_shared_query=shared_query, num_visual_tokens=5)
+    config = tiny_config(cotr_score_scaling=scaling, cotr_shared_query=shared_query, num_visual_tokens=5,
+                         cotr_pooling=pooling)
     module = ConditionalTokenReduction(config, [12, 20, 8]).double()
     torch.nn.init.normal_(module.queries)
     expert_features = [torch.randn(2, n, d, dtype=torch.double) for n, d in [(9, 12), (16, 20), (4, 8)]]
     text_tokens = torch.randn(2, 7, config.text_config.hidden_size, dtype=torch.double)
 
-    fast = module(expert_features, text_tokens.sum(dim=1))
-    slow = literal_cotr(module, expert_features, text_tokens, scaling)
+    fast = module(expert_features, text_tokens.sum(dim=1), torch.full((2,), text_tokens.shape[1]))
+    slow = literal_cotr(module, expert_features, text_tokens, scaling, pooling)
 
     assert fast.shape == (2, 5, 12 + 20 + 8)
     torch.testing.assert_close(fast, slow, rtol=1e-10, atol=1e-10)
@@ -65,11 +72,12 @@ def test_cotr_output_is_convex_combination_of_unprojected_tokens():
     torch.testing.assert_close(module([features], text_sum), weights @ features)
 
 
-def _init_statistics(scaling):
+def _init_statistics(scaling, pooling="sum"):
     """α at init, paper-sized (N=576, d=1024, projection 256, N_V=64): mean row entropy, mean L1 distance
     between rows, and the largest cosine similarity between two reduced tokens."""
     torch.manual_seed(0)
-    config = tiny_config(cotr_score_scaling=scaling, num_visual_tokens=64, cotr_projection_dim=256)
+    config = tiny_config(cotr_score_scaling=scaling, num_visual_tokens=64, cotr_projection_dim=256,
+                         cotr_pooling=pooling)
     module = ConditionalTokenReduction(config, [1024, 1024])
     features = [torch.randn(1, 576, 1024), torch.randn(1, 576, 1024)]
     text_sum = torch.randn(1, 20, config.text_config.hidden_size).sum(1)
@@ -81,15 +89,16 @@ def _init_statistics(scaling):
     return entropy, row_distance, cosine.max().item()
 
 
-def test_default_scaling_does_not_collapse_at_init():
-    entropy, row_distance, max_cosine = _init_statistics("pooled_inverse_dim")
+@pytest.mark.parametrize("pooling", ["sum", "mean"])
+def test_default_scaling_does_not_collapse_at_init(pooling):
+    entropy, row_distance, max_cosine = _init_statistics("pooled_inverse_dim", pooling)
     assert entropy > 0.8 * math.log(576)
     assert row_distance > 0.1
     assert max_cosine < 0.99
 
 
-def test_sqrt_dim_scaling_collapses_at_init_as_documented():
-    entropy, row_distance, max_cosine = _init_statistics("sqrt_dim")
+def test_sqrt_dim_scaling_with_sums_collapses_at_init_as_documented():
+    entropy, row_distance, max_cosine = _init_statistics("sqrt_dim", "sum")
     assert entropy < 0.3 * math.log(576)
     assert row_distance < 0.01
     assert max_cosine > 0.999
@@ -125,3 +134,19 @@ def test_text_free_queries_ignore_the_prompt():
     first = model(input_ids=torch.tensor([image_prompt(config, text_after=(12, 13))]), pixel_values=pixels)
     second = model(input_ids=torch.tensor([image_prompt(config, text_after=(50, 60))]), pixel_values=pixels)
     torch.testing.assert_close(first.image_hidden_states, second.image_hidden_states, rtol=0, atol=0)
+
+
+def test_mean_pooling_keeps_non_negative_cnn_features_from_collapsing():
+    """ReLU-like features (all >= 0, like MobileNetV2's) make the summed pooled terms dominate: the documented
+    reason for the `mean` default."""
+    torch.manual_seed(0)
+    token_scale = torch.rand(1, 196, 1) * 1.3 + 0.2  # object and background tokens differ in strength
+    features = [torch.relu(torch.randn(1, 196, 1280) + 0.3) * token_scale]
+    statistics = {}
+    for pooling in ("sum", "mean"):
+        config = tiny_config(num_visual_tokens=16, cotr_projection_dim=128, cotr_pooling=pooling)
+        torch.manual_seed(1)
+        module = ConditionalTokenReduction(config, [1280])
+        alpha = module.expert_attention(features, torch.zeros(1, config.text_config.hidden_size))[0][0]
+        statistics[pooling] = len(set(alpha.argmax(-1).tolist()))
+    assert statistics["sum"] <= 3 and statistics["mean"] >= 8, statistics

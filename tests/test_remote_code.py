@@ -12,16 +12,9 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
 
 from leo_mini_hf import LeoMiniForConditionalGeneration, LeoMiniProcessor
+from leo_mini_hf.conversion.export import BLOCK_PACKAGE_IMPORT
 from leo_mini_hf.conversion.hub import AUTO_MAP, remote_code_files
 
-BLOCK_PACKAGE = """
-import importlib.abc, sys
-class _Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "leo_mini_hf" or name.startswith("leo_mini_hf."):
-            raise ImportError("leo_mini_hf is blocked in this process")
-sys.meta_path.insert(0, _Block())
-"""
 
 CHAT = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is the shape?"}]}]
 
@@ -32,7 +25,7 @@ def make_image(seed):
 
 def run_without_package(folder, body: str) -> dict:
     """Run `body` in a fresh interpreter where `leo_mini_hf` cannot be imported; it prints JSON last."""
-    script = BLOCK_PACKAGE + textwrap.dedent(f"""
+    script = BLOCK_PACKAGE_IMPORT + textwrap.dedent(f"""
         import json, numpy as np, torch
         from PIL import Image
         from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline

@@ -79,13 +79,18 @@ def render_model_card(model, repo_id: str, license_name: str, base_models: list[
     return card
 
 
-RELOAD_CHECK = """
-import importlib.abc, json, sys
+# Prepended to code run in a fresh interpreter that must work with transformers alone.
+BLOCK_PACKAGE_IMPORT = """
+import importlib.abc, sys
 class _Block(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
         if name == "leo_mini_hf" or name.startswith("leo_mini_hf."):
-            raise ImportError("blocked")
+            raise ImportError("leo_mini_hf is blocked in this process")
 sys.meta_path.insert(0, _Block())
+"""
+
+RELOAD_CHECK = BLOCK_PACKAGE_IMPORT + """
+import json
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 folder = sys.argv[1]

@@ -11,6 +11,7 @@ FORMAT_VERSION = 1
 
 TOKEN_REDUCTIONS = ("cotr", "none", "avg_pool")
 COTR_SCORE_SCALINGS = ("pooled_inverse_dim", "sqrt_dim")
+COTR_POOLINGS = ("mean", "sum")
 MMOE_EXPERT_WEIGHTINGS = ("softmax", "renormalized")
 VISION_EXPERT_KEYS = {"config", "image_size", "feature_layer", "num_prefix_tokens", "image_mean", "image_std"}
 
@@ -47,6 +48,11 @@ class LeoMiniConfig(PreTrainedConfig):
         cotr_projection_dim (`int`, default 256): width of CoTR's learned projections (one reading of the paper).
         cotr_shared_query (`bool`, default False): one set of learned queries shared by all experts instead of
             one per expert. Default per expert: the paper writes Q̂_i with the expert index.
+        cotr_pooling (default `"mean"`): how the self / cross / text terms pool over positions. `"sum"` is the
+            paper's `1·` read literally; `"mean"` divides by the number of tokens. Measured on real ImageNet
+            MobileNetV2 features (non-negative, 196 tokens), `"sum"` collapses at init (all 16 queries on 2 of
+            196 tokens, entropy 2.5 of 5.3) and after training (entropy 0.67; colour questions at chance), so the
+            default is `"mean"`, which keeps the pooled terms independent of the token count.
         cotr_text_conditioning (`bool`, default True): include the text term s_text. False gives text-free
             learned queries (self and cross terms kept): the text-agnostic ablation of CoTR.
         cotr_score_scaling (default `"pooled_inverse_dim"`): `"pooled_inverse_dim"` scales the self / cross /
@@ -85,6 +91,7 @@ class LeoMiniConfig(PreTrainedConfig):
     num_visual_tokens: int = 64
     cotr_projection_dim: int = 256
     cotr_shared_query: bool = False
+    cotr_pooling: str = "mean"
     cotr_text_conditioning: bool = True
     cotr_score_scaling: str = "pooled_inverse_dim"
     full_token_grid: int | None = None
@@ -152,6 +159,7 @@ class LeoMiniConfig(PreTrainedConfig):
         choices = {
             "token_reduction": TOKEN_REDUCTIONS,
             "cotr_score_scaling": COTR_SCORE_SCALINGS,
+            "cotr_pooling": COTR_POOLINGS,
             "mmoe_expert_weighting": MMOE_EXPERT_WEIGHTINGS,
         }
         for name, allowed in choices.items():

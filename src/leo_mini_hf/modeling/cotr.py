@@ -5,6 +5,7 @@ For expert i with tokens I_i (N_i × d_i) and learned projections (hat):
     s_self  = (Σ_n Î_i,n) Î_iᵀ                    (1 × N_i)
     s_cross = (Σ_{j≠i} Σ_n Î_j,n) Î_iᵀ            (1 × N_i)
     s_text  = (Σ_t T̂_t) Î_iᵀ                      (1 × N_i)
+(with `cotr_pooling="mean"`, each Σ is divided by its number of tokens)
     α_i = softmax over N_i of the scaled sum;   Ī_i = α_i I_i   (N_V × d_i, the UNprojected tokens)
 Every pooled term sums first, so the cost is O(N·d): no N × N matrix is ever formed.
 """
@@ -25,6 +26,7 @@ class ConditionalTokenReduction(nn.Module):
         self.expert_hidden_sizes = list(expert_hidden_sizes)
         self.score_scaling = config.cotr_score_scaling
         self.text_conditioning = config.cotr_text_conditioning
+        self.mean_pooling = config.cotr_pooling == "mean"
         self.visual_projections = nn.ModuleList(
             nn.Linear(hidden_size, projection_dim, bias=False) for hidden_size in expert_hidden_sizes
         )
@@ -41,10 +43,16 @@ class ConditionalTokenReduction(nn.Module):
         for projection in [*self.visual_projections, *self.text_projections]:
             init.xavier_uniform_(projection.weight)
 
-    def expert_attention(self, expert_features: list[torch.Tensor], text_sum: torch.Tensor) -> list[torch.Tensor]:
-        """Softmax weights α_i per expert: list of (n_images, N_V, N_i)."""
+    def expert_attention(self, expert_features: list[torch.Tensor], text_sum: torch.Tensor,
+                         text_count: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Softmax weights α_i per expert: list of (n_images, N_V, N_i). `text_count` (n_images,) is the number
+        of text tokens summed in `text_sum` (used by mean pooling)."""
         projected = [proj(features) for proj, features in zip(self.visual_projections, expert_features)]  # (n, N_i, p)
         pooled = [tokens.sum(dim=1) for tokens in projected]  # Σ_n Î_i,n: (n, p)
+        if self.mean_pooling:
+            pooled = [total / tokens.shape[1] for total, tokens in zip(pooled, projected)]
+            if text_count is not None:
+                text_sum = text_sum / text_count.clamp(min=1).unsqueeze(-1).to(text_sum.dtype)
         pooled_all_experts = torch.stack(pooled).sum(dim=0)  # (n, p)
         weights = []
         for i, tokens in enumerate(projected):
@@ -64,12 +72,13 @@ class ConditionalTokenReduction(nn.Module):
             weights.append(scores.softmax(dim=-1))
         return weights
 
-    def forward(self, expert_features: list[torch.Tensor], text_sum: torch.Tensor) -> torch.Tensor:
+    def forward(self, expert_features: list[torch.Tensor], text_sum: torch.Tensor,
+                text_count: torch.Tensor | None = None) -> torch.Tensor:
         """
         expert_features: per expert (n_images, N_i, d_i); text_sum: (n_images, d_text), the sum of the prompt's
-        text-token embeddings for each image's prompt. Returns (n_images, N_V, Σ d_i), experts concatenated
-        channel-wise.
+        text-token embeddings for each image's prompt; text_count (n_images,): how many tokens that sum holds.
+        Returns (n_images, N_V, Σ d_i), experts concatenated channel-wise.
         """
-        weights = self.expert_attention(expert_features, text_sum)
+        weights = self.expert_attention(expert_features, text_sum, text_count)
         reduced = [torch.bmm(alpha, features) for alpha, features in zip(weights, expert_features)]
         return torch.cat(reduced, dim=-1)

@@ -1,0 +1,51 @@
+"""Shipped adapter weights (save / checksum / load) and `leo-mini eval`, on the tiny model."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from leo_mini_hf.cli import main as cli
+from leo_mini_hf.demo import bundled_questions, is_trained_part, load_adapter_weights, save_adapter_weights
+
+
+def test_adapter_weights_round_trip_with_checksum(tmp_path):
+    trained, fresh = tiny_model(seed=1), tiny_model(seed=2)
+    path = tmp_path / "adapter.safetensors"
+    save_adapter_weights(trained, path, metadata={"config": "{}"})
+    load_adapter_weights(fresh, path)
+    for name, tensor in fresh.state_dict().items():
+        if is_trained_part(name):
+            torch.testing.assert_close(tensor, trained.state_dict()[name].half().float(), rtol=0, atol=0)
+    assert any(is_trained_part(n) for n in fresh.state_dict()) and not is_trained_part("model.language_model.embed_tokens.weight")
+
+
+def test_corrupt_or_mismatched_adapter_weights_raise(tmp_path):
+    model = tiny_model()
+    path = tmp_path / "adapter.safetensors"
+    save_adapter_weights(model, path, metadata={"config": "{}"})
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="checksum"):
+        load_adapter_weights(model, path)
+    save_adapter_weights(tiny_model(mmoe_num_experts=0), path, metadata={"config": "{}"})
+    with pytest.raises(ValueError, match="does not fit the model"):
+        load_adapter_weights(model, path)
+
+
+def test_bundled_questions_exist():
+    questions = bundled_questions()
+    assert len(questions) == 6
+    assert {q["answer"] for q in questions} <= {"circle", "rectangle", "triangle", "yes", "no", "red", "green", "blue",
+                                                "black", "gray", "teal", "brown", "yellow"}
+
+
+def test_eval_command(tiny_checkpoint, capsys):
+    pytest.importorskip("easy_vqa")
+    cli(["eval", "--model", str(tiny_checkpoint), "--split", "test", "--limit", "6", "--batch-size", "3"])
+    printed = capsys.readouterr().out
+    result = json.loads(printed[: printed.index("\n|")])
+    assert result["count"] == 6 and 0.0 <= result["accuracy"] <= 1.0
+    assert "| all |" in printed
