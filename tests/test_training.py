@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import tiny_config as tiny_config_with
 from helpers.training_data import colour_sample, overfit_set
 from leo_mini_hf import LeoMiniForConditionalGeneration, LeoMiniProcessor
 from leo_mini_hf.cli import main as cli
@@ -146,9 +147,9 @@ def test_loss_decreases_and_frozen_parts_stay_identical(tiny_checkpoint, tiny_pr
     losses = losses_of(trainer)
     assert len(losses) == 30
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5, losses  # the frozen random LLM limits how far
-    for name, param in model.named_parameters():
-        if name in frozen:
-            assert torch.equal(param, frozen[name]), name
+    current = dict(model.named_parameters()) | dict(model.named_buffers())
+    for name, tensor in frozen.items():
+        assert torch.equal(current[name], tensor), name
     aux = [log["aux_loss"] for log in trainer.state.log_history if "aux_loss" in log]
     assert len(aux) == 30 and all(0.5 < a < 3.0 for a in aux)  # about 1.0 when balanced, 3.0 when collapsed
 
@@ -271,3 +272,27 @@ def test_two_process_data_parallel_matches_single_process(tiny_checkpoint, tmp_p
         digest.update(param.detach().numpy().tobytes())
     assert digest.hexdigest() == two[0]["digest"], "the saved model is not rank 0's"
     torch.testing.assert_close(torch.tensor(two[0]["losses"]), torch.tensor(one[0]["losses"]), rtol=1e-3, atol=1e-3)
+
+
+def test_frozen_batch_norm_expert_stays_in_eval_mode(tiny_processor, tmp_path):
+    """A frozen pretrained CNN must keep its running statistics: training may not put its batch norm in training
+    mode (batch statistics would also wash out per-image colour)."""
+    from helpers.tiny_parts import MOBILENET
+
+    expert = {"config": MOBILENET, "image_size": 64, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
+    model = LeoMiniForConditionalGeneration(tiny_config_with(vision_experts=[expert]))
+    apply_training_stage(model, "finetune")
+    model.train()
+    mobilenet = model.model.vision_experts[0]
+    assert not mobilenet.training and not mobilenet.model.training
+    assert model.model.token_reducer.training
+    frozen = frozen_fingerprint(model)
+    trainer = train(None, tiny_processor, tmp_path, overfit_set(1), model=model, max_steps=2)
+    trainer.train()
+    buffers = dict(model.named_buffers())
+    assert any("running_mean" in name for name in buffers)
+    for name, buffer in buffers.items():
+        assert torch.equal(buffer, frozen[name]), name
+    apply_training_stage(model, "full")
+    model.train()
+    assert mobilenet.training  # a trainable expert trains normally

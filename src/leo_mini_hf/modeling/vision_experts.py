@@ -28,6 +28,12 @@ class VisionExpert(nn.Module):
         self.input_shift = [(c_mean - e_mean) / e_std for c_mean, e_mean, e_std in zip(canonical_mean, mean, std)]
         self.num_tokens, self.hidden_size, self.grid_size = self._infer_output_shape()
 
+    def train(self, mode: bool = True):
+        """A frozen expert (no parameter requires grad) stays in eval mode: training must not switch a pretrained
+        tower's batch norm to batch statistics (and update its running statistics) or turn on its dropout."""
+        frozen = not any(param.requires_grad for param in self.parameters())
+        return super().train(mode and not frozen)
+
     def _prepare_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
         if pixel_values.shape[-1] != self.image_size or pixel_values.shape[-2] != self.image_size:
             # resized in float32: antialiased bilinear has no bfloat16 / float16 kernel on CPU

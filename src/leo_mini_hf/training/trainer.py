@@ -70,5 +70,7 @@ def seconds_per_step(trainer: Trainer) -> float | None:
 
 
 def frozen_fingerprint(model) -> dict[str, torch.Tensor]:
-    """Copies of every frozen parameter (to check they are bit-identical after training)."""
-    return {name: param.detach().clone() for name, param in model.named_parameters() if not param.requires_grad}
+    """Copies of every frozen parameter and every buffer (to check they are bit-identical after training)."""
+    state = {name: param.detach().clone() for name, param in model.named_parameters() if not param.requires_grad}
+    state.update({name: buffer.detach().clone() for name, buffer in model.named_buffers()})
+    return state
