@@ -4,6 +4,7 @@ Skipped when the weight packages are not installed; `make test` installs them (`
 """
 
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -82,3 +83,24 @@ def test_leo_mini_smol_builds_and_answers_text(tmp_path, capsys):
                                            return_tensors="pt")
     assert inputs["pixel_values"].shape == (1, 3, 448, 448)
     assert model.generate(**inputs, max_new_tokens=4).shape[1] == inputs["input_ids"].shape[1] + 4
+
+
+def test_readme_main_job_leo_mini_demo(tmp_path, monkeypatch, capsys):
+    """`leo-mini demo`: assemble LEO-MINI-Smol offline from the installed parts + shipped weights, run the
+    pipeline on the bundled easy-vqa questions."""
+    from leo_mini_hf.cli import main as cli
+    from leo_mini_hf.demo import DEMO_WEIGHTS
+
+    if not DEMO_WEIGHTS.is_file():
+        pytest.skip("no shipped demo weights in this checkout")
+    monkeypatch.setenv("LEO_MINI_CACHE", str(tmp_path))
+    cli(["demo"])
+    printed = capsys.readouterr().out
+    assert "196 from the expert -> 16 after CoTR" in printed
+    correct = int(printed.split(" bundled questions answered correctly")[0].rsplit("\n", 1)[-1].split("/")[0])
+    with capsys.disabled():
+        print(f"\nleo-mini demo: {correct}/6 bundled questions right")
+    assert correct >= 5
+    cli(["demo", "--image", str(Path(DEMO_WEIGHTS).parent / "demo" / "easyvqa_test_396.png"), "--question",
+         "what shape is present?"])
+    assert "-> circle" in capsys.readouterr().out
