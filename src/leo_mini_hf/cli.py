@@ -1,4 +1,4 @@
-"""`leo-mini` command line: demo, build, convert, export, push."""
+"""`leo-mini` command line: demo, eval, build, convert, export, push, train."""
 
 import argparse
 import json
@@ -55,7 +55,8 @@ def run_demo(args: argparse.Namespace) -> None:
         chat = [{"role": "user", "content": [{"type": "image", "path": item["image"]},
                                              {"type": "text", "text": item["question"]}]}]
         started = time.perf_counter()
-        output = pipe(text=chat, max_new_tokens=8, return_full_text=False, generate_kwargs={"do_sample": False})
+        output = pipe(text=chat, max_new_tokens=args.max_new_tokens, return_full_text=False,
+                      generate_kwargs={"do_sample": False})
         seconds = time.perf_counter() - started
         answer = output[0]["generated_text"].strip()
         verdict = ""
