@@ -62,13 +62,6 @@ def default_training_arguments(**overrides) -> TrainingArguments:
     return TrainingArguments(**defaults)
 
 
-def seconds_per_step(trainer: Trainer) -> float | None:
-    runtime = [log for log in trainer.state.log_history if "train_runtime" in log]
-    if not runtime or not trainer.state.global_step:
-        return None
-    return runtime[-1]["train_runtime"] / trainer.state.global_step
-
-
 def frozen_fingerprint(model) -> dict[str, torch.Tensor]:
     """Copies of every frozen parameter and every buffer (to check they are bit-identical after training)."""
     state = {name: param.detach().clone() for name, param in model.named_parameters() if not param.requires_grad}
