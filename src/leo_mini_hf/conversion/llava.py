@@ -14,7 +14,7 @@ from ..modeling import LeoMiniConfig, LeoMiniForConditionalGeneration
 from ..modeling.presets import CLIP_MEAN, CLIP_STD
 from .build import build_processor
 from .hub import save_for_hub
-from .pretrained_parts import _copy_exactly
+from .pretrained_parts import copy_weights_exactly
 
 
 def llava_to_leo_mini_config(llava_config, token_reduction: str = "none", **overrides) -> LeoMiniConfig:
@@ -52,16 +52,16 @@ def convert_llava_model(llava: LlavaForConditionalGeneration, token_reduction: s
     """In memory: the LLaVA weights copied exactly into a fresh LEO-MINI."""
     config = llava_to_leo_mini_config(llava.config, token_reduction, **overrides)
     model = LeoMiniForConditionalGeneration(config)
-    _copy_exactly(model.model.vision_experts[0].model, llava.model.vision_tower.state_dict(), "CLIP tower")
+    copy_weights_exactly(model.model.vision_experts[0].model, llava.model.vision_tower.state_dict(), "CLIP tower")
     projector_state = dict(llava.model.multi_modal_projector.state_dict())
     for layer in ("linear_1", "linear_2"):  # LLaVA may have no projector bias; ours always has one: zero it
         weight = projector_state[f"{layer}.weight"]
         projector_state.setdefault(f"{layer}.bias", torch.zeros(weight.shape[0], dtype=weight.dtype))
-    _copy_exactly(model.model.multi_modal_projector, projector_state, "projector")
-    _copy_exactly(model.model.language_model, llava.model.language_model.state_dict(), "LLM",
+    copy_weights_exactly(model.model.multi_modal_projector, projector_state, "projector")
+    copy_weights_exactly(model.model.language_model, llava.model.language_model.state_dict(), "LLM",
                   allowed_missing=("lora", "router"))
     if not config.tie_word_embeddings:
-        _copy_exactly(model.lm_head, llava.lm_head.state_dict(), "LM head")
+        copy_weights_exactly(model.lm_head, llava.lm_head.state_dict(), "LM head")
     model.generation_config = llava.generation_config
     return model
 

@@ -61,7 +61,7 @@ def vision_expert_spec(folder, feature_layer=None, num_prefix_tokens=None) -> di
     }
 
 
-def _copy_exactly(target: torch.nn.Module, source_state: dict, what: str, allowed_missing=()) -> None:
+def copy_weights_exactly(target: torch.nn.Module, source_state: dict, what: str, allowed_missing=()) -> None:
     """Load `source_state` into `target` and check every tensor arrived bit-identical."""
     result = target.load_state_dict(source_state, strict=False)
     missing = [key for key in result.missing_keys if not any(part in key for part in allowed_missing)]
@@ -116,9 +116,9 @@ def assemble_from_pretrained_parts(llm_dir, expert_dirs: list, image_size: int |
         **config_overrides,
     )
     model = LeoMiniForConditionalGeneration(config)
-    _copy_exactly(model.model.language_model, llm.model.state_dict(), "LLM", allowed_missing=("lora", "router"))
+    copy_weights_exactly(model.model.language_model, llm.model.state_dict(), "LLM", allowed_missing=("lora", "router"))
     if not config.tie_word_embeddings:
-        _copy_exactly(model.lm_head, llm.lm_head.state_dict(), "LM head")
+        copy_weights_exactly(model.lm_head, llm.lm_head.state_dict(), "LM head")
     for index, folder in enumerate(expert_dirs):
         verbosity = transformers_logging.get_verbosity()
         transformers_logging.set_verbosity_error()  # a classifier head in the folder is expected and unused
@@ -126,7 +126,7 @@ def assemble_from_pretrained_parts(llm_dir, expert_dirs: list, image_size: int |
             expert = AutoModel.from_pretrained(folder, dtype=torch.float32)
         finally:
             transformers_logging.set_verbosity(verbosity)
-        _copy_exactly(model.model.vision_experts[index].model, expert.state_dict(), f"vision expert {index}")
+        copy_weights_exactly(model.model.vision_experts[index].model, expert.state_dict(), f"vision expert {index}")
 
     generation_config = llm.generation_config
     generation_config.pad_token_id = tokenizer.pad_token_id
