@@ -199,9 +199,18 @@ def run_train(args: argparse.Namespace, extra: list[str]) -> None:
         if script.limit:
             dataset.samples = dataset.samples[: script.limit]
     print(f"stage '{script.stage}':\n" + format_parameter_table(apply_training_stage(model, script.stage)))
+    feature_cache = None
+    if script.feature_cache_dir:
+        from .training.feature_cache import VisionFeatureCache
+
+        feature_cache = VisionFeatureCache(script.feature_cache_dir)
+        feature_cache.attach(model)
     trainer = LeoMiniTrainer(model=model, args=training, train_dataset=dataset,
                              data_collator=LeoMiniDataCollator(processor, script.max_length), processing_class=processor)
     trainer.train(resume_from_checkpoint=training.resume_from_checkpoint)
+    if feature_cache is not None:
+        feature_cache.detach(model)
+        print(f"feature cache {script.feature_cache_dir}: {feature_cache.stats()}")
     trainer.save_model()
     if trainer.is_world_process_zero():
         from .conversion.hub import add_remote_code

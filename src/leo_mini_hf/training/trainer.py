@@ -52,6 +52,11 @@ class TrainScriptArguments:
     stage: str = field(default="finetune", metadata={"help": "pretrain | finetune | full"})
     max_length: int | None = field(default=None, metadata={"help": "truncate samples to this many tokens"})
     skip_bad_records: bool = field(default=False, metadata={"help": "skip (and report) malformed records"})
+    feature_cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "cache the frozen vision experts' outputs in this folder and reuse them across epochs and "
+                          "runs (keyed by image content and expert; off by default)"},
+    )
 
 
 def default_training_arguments(**overrides) -> TrainingArguments:

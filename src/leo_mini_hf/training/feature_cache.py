@@ -1,0 +1,140 @@
+"""A disk cache of frozen vision experts' outputs, so stage-3 training runs each expert once per image.
+
+Entries are keyed by the expert's fingerprint (class, tower config, input size and normalisation, feature layer,
+dtype and a digest of every weight and buffer) and by the image's content (a digest of its canonical pixel values,
+which also covers the image processor's settings). A changed expert or image therefore never hits an old entry.
+One safetensors file per (expert, image), written atomically: concurrent writers (DDP ranks) are safe.
+"""
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+CACHE_FORMAT = 1
+
+
+def _tensor_digest(hasher, tensor: torch.Tensor) -> None:
+    tensor = tensor.detach().cpu().contiguous()
+    hasher.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+    if tensor.numel():
+        hasher.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def expert_fingerprint(expert) -> str:
+    """Hex digest of everything that decides a `VisionExpert`'s output for given pixels."""
+    hasher = hashlib.sha256()
+    description = {
+        "format": CACHE_FORMAT,
+        "class": type(expert.model).__name__,
+        "config": expert.model.config.to_dict(),
+        "image_size": expert.image_size,
+        "feature_layer": expert.feature_layer,
+        "num_prefix_tokens": expert.num_prefix_tokens,
+        "input_scale": expert.input_scale,
+        "input_shift": expert.input_shift,
+    }
+    description["config"].pop("transformers_version", None)
+    hasher.update(json.dumps(description, sort_keys=True, default=str).encode())
+    for name, tensor in sorted([*expert.model.named_parameters(), *expert.model.named_buffers()]):
+        hasher.update(name.encode())
+        _tensor_digest(hasher, tensor)
+    return hasher.hexdigest()
+
+
+def image_key(pixels: torch.Tensor) -> str:
+    """Hex digest of one image's canonical pixel values (3, S, S), dtype and shape included."""
+    hasher = hashlib.blake2b(digest_size=20)
+    _tensor_digest(hasher, pixels)
+    return hasher.hexdigest()
+
+
+class VisionFeatureCache:
+    """Serve frozen `VisionExpert` outputs from `directory`, computing (and storing) only the images it has not seen.
+
+    `attach(model)` makes every vision expert of a LEO-MINI model read through the cache; `detach(model)` restores
+    the plain path. Results are the expert's own outputs, stored at full precision.
+    """
+
+    def __init__(self, directory):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.hits = 0
+        self.misses = 0
+
+    def attach(self, model) -> None:
+        experts = model.model.vision_experts if hasattr(model, "model") else model.vision_experts
+        for index, expert in enumerate(experts):
+            trainable = [name for name, param in expert.named_parameters() if param.requires_grad]
+            if trainable:
+                raise ValueError(
+                    f"vision expert {index} has trainable parameters ({trainable[0]}, ...): its outputs change during "
+                    "training, so they cannot be cached. Freeze it (stage 'finetune' or 'pretrain') or turn the "
+                    "feature cache off."
+                )
+            expert_dir = self.directory / expert_fingerprint(expert)[:32]
+            plain_forward = type(expert).forward.__get__(expert)
+            expert.forward = _CachedExpertForward(self, expert_dir, plain_forward, expert.num_tokens,
+                                                  expert.hidden_size)
+
+    @staticmethod
+    def detach(model) -> None:
+        experts = model.model.vision_experts if hasattr(model, "model") else model.vision_experts
+        for expert in experts:
+            if isinstance(expert.__dict__.get("forward"), _CachedExpertForward):
+                del expert.forward
+
+    def stats(self) -> dict[str, int]:
+        return {"hits": self.hits, "misses": self.misses}
+
+
+class _CachedExpertForward:
+    """Replaces one expert's `forward`: pixel_values (n, 3, S, S) → tokens (n, num_tokens, hidden_size)."""
+
+    def __init__(self, cache: VisionFeatureCache, directory: Path, plain_forward, num_tokens: int, hidden_size: int):
+        self.cache, self.directory, self.plain_forward = cache, directory, plain_forward
+        self.num_tokens, self.hidden_size = num_tokens, hidden_size
+
+    def _path(self, key: str) -> Path:
+        return self.directory / key[:2] / f"{key}.safetensors"
+
+    def _read(self, path: Path) -> torch.Tensor | None:
+        if not path.is_file():
+            return None
+        try:
+            features = load_file(str(path))["features"]
+        except (SafetensorError, KeyError, OSError):
+            return None  # a damaged entry is recomputed and rewritten
+        if tuple(features.shape) != (self.num_tokens, self.hidden_size):
+            return None
+        return features
+
+    def _write(self, path: Path, features: torch.Tensor) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        os.close(handle)
+        try:
+            save_file({"features": features.detach().cpu().contiguous()}, temporary)
+            os.replace(temporary, path)
+        finally:
+            if os.path.exists(temporary):
+                os.remove(temporary)
+
+    def __call__(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        paths = [self._path(image_key(pixels)) for pixels in pixel_values]
+        features = [self._read(path) for path in paths]
+        missing = [index for index, found in enumerate(features) if found is None]
+        self.cache.hits += len(paths) - len(missing)
+        self.cache.misses += len(missing)
+        if missing:
+            with torch.no_grad():
+                computed = self.plain_forward(pixel_values[missing])
+            for index, row in zip(missing, computed):
+                self._write(paths[index], row)
+                features[index] = row
+        return torch.stack([f.to(pixel_values.device) for f in features])
