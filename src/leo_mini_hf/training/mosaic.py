@@ -1,0 +1,157 @@
+"""easy-vqa mosaics: 2×2 or 3×3 tiles of easy-vqa images, with questions whose answer depends on one cell.
+
+easy-vqa shows one shape per image, so no question there decides *where* to look. A mosaic does: "What colour is
+the shape in the top-left?", "What shape is in the bottom-right?", "Where is the red circle?", "How many red shapes
+are there?". Every sample is a pure function of (split, grid, seed, index) — deterministic and seeded — and test
+mosaics are tiled from test images only. Answers are balanced: each sample first fixes its answer, then
+builds a mosaic that has it. Answers cycle through each type's answer set with the sample index, so any run of
+consecutive samples is balanced to within one per answer.
+"""
+
+import random
+import re
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+
+from PIL import Image
+from torch.utils.data import Dataset
+
+SHAPES = ("circle", "rectangle", "triangle")
+COLOURS = ("black", "blue", "brown", "gray", "green", "red", "teal", "yellow")
+CELL_NAMES = {
+    2: ("top-left", "top-right", "bottom-left", "bottom-right"),
+    3: ("top-left", "top-centre", "top-right", "centre-left", "centre", "centre-right", "bottom-left",
+        "bottom-centre", "bottom-right"),
+}
+QUESTION_TYPES = ("colour at cell", "shape at cell", "where", "count")
+MAX_COUNT = 4  # "how many" answers are 0..MAX_COUNT (fewer cells than that: 0..cells)
+GENERATOR = "leo_mini_hf.training.mosaic v1"
+
+
+@dataclass(frozen=True)
+class LabelledImage:
+    path: str
+    shape: str
+    colour: str
+
+
+@lru_cache(maxsize=2)
+def labelled_easy_vqa_images(split: str) -> tuple[LabelledImage, ...]:
+    """The split's images whose shape and colour the easy-vqa questions determine (88% of them), by image id.
+
+    Labels come from the questions: a shape or colour answer, a shape or colour named in a wh-question, and the
+    attribute a yes/no question affirms ("is there a red shape?" yes; "is there not a red shape?" no).
+    """
+    import easy_vqa
+
+    if split not in ("train", "test"):
+        raise ValueError(f"easy-vqa split must be 'train' or 'test', got {split!r}")
+    questions, answers, image_ids = getattr(easy_vqa, f"get_{split}_questions")()
+    paths = getattr(easy_vqa, f"get_{split}_image_paths")()
+    facts = defaultdict(lambda: {"shape": set(), "colour": set()})
+    for question, answer, image_id in zip(questions, answers, image_ids):
+        words = set(re.findall(r"[a-z]+", question.lower()))
+        named = [word for word in words if word in SHAPES or word in COLOURS]
+        if answer in SHAPES or answer in COLOURS:
+            affirmed = [answer, *named]
+        else:
+            affirmed = named if (answer == "yes") != bool(words & {"not", "no"}) else []
+        for value in affirmed:
+            facts[image_id]["shape" if value in SHAPES else "colour"].add(value)
+    images = []
+    for image_id in sorted(paths):
+        shapes, colours = facts[image_id]["shape"], facts[image_id]["colour"]
+        if len(shapes) > 1 or len(colours) > 1:
+            raise ValueError(f"easy-vqa {split} image {image_id}: contradictory labels {shapes} {colours}")
+        if shapes and colours:
+            images.append(LabelledImage(paths[image_id], next(iter(shapes)), next(iter(colours))))
+    return tuple(images)
+
+
+class EasyVQAMosaicDataset(Dataset):
+    """`size` chat samples, each a `grid`×`grid` mosaic of one split's easy-vqa images and one question about it.
+
+    Each sample holds its `tiles` (row-major path, shape, colour), `answer` and `question_type`.
+    Question types cycle through `QUESTION_TYPES` (index % 4) and answers through each type's answer set
+    (index // 4); everything else (cells, other tiles, the colour counted) is drawn from a per-sample seeded RNG.
+    """
+
+    def __init__(self, split: str = "train", grid: int = 2, size: int = 1000, seed: int = 0):
+        if grid not in CELL_NAMES:
+            raise ValueError(f"mosaic grid must be one of {sorted(CELL_NAMES)}, got {grid!r}")
+        if size < 1:
+            raise ValueError(f"mosaic dataset size must be positive, got {size}")
+        self.split, self.grid, self.size, self.seed = split, grid, size, seed
+        self.images = labelled_easy_vqa_images(split)
+        self.cells = CELL_NAMES[grid]
+
+    def description(self) -> dict:
+        """What regenerates this dataset exactly (recorded with results)."""
+        return {"generator": GENERATOR, "split": self.split, "grid": self.grid, "size": self.size, "seed": self.seed}
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < self.size:
+            raise IndexError(f"mosaic index {index} out of range for {self.size} samples")
+        rng = random.Random(f"{GENERATOR}/{self.split}/{self.grid}/{self.seed}/{index}")
+        question_type = QUESTION_TYPES[index % len(QUESTION_TYPES)]
+        answer_index = index // len(QUESTION_TYPES)  # answers cycle: balanced to within one per type
+        tiles, question, answer = getattr(self, "_" + question_type.replace(" ", "_"))(rng, answer_index)
+        return {
+            "messages": [
+                {"role": "user", "content": [{"type": "image", "image": self._compose(tiles)},
+                                             {"type": "text", "text": question}]},
+                {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+            ],
+            "answer": answer,
+            "question_type": f"mosaic {question_type}",
+            "tiles": [asdict(tile) for tile in tiles],  # row-major: path, shape, colour
+        }
+
+    def _pick(self, rng: random.Random, keep) -> LabelledImage:
+        return rng.choice([image for image in self.images if keep(image)])
+
+    def _fill(self, rng: random.Random, fixed: dict[int, LabelledImage], keep=lambda image: True) -> list:
+        return [fixed[cell] if cell in fixed else self._pick(rng, keep) for cell in range(len(self.cells))]
+
+    def _colour_at_cell(self, rng, answer_index):
+        colour, cell = COLOURS[answer_index % len(COLOURS)], rng.randrange(len(self.cells))
+        tiles = self._fill(rng, {cell: self._pick(rng, lambda image: image.colour == colour)})
+        return tiles, f"What colour is the shape in the {self.cells[cell]}?", colour
+
+    def _shape_at_cell(self, rng, answer_index):
+        shape, cell = SHAPES[answer_index % len(SHAPES)], rng.randrange(len(self.cells))
+        tiles = self._fill(rng, {cell: self._pick(rng, lambda image: image.shape == shape)})
+        return tiles, f"What shape is in the {self.cells[cell]}?", shape
+
+    def _where(self, rng, answer_index):
+        cell = answer_index % len(self.cells)
+        target = self._pick(rng, lambda image: True)
+        tiles = self._fill(rng, {cell: target},
+                           keep=lambda image: (image.shape, image.colour) != (target.shape, target.colour))
+        return tiles, f"Where is the {target.colour} {target.shape}?", self.cells[cell]
+
+    def _count(self, rng, answer_index):
+        colour, count = rng.choice(COLOURS), answer_index % (min(MAX_COUNT, len(self.cells)) + 1)
+        chosen = set(rng.sample(range(len(self.cells)), count))
+        tiles = self._fill(rng, {cell: self._pick(rng, lambda image: image.colour == colour) for cell in chosen},
+                           keep=lambda image: image.colour != colour)
+        return tiles, f"How many {colour} shapes are there?", str(count)
+
+    def _compose(self, tiles: list[LabelledImage]) -> Image.Image:
+        first = _load_tile(tiles[0].path)
+        side = first.width
+        mosaic = Image.new("RGB", (side * self.grid, side * self.grid))
+        for cell, tile in enumerate(tiles):
+            row, column = divmod(cell, self.grid)
+            mosaic.paste(_load_tile(tile.path), (column * side, row * side))
+        return mosaic
+
+
+@lru_cache(maxsize=8192)
+def _load_tile(path: str) -> Image.Image:
+    with Image.open(path) as image:
+        return image.convert("RGB")

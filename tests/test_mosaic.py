@@ -1,0 +1,86 @@
+"""easy-vqa mosaics: deterministic, split-pure, balanced, and every answer right about its own mosaic."""
+
+import re
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from leo_mini_hf.training.mosaic import CELL_NAMES, COLOURS, SHAPES, EasyVQAMosaicDataset, labelled_easy_vqa_images
+
+
+def oracle_answer(question: str, tiles: list[dict], grid: int) -> str:
+    """The answer recomputed from the tiles' labels (independently of the generator's own bookkeeping)."""
+    cells = CELL_NAMES[grid]
+    if match := re.fullmatch(r"What colour is the shape in the (.+)\?", question):
+        return tiles[cells.index(match.group(1))]["colour"]
+    if match := re.fullmatch(r"What shape is in the (.+)\?", question):
+        return tiles[cells.index(match.group(1))]["shape"]
+    if match := re.fullmatch(r"Where is the (\w+) (\w+)\?", question):
+        found = [cells[i] for i, t in enumerate(tiles) if (t["colour"], t["shape"]) == match.groups()]
+        assert len(found) == 1, f"'{question}' is not unique: {found}"
+        return found[0]
+    if match := re.fullmatch(r"How many (\w+) shapes are there\?", question):
+        return str(sum(t["colour"] == match.group(1) for t in tiles))
+    raise AssertionError(f"unexpected question {question!r}")
+
+
+@pytest.mark.parametrize("grid", [2, 3])
+def test_answers_match_the_mosaic_and_are_balanced(grid):
+    samples = [EasyVQAMosaicDataset("test", grid, size=240, seed=3)[i] for i in range(240)]
+    for sample in samples:
+        question = sample["messages"][0]["content"][1]["text"]
+        assert oracle_answer(question, sample["tiles"], grid) == sample["answer"] == \
+            sample["messages"][1]["content"][0]["text"]
+    answer_sets = {"mosaic colour at cell": COLOURS, "mosaic shape at cell": SHAPES, "mosaic where": CELL_NAMES[grid],
+                   "mosaic count": [str(n) for n in range(5)]}
+    for kind, answers in answer_sets.items():
+        counts = Counter(s["answer"] for s in samples if s["question_type"] == kind)
+        assert set(counts) == set(answers), kind
+        assert max(counts.values()) - min(counts.values()) <= 1, (kind, counts)
+
+
+def test_the_picture_is_the_tiles_in_row_major_order():
+    sample = EasyVQAMosaicDataset("train", 3, size=8, seed=0)[5]
+    mosaic = np.asarray(sample["messages"][0]["content"][0]["image"])
+    side = mosaic.shape[0] // 3
+    for cell, tile in enumerate(sample["tiles"]):
+        row, column = divmod(cell, 3)
+        expected = np.asarray(Image.open(tile["path"]).convert("RGB"))
+        assert np.array_equal(mosaic[row * side:(row + 1) * side, column * side:(column + 1) * side], expected)
+
+
+def test_deterministic_per_seed_and_splits_kept_apart():
+    first, again = EasyVQAMosaicDataset("test", 2, 50, seed=1), EasyVQAMosaicDataset("test", 2, 50, seed=1)
+    other_seed = EasyVQAMosaicDataset("test", 2, 50, seed=2)
+    for index in (0, 17, 49):
+        a, b = first[index], again[index]
+        assert a["tiles"] == b["tiles"] and a["answer"] == b["answer"]
+        assert a["messages"][0]["content"][0]["image"].tobytes() == b["messages"][0]["content"][0]["image"].tobytes()
+    assert [first[i]["tiles"] for i in range(10)] != [other_seed[i]["tiles"] for i in range(10)]
+    train_paths = {image.path for image in labelled_easy_vqa_images("train")}
+    test_tiles = {tile["path"] for i in range(50) for tile in first[i]["tiles"]}
+    assert test_tiles and not test_tiles & train_paths
+    assert all(Path(path).parent.parent.name == "test" for path in test_tiles)
+    assert first.description() == {"generator": "leo_mini_hf.training.mosaic v1", "split": "test", "grid": 2,
+                                   "size": 50, "seed": 1}
+
+
+def test_labels_are_consistent_with_the_easy_vqa_questions():
+    images = labelled_easy_vqa_images("test")
+    assert len(images) > 800 and {image.colour for image in images} == set(COLOURS)
+    assert {image.shape for image in images} == set(SHAPES)
+
+
+@pytest.mark.parametrize("arguments, match", [({"grid": 4}, "grid"), ({"size": 0}, "size"),
+                                               ({"split": "validation"}, "split")])
+def test_bad_arguments_raise(arguments, match):
+    with pytest.raises(ValueError, match=match):
+        EasyVQAMosaicDataset(**arguments)
+
+
+def test_index_out_of_range_raises():
+    with pytest.raises(IndexError):
+        EasyVQAMosaicDataset("test", 2, size=3)[3]
