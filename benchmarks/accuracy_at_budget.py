@@ -64,6 +64,8 @@ def run_config(name: str, args) -> dict:
     train_seconds = time.perf_counter() - started
     test_set = EasyVQADataset("test")
     evaluation = evaluate_vqa(model, processor, test_set, limit=args.eval_limit, batch_size=16, seed=args.seed)
+    swapped = evaluate_vqa(model, processor, test_set, limit=args.eval_limit, batch_size=16, seed=args.seed,
+                           swap_images=True)
     result = {
         "name": name,
         "overrides": CONFIGS[name],
@@ -78,8 +80,10 @@ def run_config(name: str, args) -> dict:
         "loss_curve": [log["loss"] for log in trainer.state.log_history if "loss" in log],
         "aux_loss_curve": [log["aux_loss"] for log in trainer.state.log_history if "aux_loss" in log],
         "test": evaluation,
+        "test_images_swapped": swapped,
         "prefill_seconds": prefill_seconds(model, processor, test_set[0]),
     }
+    save_trained_weights(model, args.work_dir / "runs" / name / "trained.safetensors", result)  # to re-evaluate
     if args.save_demo_weights and name == args.demo_config:
         save_trained_weights(model, ROOT / "src" / "leo_mini_hf" / "assets" / "leo-mini-smol-easyvqa.safetensors",
                              result)

@@ -42,17 +42,53 @@ def answer_questions(model, processor, samples: list[dict], batch_size: int = 16
     return answers
 
 
-def evaluate_vqa(model, processor, dataset, limit: int | None = None, batch_size: int = 16, seed: int = 0) -> dict:
-    """Exact-match accuracy overall and per question type, on a seeded subset of `dataset`."""
+def _image_blocks(sample: dict) -> list[dict]:
+    return [block for message in sample["messages"] if isinstance(message["content"], list)
+            for block in message["content"] if block.get("type") == "image"]
+
+
+def with_images_swapped(samples: list[dict], seed: int = 0) -> list[dict]:
+    """The same questions, each shown the images of another sample (a seeded permutation without fixed points).
+
+    Accuracy on these is what a model answers from the question alone: a control for answers that ignore the image.
+    """
+    if len(samples) < 2:
+        raise ValueError("swapping images needs at least 2 samples")
+    order = list(range(len(samples)))
+    random.Random(seed).shuffle(order)
+    donors = {order[i]: order[(i + 1) % len(order)] for i in range(len(order))}  # one cycle: nobody keeps its own
+    swapped = []
+    for index, sample in enumerate(samples):
+        donor_blocks = iter(_image_blocks(samples[donors[index]]))
+        if len(_image_blocks(sample)) != len(_image_blocks(samples[donors[index]])):
+            raise ValueError("swapping images needs the same number of images in every sample")
+        messages = [
+            {**message, "content": [dict(next(donor_blocks)) if isinstance(block, dict) and block.get("type") == "image"
+                                    else block for block in message["content"]]}
+            if isinstance(message["content"], list) else message
+            for message in sample["messages"]
+        ]
+        swapped.append({**sample, "messages": messages})
+    return swapped
+
+
+def evaluate_vqa(model, processor, dataset, limit: int | None = None, batch_size: int = 16, seed: int = 0,
+                 swap_images: bool = False) -> dict:
+    """Exact-match accuracy overall and per question type, on a seeded subset of `dataset`.
+
+    swap_images: show each question another sample's image (`with_images_swapped`): the question-only control.
+    """
     model.eval()
     indices = evaluation_subset(dataset, limit, seed)
     samples = [dataset[i] for i in indices]
+    if swap_images:
+        samples = with_images_swapped(samples, seed)
     started = time.perf_counter()
     predictions = answer_questions(model, processor, samples, batch_size)
     seconds = time.perf_counter() - started
     correct, total = defaultdict(int), defaultdict(int)
     for sample, prediction in zip(samples, predictions):
-        kind = question_type(sample["answer"])
+        kind = sample.get("question_type") or question_type(sample["answer"])
         total[kind] += 1
         correct[kind] += int(normalise_answer(prediction) == sample["answer"])
     per_type = {kind: correct[kind] / total[kind] for kind in sorted(total)}
