@@ -2,9 +2,12 @@
 
 Same LLM (SmolLM2-135M-Instruct), same expert (ImageNet MobileNetV2 at 448 px, 196 tokens), same data, steps and
 seeds; only the visual-token path differs. Stage-3 recipe: CoTR/pooling + projector + MMoE train, LLM and expert
-frozen. Resumable: each configuration's result is a JSON file, skipped when present.
+frozen. Resumable: each configuration's result is a JSON file, skipped when present. The frozen expert's outputs
+are cached on disk (keyed by image content and expert) and shared by all runs; `--no-feature-cache` turns that off.
 
-    python benchmarks/accuracy_at_budget.py            # all configurations, then the table and plot
+    python benchmarks/accuracy_at_budget.py                 # easy-vqa: all configurations, then table and plot
+    python benchmarks/accuracy_at_budget.py --task mosaic   # easy-vqa + 2×2/3×3 mosaics (the question decides where
+                                                            # to look), tested on easy-vqa and on test mosaics
     python benchmarks/accuracy_at_budget.py --only cotr-16 --save-demo-weights
 """
 
@@ -16,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.data import ConcatDataset
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -24,6 +28,8 @@ from leo_mini_hf.conversion.smol import assemble_leo_mini_smol  # noqa: E402
 from leo_mini_hf.evaluation import evaluate_vqa, prefill_seconds  # noqa: E402
 from leo_mini_hf.training.collator import LeoMiniDataCollator  # noqa: E402
 from leo_mini_hf.training.data import EasyVQADataset  # noqa: E402
+from leo_mini_hf.training.feature_cache import VisionFeatureCache  # noqa: E402
+from leo_mini_hf.training.mosaic import EasyVQAMosaicDataset  # noqa: E402
 from leo_mini_hf.training.stages import apply_training_stage  # noqa: E402
 from leo_mini_hf.training.trainer import LeoMiniTrainer, default_training_arguments  # noqa: E402
 
@@ -46,13 +52,35 @@ METHOD = {"cotr": "CoTR (text-conditioned)", "avgpool": "average pooling", "quer
           "full": "full tokens (LLaVA-style)"}
 
 
+def training_set(args):
+    """easy-vqa train; for the mosaic task also as many 2×2 and as many 3×3 train mosaics (a third each)."""
+    plain = EasyVQADataset("train")
+    if args.task == "easy-vqa":
+        return plain, {"easy-vqa": "train"}
+    mosaics = [EasyVQAMosaicDataset("train", grid, size=len(plain), seed=args.seed) for grid in (2, 3)]
+    return ConcatDataset([plain, *mosaics]), {"easy-vqa": "train", "mosaics": [m.description() for m in mosaics]}
+
+
+def test_sets(args) -> dict:
+    """Name → (dataset, limit): the seeded easy-vqa test sample; for the mosaic task also 2×2 and 3×3 test mosaics."""
+    sets = {"easy-vqa": (EasyVQADataset("test"), args.eval_limit)}
+    if args.task == "mosaic":
+        for grid in (2, 3):
+            sets[f"mosaic-{grid}x{grid}"] = (EasyVQAMosaicDataset("test", grid, size=args.eval_limit, seed=args.seed),
+                                             None)
+    return sets
+
+
 def run_config(name: str, args) -> dict:
     torch.manual_seed(args.seed)
     model, processor = assemble_leo_mini_smol(args.work_dir / "parts", **CONFIGS[name])
     apply_training_stage(model, "finetune")
-    train_set = EasyVQADataset("train")
+    cache = VisionFeatureCache(args.feature_cache) if args.feature_cache else None
+    if cache is not None:
+        cache.attach(model)
+    train_set, data_description = training_set(args)
     training = default_training_arguments(
-        output_dir=str(args.work_dir / "runs" / name), per_device_train_batch_size=args.batch_size,
+        output_dir=str(args.work_dir / "runs" / args.task / name), per_device_train_batch_size=args.batch_size,
         max_steps=args.steps, learning_rate=args.learning_rate, warmup_steps=max(1, args.steps // 10),
         lr_scheduler_type="cosine", logging_steps=max(1, args.steps // 20), save_strategy="no", seed=args.seed,
         data_seed=args.seed, use_cpu=True, disable_tqdm=True,
@@ -62,12 +90,16 @@ def run_config(name: str, args) -> dict:
     started = time.perf_counter()
     trainer.train()
     train_seconds = time.perf_counter() - started
-    test_set = EasyVQADataset("test")
-    evaluation = evaluate_vqa(model, processor, test_set, limit=args.eval_limit, batch_size=16, seed=args.seed)
-    swapped = evaluate_vqa(model, processor, test_set, limit=args.eval_limit, batch_size=16, seed=args.seed,
-                           swap_images=True)
+    evaluations, controls, sets = {}, {}, test_sets(args)
+    for set_name, (dataset, limit) in sets.items():
+        evaluations[set_name] = evaluate_vqa(model, processor, dataset, limit=limit, batch_size=16, seed=args.seed)
+        controls[set_name] = evaluate_vqa(model, processor, dataset, limit=limit, batch_size=16, seed=args.seed,
+                                          swap_images=True)
+    if cache is not None:
+        cache.detach(model)  # prefill is timed on the plain path: the expert runs, as at inference
     result = {
         "name": name,
+        "task": args.task,
         "overrides": CONFIGS[name],
         "visual_tokens": model.config.num_image_tokens,
         "expert_tokens": model.model.vision_experts[0].num_tokens,
@@ -75,15 +107,24 @@ def run_config(name: str, args) -> dict:
         "batch_size": args.batch_size,
         "learning_rate": args.learning_rate,
         "seed": args.seed,
+        "data": data_description,
+        "feature_cache": cache is not None,
+        "feature_cache_stats": cache.stats() if cache is not None else None,
         "train_seconds": round(train_seconds, 1),
         "seconds_per_step": round(train_seconds / args.steps, 3),
         "loss_curve": [log["loss"] for log in trainer.state.log_history if "loss" in log],
         "aux_loss_curve": [log["aux_loss"] for log in trainer.state.log_history if "aux_loss" in log],
-        "test": evaluation,
-        "test_images_swapped": swapped,
-        "prefill_seconds": prefill_seconds(model, processor, test_set[0]),
+        "test": evaluations["easy-vqa"],
+        "test_images_swapped": controls["easy-vqa"],
+        "test_data": {set_name: dataset.description() if hasattr(dataset, "description") else
+                      {"easy-vqa": "test", "seeded_sample": limit, "seed": args.seed}
+                      for set_name, (dataset, limit) in sets.items()},
+        "prefill_seconds": prefill_seconds(model, processor, sets["easy-vqa"][0][0]),
     }
-    save_trained_weights(model, args.work_dir / "runs" / name / "trained.safetensors", result)  # to re-evaluate
+    if args.task == "mosaic":
+        result["mosaic_test"] = {k: v for k, v in evaluations.items() if k != "easy-vqa"}
+        result["mosaic_test_images_swapped"] = {k: v for k, v in controls.items() if k != "easy-vqa"}
+    save_trained_weights(model, args.work_dir / "runs" / args.task / name / "trained.safetensors", result)
     if args.save_demo_weights and name == args.demo_config:
         save_trained_weights(model, ROOT / "src" / "leo_mini_hf" / "assets" / "leo-mini-smol-easyvqa.safetensors",
                              result)
@@ -98,24 +139,75 @@ def save_trained_weights(model, path: Path, result: dict) -> None:
                                                 "test_accuracy": f"{result['test']['accuracy']:.4f}"})
 
 
-def write_report(results: list[dict], out: Path, command: str) -> None:
-    rows = sorted(results, key=lambda r: (r["name"].split("-")[0], -r["visual_tokens"]))
-    lines = ["| configuration | method | visual tokens | test accuracy | shape | colour | yes/no | prefill (ms) | "
-             "train s/step |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        per_type = r["test"]["per_type"]
-        method = METHOD[r["name"].split("-")[0]] + VARIANT.get(r["name"].split("-", 2)[-1], "")
-        lines.append(f"| {r['name']} | {method} | {r['visual_tokens']} | {r['test']['accuracy']:.3f} | "
-                     f"{per_type.get('shape', 0):.3f} | {per_type.get('colour', 0):.3f} | {per_type.get('yes/no', 0):.3f} | "
+def method_of(name: str) -> str:
+    family, _, variant = name.partition("-")
+    variant = variant.partition("-")[2]
+    return METHOD[family] + VARIANT.get(variant, "")
+
+
+def swapped(result: dict, set_name: str) -> float | None:
+    control = result.get("test_images_swapped") if set_name == "easy-vqa" else \
+        result.get("mosaic_test_images_swapped", {}).get(set_name)
+    return control["accuracy"] if control else None
+
+
+def number(value: float | None, digits: int = 3) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def table_rows(results: list[dict], task: str) -> list[str]:
+    if task == "easy-vqa":
+        lines = ["| configuration | method | visual tokens | test accuracy | shape | colour | yes/no | "
+                 "accuracy, images swapped | prefill (ms) | train s/step | feature cache |", "|---" * 11 + "|"]
+        for r in results:
+            per_type = r["test"]["per_type"]
+            lines.append(f"| {r['name']} | {method_of(r['name'])} | {r['visual_tokens']} | {r['test']['accuracy']:.3f} | "
+                         f"{per_type.get('shape', 0):.3f} | {per_type.get('colour', 0):.3f} | "
+                         f"{per_type.get('yes/no', 0):.3f} | {number(swapped(r, 'easy-vqa'))} | "
+                         f"{1000 * r['prefill_seconds']:.0f} | {r['seconds_per_step']:.2f} | "
+                         f"{'yes' if r.get('feature_cache') else 'no'} |")
+        return lines
+    lines = ["| configuration | method | visual tokens | easy-vqa | mosaic 2×2 | mosaic 3×3 | 2×2, images swapped | "
+             "3×3, images swapped | prefill (ms) | train s/step |", "|---" * 10 + "|"]
+    for r in results:
+        mosaic = r["mosaic_test"]
+        lines.append(f"| {r['name']} | {method_of(r['name'])} | {r['visual_tokens']} | {r['test']['accuracy']:.3f} | "
+                     f"{mosaic['mosaic-2x2']['accuracy']:.3f} | {mosaic['mosaic-3x3']['accuracy']:.3f} | "
+                     f"{number(swapped(r, 'mosaic-2x2'))} | {number(swapped(r, 'mosaic-3x3'))} | "
                      f"{1000 * r['prefill_seconds']:.0f} | {r['seconds_per_step']:.2f} |")
+    kinds = ("colour at cell", "shape at cell", "where", "count")
+    lines += ["", "Per question type (mosaic test sets):", "",
+              "| configuration | visual tokens | " + " | ".join(f"{g} {k}" for g in ("2×2", "3×3") for k in kinds) + " |",
+              "|---" * (2 + 2 * len(kinds)) + "|"]
+    for r in results:
+        cells = [number(r["mosaic_test"][f"mosaic-{g}x{g}"]["per_type"].get(f"mosaic {k}"), 2)
+                 for g in (2, 3) for k in kinds]
+        lines.append(f"| {r['name']} | {r['visual_tokens']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def write_report(results: list[dict], out: Path, command: str, task: str) -> Path:
+    """Markdown table, JSON and PNG plot of all results; returns the markdown's path."""
+    rows = sorted(results, key=lambda r: (r["name"].split("-")[0], -r["visual_tokens"], r["name"]))
+    stem = "accuracy_at_budget" if task == "easy-vqa" else "accuracy_at_budget_mosaic"
     machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    header = (f"# Accuracy at budget: easy-vqa test ({rows[0]['test']['count']} questions, seeded sample)\n\n"
-              f"Command: `{command}`  \nMachine: {machine}  \nSteps {rows[0]['steps']}, batch {rows[0]['batch_size']}, "
-              f"lr {rows[0]['learning_rate']}, seed {rows[0]['seed']}; expert tokens per image: "
-              f"{rows[0]['expert_tokens']}.\n\n")
-    (out / "accuracy_at_budget.md").write_text(header + "\n".join(lines) + "\n")
-    (out / "accuracy_at_budget.json").write_text(json.dumps({"command": command, "machine": machine,
-                                                             "results": rows}, indent=2))
+    first = rows[0]
+    if task == "easy-vqa":
+        title = f"# Accuracy at budget: easy-vqa test ({first['test']['count']} questions, seeded sample)\n\n"
+        trained_on = "easy-vqa train"
+    else:
+        title = ("# Accuracy at budget where the question decides where to look: easy-vqa mosaics\n\n"
+                 f"Test: {first['test']['count']} seeded easy-vqa test questions and "
+                 f"{first['mosaic_test']['mosaic-2x2']['count']} questions each on 2×2 and 3×3 test mosaics "
+                 f"(generator and seeds: `data`/`test_data` in the JSON).  \n")
+        trained_on = "easy-vqa train + as many 2×2 and 3×3 train mosaics"
+    header = (title + f"Command: `{command}`  \nMachine: {machine}  \nTrained on {trained_on}; steps {first['steps']}, "
+              f"batch {first['batch_size']}, lr {first['learning_rate']}, seed {first['seed']}; expert tokens per "
+              f"image: {first['expert_tokens']}. \"images swapped\": the same questions, each shown another test "
+              "image — what the model answers from the question alone. Prefill: batch 1, one easy-vqa question, "
+              "plain path (the expert runs).\n\n")
+    (out / f"{stem}.md").write_text(header + "\n".join(table_rows(rows, task)) + "\n")
+    (out / f"{stem}.json").write_text(json.dumps({"command": command, "machine": machine, "results": rows}, indent=2))
     try:
         import matplotlib
 
@@ -123,10 +215,21 @@ def write_report(results: list[dict], out: Path, command: str) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib not installed: no plot")
-        return
-    figure, axis = plt.subplots(figsize=(6.5, 4.2))
+        return out / f"{stem}.md"
+    panels = [("easy-vqa", lambda r: r["test"]["accuracy"])] if task == "easy-vqa" else [
+        (f"mosaic {g}×{g}", lambda r, g=g: r["mosaic_test"][f"mosaic-{g}x{g}"]["accuracy"]) for g in (2, 3)]
+    figure, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.2), squeeze=False)
+    for axis, (panel, accuracy) in zip(axes[0], panels):
+        plot_panel(axis, rows, accuracy)
+        axis.set_title(f"LEO-MINI-Smol: accuracy at a visual-token budget ({panel})", fontsize=10)
+    figure.tight_layout()
+    figure.savefig(out / f"{stem}.png", dpi=120)
+    return out / f"{stem}.md"
+
+
+def plot_panel(axis, rows: list[dict], accuracy) -> None:
     for method in ("cotr", "avgpool", "queries", "full"):
-        points = sorted((r["visual_tokens"], r["test"]["accuracy"]) for r in rows
+        points = sorted((r["visual_tokens"], accuracy(r)) for r in rows
                         if r["name"].split("-")[0] == method and r["name"].count("-") == 1)
         if points:
             axis.plot(*zip(*points), marker="o", label=METHOD[method])
@@ -134,16 +237,13 @@ def write_report(results: list[dict], out: Path, command: str) -> None:
     for r in rows:
         variant = r["name"].split("-", 2)[-1]
         if r["name"].count("-") == 2 and variant in markers:
-            axis.scatter([r["visual_tokens"]], [r["test"]["accuracy"]], marker=markers[variant][0], color="black",
+            axis.scatter([r["visual_tokens"]], [accuracy(r)], marker=markers[variant][0], color="black",
                          label=markers[variant][1], zorder=3)
     axis.set_xscale("log", base=2)
     axis.set_xlabel("visual tokens per image in the LLM")
-    axis.set_ylabel("easy-vqa test accuracy (exact match)")
-    axis.set_title("LEO-MINI-Smol: accuracy at a visual-token budget")
+    axis.set_ylabel("test accuracy (exact match)")
     axis.legend(fontsize=8)
     axis.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(out / "accuracy_at_budget.png", dpi=120)
 
 
 def main() -> None:
@@ -158,9 +258,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--save-demo-weights", action="store_true", help="ship the demo configuration's weights")
     parser.add_argument("--demo-config", default="cotr-16")
+    parser.add_argument("--task", choices=["easy-vqa", "mosaic"], default="easy-vqa",
+                        help="mosaic: train on easy-vqa + 2×2/3×3 mosaics, also test on mosaics")
+    parser.add_argument("--feature-cache", type=Path, default=ROOT / "benchmarks" / ".work" / "feature-cache",
+                        help="cache of the frozen expert's outputs, shared by all runs")
+    parser.add_argument("--no-feature-cache", dest="feature_cache", action="store_const", const=None)
     args = parser.parse_args()
     torch.set_num_threads(2)
-    results_dir = args.out / "accuracy_at_budget"
+    results_dir = args.out / ("accuracy_at_budget" if args.task == "easy-vqa" else "accuracy_at_budget_mosaic")
     results_dir.mkdir(parents=True, exist_ok=True)
     for name in args.only or CONFIGS:
         path = results_dir / f"{name}.json"
@@ -173,8 +278,7 @@ def main() -> None:
         print(f"{name}: accuracy {result['test']['accuracy']:.3f}, {result['train_seconds']:.0f} s", flush=True)
     results = [json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json"))]
     command = "python benchmarks/accuracy_at_budget.py " + " ".join(sys.argv[1:])
-    write_report(results, args.out, command.strip())
-    print((args.out / "accuracy_at_budget.md").read_text())
+    print(write_report(results, args.out, command.strip(), args.task).read_text())
 
 
 if __name__ == "__main__":
