@@ -49,3 +49,13 @@ def test_eval_command(tiny_checkpoint, capsys):
     result = json.loads(printed[: printed.index("\n|")])
     assert result["count"] == 6 and 0.0 <= result["accuracy"] <= 1.0
     assert "| all |" in printed
+
+
+def test_eval_command_on_mosaics_with_swapped_images(tiny_checkpoint, capsys):
+    cli(["eval", "--model", str(tiny_checkpoint), "--dataset", "mosaic-3x3", "--limit", "4", "--batch-size", "4",
+         "--swap-images"])
+    printed = capsys.readouterr().out
+    result = json.loads(printed[: printed.index("\n|")])
+    assert result["count"] == 4
+    assert sorted(result["count_per_type"]) == ["mosaic colour at cell", "mosaic count", "mosaic shape at cell",
+                                                "mosaic where"]

@@ -73,12 +73,17 @@ def run_eval(args: argparse.Namespace) -> None:
     from .evaluation import evaluate_vqa
     from .processor import LeoMiniProcessor
     from .training.data import EasyVQADataset
+    from .training.mosaic import EasyVQAMosaicDataset
 
-    if args.dataset != "easy-vqa":
-        raise SystemExit("leo-mini eval: only --dataset easy-vqa is available")
     model = LeoMiniForConditionalGeneration.from_pretrained(args.model)
     processor = LeoMiniProcessor.from_pretrained(args.model)
-    result = evaluate_vqa(model, processor, EasyVQADataset(args.split), limit=args.limit, batch_size=args.batch_size)
+    if args.dataset == "easy-vqa":
+        dataset, limit = EasyVQADataset(args.split), args.limit
+    else:  # mosaic-2x2 / mosaic-3x3: a seeded set of `limit` (default 400) mosaic questions
+        grid = int(args.dataset[-1])
+        dataset, limit = EasyVQAMosaicDataset(args.split, grid, size=args.limit or 400, seed=args.seed), None
+    result = evaluate_vqa(model, processor, dataset, limit=limit, batch_size=args.batch_size, seed=args.seed,
+                          swap_images=args.swap_images)
     print(json.dumps(result, indent=2))
     print(f"\n| question type | accuracy | questions |\n|---|---|---|")
     for kind, accuracy in result["per_type"].items():
@@ -233,9 +238,12 @@ def main(argv: list[str] | None = None) -> None:
 
     evaluate = commands.add_parser("eval", help="exact-match accuracy per question type (JSON + table)")
     evaluate.add_argument("--model", required=True)
-    evaluate.add_argument("--dataset", default="easy-vqa")
-    evaluate.add_argument("--split", default="test")
-    evaluate.add_argument("--limit", type=int)
+    evaluate.add_argument("--dataset", default="easy-vqa", choices=["easy-vqa", "mosaic-2x2", "mosaic-3x3"])
+    evaluate.add_argument("--split", default="test", choices=["train", "test"])
+    evaluate.add_argument("--limit", type=int, help="seeded sample of N questions (mosaics: N questions, default 400)")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--swap-images", action="store_true",
+                          help="control: show each question another sample's image (what the question alone gives)")
     evaluate.add_argument("--batch-size", type=int, default=16)
     evaluate.set_defaults(handler=run_eval)
 

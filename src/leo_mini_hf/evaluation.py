@@ -59,15 +59,12 @@ def with_images_swapped(samples: list[dict], seed: int = 0) -> list[dict]:
     donors = {order[i]: order[(i + 1) % len(order)] for i in range(len(order))}  # one cycle: nobody keeps its own
     swapped = []
     for index, sample in enumerate(samples):
-        donor_blocks = iter(_image_blocks(samples[donors[index]]))
-        if len(_image_blocks(sample)) != len(_image_blocks(samples[donors[index]])):
+        own, given = _image_blocks(sample), _image_blocks(samples[donors[index]])
+        if len(own) != len(given):
             raise ValueError("swapping images needs the same number of images in every sample")
-        messages = [
-            {**message, "content": [dict(next(donor_blocks)) if isinstance(block, dict) and block.get("type") == "image"
-                                    else block for block in message["content"]]}
-            if isinstance(message["content"], list) else message
-            for message in sample["messages"]
-        ]
+        replacement = {id(block): dict(new) for block, new in zip(own, given)}
+        messages = [{**message, "content": [replacement.get(id(block), block) for block in message["content"]]}
+                    if isinstance(message["content"], list) else message for message in sample["messages"]]
         swapped.append({**sample, "messages": messages})
     return swapped
 
