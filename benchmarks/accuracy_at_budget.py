@@ -41,13 +41,15 @@ CONFIGS = {
     "queries-16": {"num_visual_tokens": 16, "cotr_text_conditioning": False},
     "cotr-16-no-mmoe": {"num_visual_tokens": 16, "mmoe_num_experts": 0},
     "cotr-16-sum": {"num_visual_tokens": 16, "cotr_pooling": "sum"},
+    "cotr-16-pos": {"num_visual_tokens": 16, "cotr_position_embedding": True},
     "avgpool-64": {"token_reduction": "avg_pool", "num_visual_tokens": 64},
     "avgpool-4": {"token_reduction": "avg_pool", "num_visual_tokens": 4},
     "queries-64": {"num_visual_tokens": 64, "cotr_text_conditioning": False},
     "queries-4": {"num_visual_tokens": 4, "cotr_text_conditioning": False},
     "full-196": {"token_reduction": "none"},
 }
-VARIANT = {"no-mmoe": ", general LoRA only (no routed experts)", "sum": ", summed pooled terms (cotr_pooling='sum')"}
+VARIANT = {"no-mmoe": ", general LoRA only (no routed experts)", "sum": ", summed pooled terms (cotr_pooling='sum')",
+           "pos": ", learned position embeddings in the scores"}
 METHOD = {"cotr": "CoTR (text-conditioned)", "avgpool": "average pooling", "queries": "learned queries, no text",
           "full": "full tokens (LLaVA-style)"}
 
@@ -235,7 +237,8 @@ def plot_panel(axis, rows: list[dict], accuracy) -> None:
                         if r["name"].split("-")[0] == method and r["name"].count("-") == 1)
         if points:
             axis.plot(*zip(*points), marker="o", label=METHOD[method])
-    markers = {"no-mmoe": ("x", "CoTR, general LoRA only"), "sum": ("s", "CoTR, summed pooled terms")}
+    markers = {"no-mmoe": ("x", "CoTR, general LoRA only"), "sum": ("s", "CoTR, summed pooled terms"),
+               "pos": ("^", "CoTR + position embeddings")}
     for r in rows:
         variant = r["name"].split("-", 2)[-1]
         if r["name"].count("-") == 2 and variant in markers:

@@ -14,6 +14,8 @@ def literal_cotr(module: ConditionalTokenReduction, expert_features, text_tokens
     outputs = []
     for image_index in range(expert_features[0].shape[0]):
         projected = [module.visual_projections[i](f[image_index]) for i, f in enumerate(expert_features)]
+        if module.position_embeddings is not None:
+            projected = [tokens + module.position_embeddings[i] for i, tokens in enumerate(projected)]
         reduced = []
         for i, tokens_i in enumerate(projected):
             num_tokens, d_i = expert_features[i].shape[1], expert_features[i].shape[2]
@@ -45,12 +47,15 @@ def literal_cotr(module: ConditionalTokenReduction, expert_features, text_tokens
 @pytest.mark.parametrize("pooling", ["sum", "mean"])
 @pytest.mark.parametrize("scaling", ["pooled_inverse_dim", "sqrt_dim"])
 @pytest.mark.parametrize("shared_query", [False, True])
-def test_cotr_matches_literal_equations(scaling, shared_query, pooling):
+@pytest.mark.parametrize("position", [False, True])
+def test_cotr_matches_literal_equations(scaling, shared_query, pooling, position):
     torch.manual_seed(0)
     config = tiny_config(cotr_score_scaling=scaling, cotr_shared_query=shared_query, num_visual_tokens=5,
-                         cotr_pooling=pooling)
-    module = ConditionalTokenReduction(config, [12, 20, 8]).double()
+                         cotr_pooling=pooling, cotr_position_embedding=position)
+    module = ConditionalTokenReduction(config, [12, 20, 8], [9, 16, 4]).double()
     torch.nn.init.normal_(module.queries)
+    for position_embedding in module.position_embeddings or []:
+        torch.nn.init.normal_(position_embedding)
     expert_features = [torch.randn(2, n, d, dtype=torch.double) for n, d in [(9, 12), (16, 20), (4, 8)]]
     text_tokens = torch.randn(2, 7, config.text_config.hidden_size, dtype=torch.double)
 
@@ -59,6 +64,37 @@ def test_cotr_matches_literal_equations(scaling, shared_query, pooling):
 
     assert fast.shape == (2, 5, 12 + 20 + 8)
     torch.testing.assert_close(fast, slow, rtol=1e-10, atol=1e-10)
+
+
+def test_position_embeddings_let_cotr_tell_identical_tokens_apart():
+    """Tokens equal at every position (a CNN feature map of a flat region) get uniform weights without position
+    embeddings, whatever the queries; with them (once trained away from their zero init) the weights differ."""
+    config = tiny_config(num_visual_tokens=2, cotr_position_embedding=True)
+    module = ConditionalTokenReduction(config, [6], [9])
+    assert module.position_embeddings[0].shape == (9, config.cotr_projection_dim)
+    assert not module.position_embeddings[0].any()  # starts as plain CoTR
+    flat = torch.randn(1, 1, 6).expand(1, 9, 6)
+    text_sum = torch.randn(1, config.text_config.hidden_size)
+    torch.testing.assert_close(module.expert_attention([flat], text_sum)[0], torch.full((1, 2, 9), 1 / 9))
+    with torch.no_grad():
+        module.position_embeddings[0].normal_()
+    weights = module.expert_attention([flat], text_sum)[0]
+    assert weights.max() > 2 / 9
+    with pytest.raises(ValueError, match="expert_num_tokens"):
+        ConditionalTokenReduction(config, [6])
+
+
+def test_position_embedding_model_round_trip(tmp_path):
+    from leo_mini_hf import LeoMiniForConditionalGeneration
+
+    model = tiny_model(cotr_position_embedding=True)
+    with torch.no_grad():
+        model.model.token_reducer.position_embeddings[0].normal_()
+    model.save_pretrained(tmp_path)
+    reloaded = LeoMiniForConditionalGeneration.from_pretrained(tmp_path).eval()
+    config = model.config
+    inputs = {"input_ids": torch.tensor([image_prompt(config)]), "pixel_values": random_pixels(config)}
+    torch.testing.assert_close(reloaded(**inputs).logits, model(**inputs).logits)
 
 
 def test_cotr_output_is_convex_combination_of_unprojected_tokens():

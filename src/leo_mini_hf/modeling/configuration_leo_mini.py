@@ -55,6 +55,11 @@ class LeoMiniConfig(PreTrainedConfig):
             default is `"mean"`, which keeps the pooled terms independent of the token count.
         cotr_text_conditioning (`bool`, default True): include the text term s_text. False gives text-free
             learned queries (self and cross terms kept): the text-agnostic ablation of CoTR.
+        cotr_position_embedding (`bool`, default False): add a learned embedding per token position of each
+            expert to CoTR's projected tokens Î_i (so to the scores only; the outputs stay mixes of the
+            unprojected tokens). Zero-initialised: training starts from plain CoTR. The paper mentions none (its
+            ViT experts' features already carry position); a CNN expert's features carry little, and without
+            it CoTR cannot select tokens by location ("the shape in the top-left").
         cotr_score_scaling (default `"pooled_inverse_dim"`): `"pooled_inverse_dim"` scales the self / cross /
             text terms by 1/d_i and leaves the query term unscaled; `"sqrt_dim"` scales the whole sum by
             1/sqrt(d_i). The pooled terms are sums over hundreds of tokens: with `"sqrt_dim"` the softmax
@@ -93,6 +98,7 @@ class LeoMiniConfig(PreTrainedConfig):
     cotr_shared_query: bool = False
     cotr_pooling: str = "mean"
     cotr_text_conditioning: bool = True
+    cotr_position_embedding: bool = False
     cotr_score_scaling: str = "pooled_inverse_dim"
     full_token_grid: int | None = None
     projector_hidden_act: str = "gelu"

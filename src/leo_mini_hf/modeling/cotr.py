@@ -5,7 +5,8 @@ For expert i with tokens I_i (N_i × d_i) and learned projections (hat):
     s_self  = (Σ_n Î_i,n) Î_iᵀ                    (1 × N_i)
     s_cross = (Σ_{j≠i} Σ_n Î_j,n) Î_iᵀ            (1 × N_i)
     s_text  = (Σ_t T̂_t) Î_iᵀ                      (1 × N_i)
-(with `cotr_pooling="mean"`, each Σ is divided by its number of tokens)
+(with `cotr_pooling="mean"`, each Σ is divided by its number of tokens; with `cotr_position_embedding`, a learned
+P_i (N_i × p) is added to Î_i)
     α_i = softmax over N_i of the scaled sum;   Ī_i = α_i I_i   (N_V × d_i, the UNprojected tokens)
 Every pooled term sums first, so the cost is O(N·d): no N × N matrix is ever formed.
 """
@@ -19,7 +20,7 @@ from torch import nn
 class ConditionalTokenReduction(nn.Module):
     """Reduces each expert's tokens to `num_visual_tokens`, conditioned on all experts and the prompt text."""
 
-    def __init__(self, config, expert_hidden_sizes: list[int]):
+    def __init__(self, config, expert_hidden_sizes: list[int], expert_num_tokens: list[int] | None = None):
         super().__init__()
         projection_dim = config.cotr_projection_dim
         text_hidden_size = config.text_config.hidden_size
@@ -35,19 +36,31 @@ class ConditionalTokenReduction(nn.Module):
         )
         num_query_sets = 1 if config.cotr_shared_query else len(expert_hidden_sizes)
         self.queries = nn.Parameter(torch.empty(num_query_sets, config.num_visual_tokens, projection_dim))
+        self.position_embeddings = None
+        if config.cotr_position_embedding:  # per expert (N_i, p), added to Î_i
+            if expert_num_tokens is None or len(expert_num_tokens) != len(expert_hidden_sizes):
+                raise ValueError("cotr_position_embedding needs every expert's token count (expert_num_tokens)")
+            self.position_embeddings = nn.ParameterList(
+                nn.Parameter(torch.empty(num_tokens, projection_dim)) for num_tokens in expert_num_tokens
+            )
         self.reset_parameters()
 
     def reset_parameters(self, init=nn.init):
-        """Xavier-uniform queries and projections. `init` may be `transformers.initialization`."""
+        """Xavier-uniform queries and projections, zero position embeddings. `init` may be
+        `transformers.initialization`."""
         init.xavier_uniform_(self.queries)
         for projection in [*self.visual_projections, *self.text_projections]:
             init.xavier_uniform_(projection.weight)
+        for position_embedding in self.position_embeddings or []:
+            init.zeros_(position_embedding)
 
     def expert_attention(self, expert_features: list[torch.Tensor], text_sum: torch.Tensor,
                          text_count: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Softmax weights α_i per expert: list of (n_images, N_V, N_i). `text_count` (n_images,) is the number
         of text tokens summed in `text_sum` (used by mean pooling)."""
         projected = [proj(features) for proj, features in zip(self.visual_projections, expert_features)]  # (n, N_i, p)
+        if self.position_embeddings is not None:
+            projected = [tokens + position for tokens, position in zip(projected, self.position_embeddings)]
         pooled = [tokens.sum(dim=1) for tokens in projected]  # Σ_n Î_i,n: (n, p)
         if self.mean_pooling:
             pooled = [total / tokens.shape[1] for total, tokens in zip(pooled, projected)]

@@ -96,8 +96,10 @@ class LeoMiniModel(LeoMiniPreTrainedModel):
             VisionExpert(expert, config.image_mean, config.image_std) for expert in config.vision_experts
         )
         expert_hidden_sizes = [expert.hidden_size for expert in self.vision_experts]
+        expert_num_tokens = [expert.num_tokens for expert in self.vision_experts]
         self.token_reducer = (
-            ConditionalTokenReduction(config, expert_hidden_sizes) if config.token_reduction == "cotr" else None
+            ConditionalTokenReduction(config, expert_hidden_sizes, expert_num_tokens)
+            if config.token_reduction == "cotr" else None
         )
         self.multi_modal_projector = LeoMiniMultiModalProjector(config, sum(expert_hidden_sizes))
         self.language_model = AutoModel.from_config(config.text_config)
