@@ -54,6 +54,16 @@ METHOD = {"cotr": "CoTR (text-conditioned)", "avgpool": "average pooling", "quer
           "full": "full tokens (LLaVA-style)"}
 
 
+def remeasure_prefill(name: str, path: Path, args) -> None:
+    """Re-time one finished configuration's prefill: it depends on the architecture, not on the trained values."""
+    result = json.loads(path.read_text())
+    model, processor = assemble_leo_mini_smol(args.work_dir / "parts", **CONFIGS[name])
+    result["prefill_seconds"] = prefill_seconds(model, processor, EasyVQADataset("test")[0])
+    result["prefill_threads"] = torch.get_num_threads()
+    path.write_text(json.dumps(result, indent=2))
+    print(f"{name}: prefill {1000 * result['prefill_seconds']:.0f} ms", flush=True)
+
+
 def training_set(args):
     """easy-vqa train; for the mosaic task also as many 2×2 and as many 3×3 train mosaics (a third each)."""
     plain = EasyVQADataset("train")
@@ -110,6 +120,7 @@ def run_config(name: str, args) -> dict:
         "batch_size": args.batch_size,
         "learning_rate": args.learning_rate,
         "seed": args.seed,
+        "threads": torch.get_num_threads(),
         "data": data_description,
         "feature_cache": cache is not None,
         "feature_cache_stats": cache.stats() if cache is not None else None,
@@ -268,12 +279,20 @@ def main() -> None:
     parser.add_argument("--feature-cache", type=Path, default=ROOT / "benchmarks" / ".work" / "feature-cache",
                         help="cache of the frozen expert's outputs, shared by all runs")
     parser.add_argument("--no-feature-cache", dest="feature_cache", action="store_const", const=None)
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--remeasure-prefill", action="store_true",
+                        help="only re-time the prefill of every finished configuration (no training), e.g. after "
+                             "runs that shared the machine; then rewrite the report")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     results_dir = args.out / ("accuracy_at_budget" if args.task == "easy-vqa" else "accuracy_at_budget_mosaic")
     results_dir.mkdir(parents=True, exist_ok=True)
     for name in args.only or CONFIGS:
         path = results_dir / f"{name}.json"
+        if args.remeasure_prefill:
+            if path.exists():
+                remeasure_prefill(name, path, args)
+            continue
         if path.exists():
             print(f"{name}: done already ({path})")
             continue
