@@ -172,23 +172,23 @@ def number(value: float | None, digits: int = 3) -> str:
 def table_rows(results: list[dict], task: str) -> list[str]:
     if task == "easy-vqa":
         lines = ["| configuration | method | visual tokens | test accuracy | shape | colour | yes/no | "
-                 "images swapped: all / yes/no | prefill (ms) | train s/step | feature cache |", "|---" * 11 + "|"]
+                 "images swapped: all / yes/no | prefill (ms) | train s/step (threads) | feature cache |", "|---" * 11 + "|"]
         for r in results:
             per_type = r["test"]["per_type"]
             lines.append(f"| {r['name']} | {method_of(r['name'])} | {r['visual_tokens']} | {r['test']['accuracy']:.3f} | "
                          f"{per_type.get('shape', 0):.3f} | {per_type.get('colour', 0):.3f} | "
                          f"{per_type.get('yes/no', 0):.3f} | {swapped(r)} | "
-                         f"{1000 * r['prefill_seconds']:.0f} | {r['seconds_per_step']:.2f} | "
+                         f"{1000 * r['prefill_seconds']:.0f} | {r['seconds_per_step']:.2f} ({r.get('threads', 2)}) | "
                          f"{'yes' if r.get('feature_cache') else 'no'} |")
         return lines
     lines = ["| configuration | method | visual tokens | easy-vqa | easy-vqa, images swapped: all / yes/no | mosaic 2×2 | mosaic 3×3 | "
-             "prefill (ms) | train s/step |", "|---" * 9 + "|"]
+             "prefill (ms) | train s/step (threads) |", "|---" * 9 + "|"]
     for r in results:
         mosaic = r["mosaic_test"]
         lines.append(f"| {r['name']} | {method_of(r['name'])} | {r['visual_tokens']} | {r['test']['accuracy']:.3f} | "
                      f"{swapped(r)} | {mosaic['mosaic-2x2']['accuracy']:.3f} | "
                      f"{mosaic['mosaic-3x3']['accuracy']:.3f} | {1000 * r['prefill_seconds']:.0f} | "
-                     f"{r['seconds_per_step']:.2f} |")
+                     f"{r['seconds_per_step']:.2f} ({r.get('threads', 2)}) |")
     kinds = ("colour at cell", "shape at cell", "where", "count")
     lines += ["", "Per question type (mosaic test sets; answers are balanced, so chance is 1/8 for colour, 1/3 for "
               "shape, 1/4 (2×2) or 1/9 (3×3) for where, 1/5 for count):", "",
@@ -220,7 +220,8 @@ def write_report(results: list[dict], out: Path, command: str, task: str) -> Pat
               f"batch {first['batch_size']}, lr {first['learning_rate']}, seed {first['seed']}; expert tokens per "
               f"image: {first['expert_tokens']}. \"images swapped\": the same questions, each shown another test "
               "image — what the model answers from the question alone. Prefill: batch 1, one easy-vqa question, "
-              "plain path (the expert runs).\n\n")
+              "plain path (the expert runs), median of 10. Train s/step depends on the threads and on whether the "
+              "feature cache was warm; runs with 1 thread ran two at a time.\n\n")
     (out / f"{stem}.md").write_text(header + "\n".join(table_rows(rows, task)) + "\n")
     (out / f"{stem}.json").write_text(json.dumps({"command": command, "machine": machine, "results": rows}, indent=2))
     try:
