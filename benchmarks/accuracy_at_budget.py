@@ -252,8 +252,9 @@ def plot_panel(axis, rows: list[dict], accuracy) -> None:
     markers = {"no-mmoe": ("x", "CoTR, general LoRA only"), "sum": ("s", "CoTR, summed pooled terms"),
                "pos": ("^", "CoTR + position embeddings")}
     for r in rows:
-        variant = r["name"].split("-", 2)[-1]
-        if r["name"].count("-") == 2 and variant in markers:
+        parts = r["name"].split("-", 2)  # family, tokens[, variant]
+        variant = parts[2] if len(parts) == 3 else None
+        if variant in markers:
             axis.scatter([r["visual_tokens"]], [accuracy(r)], marker=markers[variant][0], color="black",
                          label=markers[variant][1], zorder=3)
     axis.set_xscale("log", base=2)
@@ -281,6 +282,7 @@ def main() -> None:
                         help="cache of the frozen expert's outputs, shared by all runs")
     parser.add_argument("--no-feature-cache", dest="feature_cache", action="store_const", const=None)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--report-only", action="store_true", help="only rewrite the table and plot")
     parser.add_argument("--remeasure-prefill", action="store_true",
                         help="only re-time the prefill of every finished configuration (no training), e.g. after "
                              "runs that shared the machine; then rewrite the report")
@@ -288,7 +290,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     results_dir = args.out / ("accuracy_at_budget" if args.task == "easy-vqa" else "accuracy_at_budget_mosaic")
     results_dir.mkdir(parents=True, exist_ok=True)
-    for name in args.only or CONFIGS:
+    for name in [] if args.report_only else args.only or CONFIGS:
         path = results_dir / f"{name}.json"
         if args.remeasure_prefill:
             if path.exists():
@@ -302,8 +304,9 @@ def main() -> None:
         path.write_text(json.dumps(result, indent=2))
         print(f"{name}: accuracy {result['test']['accuracy']:.3f}, {result['train_seconds']:.0f} s", flush=True)
     results = [json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json"))]
-    command = "python benchmarks/accuracy_at_budget.py " + " ".join(sys.argv[1:])
-    print(write_report(results, args.out, command.strip(), args.task).read_text())
+    # the command that regenerates every row (rows are resumable; each JSON records its own settings)
+    command = "python benchmarks/accuracy_at_budget.py" + (" --task mosaic" if args.task == "mosaic" else "")
+    print(write_report(results, args.out, command, args.task).read_text())
 
 
 if __name__ == "__main__":
