@@ -21,16 +21,22 @@ def frozen_tiny_model(**overrides):
     return model
 
 
+def attached_cache(directory, num_images):
+    """A frozen tiny model, its pixels, their plain image features, and a cache attached to the model."""
+    model = frozen_tiny_model()
+    pixels = random_pixels(model.config, num_images=num_images)
+    plain = model.get_image_features(pixels)
+    cache = VisionFeatureCache(directory)
+    cache.attach(model)
+    return model, pixels, plain, cache
+
+
 def cache_files(directory):
     return sorted(directory.rglob("*.safetensors"))
 
 
 def test_cached_features_equal_the_plain_path_and_are_reused(tmp_path):
-    model = frozen_tiny_model()
-    pixels = random_pixels(model.config, num_images=3)
-    plain = model.get_image_features(pixels)
-    cache = VisionFeatureCache(tmp_path)
-    cache.attach(model)
+    model, pixels, plain, cache = attached_cache(tmp_path, num_images=3)
     first = model.get_image_features(pixels)
     assert cache.stats() == {"hits": 0, "misses": 3 * len(model.model.vision_experts)}
     second = model.get_image_features(pixels)
@@ -43,10 +49,7 @@ def test_cached_features_equal_the_plain_path_and_are_reused(tmp_path):
 
 
 def test_a_changed_image_or_expert_misses_the_cache(tmp_path):
-    model = frozen_tiny_model()
-    pixels = random_pixels(model.config, num_images=2)
-    cache = VisionFeatureCache(tmp_path)
-    cache.attach(model)
+    model, pixels, _, cache = attached_cache(tmp_path, num_images=2)
     model.get_image_features(pixels)
     changed = pixels.clone()
     changed[1, 0, 0, 0] += 1e-3
@@ -72,11 +75,7 @@ def test_a_changed_image_or_expert_misses_the_cache(tmp_path):
 
 
 def test_a_damaged_entry_is_recomputed(tmp_path):
-    model = frozen_tiny_model()
-    pixels = random_pixels(model.config, num_images=1)
-    plain = model.get_image_features(pixels)
-    cache = VisionFeatureCache(tmp_path)
-    cache.attach(model)
+    model, pixels, plain, cache = attached_cache(tmp_path, num_images=1)
     model.get_image_features(pixels)
     for path in cache_files(tmp_path):
         path.write_bytes(b"not a safetensors file")

@@ -23,7 +23,7 @@ def _tensor_digest(hasher, tensor: torch.Tensor) -> None:
     tensor = tensor.detach().cpu().contiguous()
     hasher.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
     if tensor.numel():
-        hasher.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        hasher.update(tensor.reshape(-1).view(torch.uint8).numpy())  # the buffer itself: no copy
 
 
 def expert_fingerprint(expert) -> str:
@@ -54,6 +54,11 @@ def image_key(pixels: torch.Tensor) -> str:
     return hasher.hexdigest()
 
 
+def _vision_experts(model):
+    """The `VisionExpert`s of a `LeoMiniForConditionalGeneration` or a `LeoMiniModel`."""
+    return model.model.vision_experts if hasattr(model, "model") else model.vision_experts
+
+
 class VisionFeatureCache:
     """Serve frozen `VisionExpert` outputs from `directory`, computing (and storing) only the images it has not seen.
 
@@ -68,8 +73,7 @@ class VisionFeatureCache:
         self.misses = 0
 
     def attach(self, model) -> None:
-        experts = model.model.vision_experts if hasattr(model, "model") else model.vision_experts
-        for index, expert in enumerate(experts):
+        for index, expert in enumerate(_vision_experts(model)):
             trainable = [name for name, param in expert.named_parameters() if param.requires_grad]
             if trainable:
                 raise ValueError(
@@ -84,8 +88,7 @@ class VisionFeatureCache:
 
     @staticmethod
     def detach(model) -> None:
-        experts = model.model.vision_experts if hasattr(model, "model") else model.vision_experts
-        for expert in experts:
+        for expert in _vision_experts(model):
             if isinstance(expert.__dict__.get("forward"), _CachedExpertForward):
                 del expert.forward
 
