@@ -2,8 +2,9 @@
 
 Same LLM (SmolLM2-135M-Instruct), same expert (ImageNet MobileNetV2 at 448 px, 196 tokens), same data, steps and
 seeds; only the visual-token path differs. Stage-3 recipe: CoTR/pooling + projector + MMoE train, LLM and expert
-frozen. Resumable: each configuration's result is a JSON file, skipped when present. The frozen expert's outputs
-are cached on disk (keyed by image content and expert) and shared by all runs; `--no-feature-cache` turns that off.
+frozen. Resumable: each configuration's result is a JSON file, skipped when present, and a row interrupted while
+training resumes from its last checkpoint (every `--checkpoint-steps`). The frozen expert's outputs are cached on
+disk (keyed by image content and expert) and shared by all runs; `--no-feature-cache` turns that off.
 
     python benchmarks/accuracy_at_budget.py                 # easy-vqa: all configurations, then table and plot
     python benchmarks/accuracy_at_budget.py --task mosaic   # easy-vqa + 2×2/3×3 mosaics (the question decides where
@@ -14,12 +15,14 @@ are cached on disk (keyed by image content and expert) and shared by all runs; `
 import argparse
 import json
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
 
 import torch
 from torch.utils.data import ConcatDataset
+from transformers import TrainerCallback
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -91,17 +94,25 @@ def run_config(name: str, args) -> dict:
     if cache is not None:
         cache.attach(model)
     train_set, data_description = training_set(args)
+    run_dir = args.work_dir / "runs" / args.task / args.out.name / name
     training = default_training_arguments(
-        output_dir=str(args.work_dir / "runs" / args.task / name), per_device_train_batch_size=args.batch_size,
+        output_dir=str(run_dir), per_device_train_batch_size=args.batch_size,
         max_steps=args.steps, learning_rate=args.learning_rate, warmup_steps=max(1, args.steps // 10),
-        lr_scheduler_type="cosine", logging_steps=max(1, args.steps // 20), save_strategy="no", seed=args.seed,
-        data_seed=args.seed, use_cpu=True, disable_tqdm=True,
+        lr_scheduler_type="cosine", logging_steps=max(1, args.steps // 20), seed=args.seed, data_seed=args.seed,
+        use_cpu=True, disable_tqdm=True, save_strategy="steps" if args.checkpoint_steps else "no",
+        save_steps=args.checkpoint_steps or 500, save_total_limit=1,
     )
-    trainer = LeoMiniTrainer(model=model, args=training, train_dataset=train_set,
+    timer = TrainingTimer()
+    trainer = LeoMiniTrainer(model=model, args=training, train_dataset=train_set, callbacks=[timer],
                              data_collator=LeoMiniDataCollator(processor), processing_class=processor)
-    started = time.perf_counter()
-    trainer.train()
-    train_seconds = time.perf_counter() - started
+    checkpoint = TrainingTimer.last_complete_checkpoint(run_dir)
+    if checkpoint is not None:
+        timer.resume_from(checkpoint)
+        print(f"{name}: resuming from {checkpoint} ({timer.previous_seconds:.0f} s of training so far)", flush=True)
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    train_seconds = timer.total_seconds()
+    for finished in run_dir.glob("checkpoint-*"):  # the row is resumable from its result JSON from here on
+        shutil.rmtree(finished)
     evaluations, sets = {}, test_sets(args)
     for set_name, (dataset, limit) in sets.items():
         evaluations[set_name] = evaluate_vqa(model, processor, dataset, limit=limit, batch_size=16, seed=args.seed)
@@ -137,11 +148,41 @@ def run_config(name: str, args) -> dict:
     }
     if args.task == "mosaic":
         result["mosaic_test"] = {k: v for k, v in evaluations.items() if k != "easy-vqa"}
-    save_trained_weights(model, args.work_dir / "runs" / args.task / name / "trained.safetensors", result)
+    save_trained_weights(model, run_dir / "trained.safetensors", result)
     if args.save_demo_weights and name == args.demo_config:
         save_trained_weights(model, ROOT / "src" / "leo_mini_hf" / "assets" / "leo-mini-smol-easyvqa.safetensors",
                              result)
     return result
+
+
+class TrainingTimer(TrainerCallback):
+    """Training wall time summed over resumed runs: each checkpoint records the seconds spent up to it, last, so a
+    checkpoint with that record is complete (one interrupted while being written has none)."""
+
+    FILE = "train_seconds.json"
+
+    @classmethod
+    def last_complete_checkpoint(cls, run_dir: Path) -> Path | None:
+        complete = [path for path in run_dir.glob("checkpoint-*") if (path / cls.FILE).exists()]
+        return max(complete, key=lambda path: int(path.name.rpartition("-")[2]), default=None)
+
+    def __init__(self):
+        self.previous_seconds, self.started = 0.0, None
+
+    def resume_from(self, checkpoint: Path) -> None:
+        self.previous_seconds = json.loads((checkpoint / self.FILE).read_text())["seconds"]
+
+    def total_seconds(self) -> float:
+        return self.previous_seconds + (time.perf_counter() - self.started if self.started is not None else 0.0)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started = time.perf_counter()
+
+    def on_save(self, args, state, control, **kwargs):
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if checkpoint.is_dir():
+            (checkpoint / self.FILE).write_text(json.dumps({"step": state.global_step,
+                                                            "seconds": self.total_seconds()}))
 
 
 def save_trained_weights(model, path: Path, result: dict) -> None:
@@ -264,6 +305,11 @@ def plot_panel(axis, rows: list[dict], accuracy) -> None:
     axis.grid(alpha=0.3)
 
 
+def display_path(path: Path) -> str:
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="*", choices=sorted(CONFIGS), help="run only these configurations")
@@ -282,6 +328,8 @@ def main() -> None:
                         help="cache of the frozen expert's outputs, shared by all runs")
     parser.add_argument("--no-feature-cache", dest="feature_cache", action="store_const", const=None)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--checkpoint-steps", type=int, default=250,
+                        help="save a resumable checkpoint every N steps (0: none); an interrupted row resumes from it")
     parser.add_argument("--report-only", action="store_true", help="only rewrite the table and plot")
     parser.add_argument("--remeasure-prefill", action="store_true",
                         help="only re-time the prefill of every finished configuration (no training), e.g. after "
@@ -305,7 +353,10 @@ def main() -> None:
         print(f"{name}: accuracy {result['test']['accuracy']:.3f}, {result['train_seconds']:.0f} s", flush=True)
     results = [json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json"))]
     # the command that regenerates every row (rows are resumable; each JSON records its own settings)
-    command = "python benchmarks/accuracy_at_budget.py" + (" --task mosaic" if args.task == "mosaic" else "")
+    command = " ".join(["python benchmarks/accuracy_at_budget.py"] + [
+        f"--{flag} {value}" for flag, value, default in (
+            ("task", args.task, "easy-vqa"), ("steps", args.steps, 300), ("seed", args.seed, 0),
+            ("out", display_path(args.out), "benchmarks/results")) if value != default])
     print(write_report(results, args.out, command, args.task).read_text())
 
 
