@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from leo_mini_hf.training.mosaic import CELL_NAMES, COLOURS, SHAPES, EasyVQAMosaicDataset, labelled_easy_vqa_images
+from leo_mini_hf.training.mosaic import (
+    CELL_NAMES,
+    COLOURS,
+    SHAPES,
+    EasyVQAMosaicDataset,
+    LabelledImage,
+    labelled_easy_vqa_images,
+    location_blind_accuracy,
+)
 
 
 def oracle_answer(question: str, tiles: list[dict], grid: int) -> str:
@@ -84,3 +92,45 @@ def test_bad_arguments_raise(arguments, match):
 def test_index_out_of_range_raises():
     with pytest.raises(IndexError):
         EasyVQAMosaicDataset("test", 2, size=3)[3]
+
+
+def test_draw_is_the_sample_without_its_picture():
+    dataset = EasyVQAMosaicDataset("test", 3, size=8, seed=0)
+    for index in range(8):
+        tiles, question, answer, question_type = dataset.draw(index)
+        sample = dataset[index]
+        assert [vars(tile) for tile in tiles] == sample["tiles"] and answer == sample["answer"]
+        assert question == sample["messages"][0]["content"][1]["text"] and question_type == sample["question_type"]
+
+
+class HandMadeMosaics:
+    """Mosaics given as (shapes, colour, question type, answer): what location_blind_accuracy reads."""
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __len__(self):
+        return len(self.rows)
+
+    def draw(self, index):
+        shapes, colour, question_type, answer = self.rows[index]
+        return [LabelledImage(f"{i}.png", shape, colour) for i, shape in enumerate(shapes)], "?", answer, question_type
+
+
+def test_location_blind_accuracy_answers_with_the_most_frequent_attribute():
+    shape, colour = "mosaic shape at cell", "mosaic colour at cell"
+    mosaics = HandMadeMosaics([
+        (["circle", "circle", "rectangle", "triangle"], "red", shape, "circle"),      # majority: right
+        (["circle", "circle", "rectangle", "triangle"], "red", shape, "triangle"),    # majority: wrong
+        (["circle", "circle", "rectangle", "rectangle"], "red", shape, "rectangle"),  # tie of two: half
+        (["circle"] * 4, "blue", colour, "blue"),                                     # one colour: right
+        (["circle"] * 4, "blue", "mosaic count", "4"),                                # not a cell question
+    ])
+    assert location_blind_accuracy(mosaics) == {shape: pytest.approx(0.5), colour: 1.0}
+
+
+def test_location_blind_accuracy_beats_chance_on_real_mosaics():
+    """A mosaic always holds its answer, so guessing the commonest attribute beats 1/3 (shape) and 1/8 (colour)."""
+    blind = location_blind_accuracy(EasyVQAMosaicDataset("test", 2, size=200, seed=0))
+    assert blind["mosaic shape at cell"] > 1 / len(SHAPES) + 0.1
+    assert blind["mosaic colour at cell"] > 1 / len(COLOURS) + 0.1

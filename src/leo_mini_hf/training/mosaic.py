@@ -10,7 +10,7 @@ consecutive samples is balanced to within one per answer.
 
 import random
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 
@@ -93,13 +93,18 @@ class EasyVQAMosaicDataset(Dataset):
     def __len__(self) -> int:
         return self.size
 
-    def __getitem__(self, index: int) -> dict:
+    def draw(self, index: int) -> tuple[list[LabelledImage], str, str, str]:
+        """Sample `index` without its picture: (tiles in row-major order, question, answer, question type)."""
         if not 0 <= index < self.size:
             raise IndexError(f"mosaic index {index} out of range for {self.size} samples")
         rng = random.Random(f"{GENERATOR}/{self.split}/{self.grid}/{self.seed}/{index}")
         question_type = QUESTION_TYPES[index % len(QUESTION_TYPES)]
         answer_index = index // len(QUESTION_TYPES)  # answers cycle: balanced to within one per type
         tiles, question, answer = getattr(self, "_" + question_type.replace(" ", "_"))(rng, answer_index)
+        return tiles, question, answer, f"mosaic {question_type}"
+
+    def __getitem__(self, index: int) -> dict:
+        tiles, question, answer, question_type = self.draw(index)
         return {
             "messages": [
                 {"role": "user", "content": [{"type": "image", "image": self._compose(tiles)},
@@ -107,7 +112,7 @@ class EasyVQAMosaicDataset(Dataset):
                 {"role": "assistant", "content": [{"type": "text", "text": answer}]},
             ],
             "answer": answer,
-            "question_type": f"mosaic {question_type}",
+            "question_type": question_type,
             "tiles": [asdict(tile) for tile in tiles],  # row-major: path, shape, colour
         }
 
@@ -149,6 +154,22 @@ class EasyVQAMosaicDataset(Dataset):
             row, column = divmod(cell, self.grid)
             mosaic.paste(_load_tile(tile.path), (column * side, row * side))
         return mosaic
+
+
+def location_blind_accuracy(dataset: EasyVQAMosaicDataset) -> dict[str, float]:
+    """The "at cell" questions' score without knowing where the cell is: answer with the attribute most frequent in
+    the whole mosaic (ties split evenly). A mosaic always holds its answer, so this beats uniform chance; a model
+    that reads attributes but not locations scores about this. Returns question type → expected accuracy."""
+    scores = defaultdict(list)
+    for index in range(len(dataset)):
+        tiles, _, answer, question_type = dataset.draw(index)
+        attribute = {"mosaic colour at cell": "colour", "mosaic shape at cell": "shape"}.get(question_type)
+        if attribute is None:
+            continue
+        counts = Counter(getattr(tile, attribute) for tile in tiles)
+        most_frequent = [value for value, count in counts.items() if count == max(counts.values())]
+        scores[question_type].append((answer in most_frequent) / len(most_frequent))
+    return {question_type: sum(values) / len(values) for question_type, values in scores.items()}
 
 
 @lru_cache(maxsize=8192)
