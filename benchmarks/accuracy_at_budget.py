@@ -14,6 +14,7 @@ disk (keyed by image content and expert) and shared by all runs; `--no-feature-c
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import sys
@@ -256,8 +257,9 @@ def write_report(results: list[dict], out: Path, command: str, task: str) -> Pat
     """Markdown table, JSON and PNG plot of all results; returns the markdown's path."""
     rows = sorted(results, key=lambda r: (r["name"].split("-")[0], -r["visual_tokens"], r["name"]))
     stem = "accuracy_at_budget" if task == "easy-vqa" else "accuracy_at_budget_mosaic"
-    machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} (threads per row: table)"
     first = rows[0]
+    prefill_threads = "/".join(str(t) for t in sorted({r.get("prefill_threads", r.get("threads", 2)) for r in rows}))
     if task == "easy-vqa":
         title = f"# Accuracy at budget: easy-vqa test ({first['test']['count']} questions, seeded sample)\n\n"
         trained_on = "easy-vqa train"
@@ -271,8 +273,8 @@ def write_report(results: list[dict], out: Path, command: str, task: str) -> Pat
               f"batch {first['batch_size']}, lr {first['learning_rate']}, seed {first['seed']}; expert tokens per "
               f"image: {first['expert_tokens']}. \"images swapped\": the same questions, each shown another test "
               "image — what the model answers from the question alone. Prefill: batch 1, one easy-vqa question, "
-              "plain path (the expert runs), median of 10. Train s/step depends on the threads and on whether the "
-              "feature cache was warm; runs with 1 thread ran two at a time.\n\n")
+              f"plain path (the expert runs), median of 10, {prefill_threads} thread(s). Train s/step depends on the "
+              "threads and on whether the feature cache was warm; runs with 1 thread ran two at a time.\n\n")
     (out / f"{stem}.md").write_text(header + "\n".join(table_rows(rows, task)) + "\n")
     (out / f"{stem}.json").write_text(json.dumps({"command": command, "machine": machine, "results": rows}, indent=2))
     try:
