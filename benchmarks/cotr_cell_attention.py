@@ -1,0 +1,131 @@
+"""Does the question steer CoTR to the cell it names? Attention on easy-vqa mosaics, for trained mosaic models.
+
+For each test mosaic and each of its cells c, the model is asked "What colour is the shape in the <c>?" and we
+measure CoTR's attention share on c: the softmax weights averaged over the N_V queries, summed over the expert
+tokens whose centre lies in c (uniform attention gives c its token share, 1/4 or about 1/9). Then
+
+    steering = share on c when c is asked − share on c when another cell is asked
+
+averaged over cells and mosaics. Positive steering means the text moves the reduction to the named cell (what the
+paper claims conditioning buys); text-free learned queries have exactly 0 (their scores ignore the text).
+
+    python benchmarks/cotr_cell_attention.py      # trained weights of the 1500-step mosaic rows (accuracy_at_budget)
+"""
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from accuracy_at_budget import CONFIGS, display_path  # noqa: E402
+
+from leo_mini_hf.conversion.smol import assemble_leo_mini_smol  # noqa: E402
+from leo_mini_hf.demo import load_adapter_weights  # noqa: E402
+from leo_mini_hf.training.mosaic import CELL_NAMES, EasyVQAMosaicDataset  # noqa: E402
+
+
+def token_cells(grid_side: int, mosaic_grid: int) -> torch.Tensor:
+    """(grid_side²,) the mosaic cell (row-major) holding each expert token's centre; tokens are row-major too."""
+    centres = ((torch.arange(grid_side) + 0.5) * mosaic_grid / grid_side).floor().long()
+    return (centres[:, None] * mosaic_grid + centres[None, :]).flatten()
+
+
+@torch.no_grad()
+def cell_shares(model, processor, image, mosaic_grid: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cells asked, cells measured): CoTR's attention share on each cell when each cell is named in the question;
+    and the queries' mean attention entropy relative to uniform (1: uniform over all tokens)."""
+    conversations = [[{"role": "user", "content": [
+        {"type": "image", "image": image}, {"type": "text", "text": f"What colour is the shape in the {cell}?"}]}]
+        for cell in CELL_NAMES[mosaic_grid]]
+    inputs = processor.apply_chat_template(conversations, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           return_tensors="pt", processor_kwargs={"padding": True})
+    inner = model.model
+    embeds = model.get_input_embeddings()(inputs["input_ids"])
+    text_mask = inner.text_condition_mask(inputs["input_ids"], inputs["attention_mask"], None)
+    text_sum = (embeds * text_mask.unsqueeze(-1).to(embeds.dtype)).sum(dim=1)  # as in the model's forward
+    features = [expert(inputs["pixel_values"]) for expert in inner.vision_experts]
+    weights = inner.token_reducer.expert_attention(features, text_sum)[0]  # first expert: (cells, N_V, N)
+    expert = inner.vision_experts[0]
+    cells = token_cells(expert.grid_size, mosaic_grid)
+    per_token = weights.mean(dim=1)  # (cells asked, N)
+    entropy = -(weights * weights.clamp(min=1e-12).log()).sum(dim=-1) / math.log(weights.shape[-1])  # (cells, N_V)
+    return torch.zeros(len(conversations), mosaic_grid**2).index_add_(1, cells, per_token), entropy.mean()
+
+
+def steering_of(shares: torch.Tensor) -> dict:
+    """shares (mosaics, cells asked, cells measured) → named-cell share, other-question share, steering, and the
+    share of the most-attended cell (how concentrated the reduction is at all)."""
+    cells = shares.shape[-1]
+    named = torch.diagonal(shares, dim1=1, dim2=2)  # (mosaics, cells)
+    others = (shares.sum(dim=1) - named) / (cells - 1)  # share on c when another cell is asked
+    steering_per_mosaic = (named - others).mean(dim=1)
+    return {"named_cell_share": named.mean().item(), "share_when_other_cell_asked": others.mean().item(),
+            "largest_cell_share": shares.amax(dim=-1).mean().item(), "steering": steering_per_mosaic.mean().item(),
+            "steering_std_error": (steering_per_mosaic.std() / len(shares) ** 0.5).item()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs-dir", type=Path, default=ROOT / "benchmarks/.work/runs/mosaic/mosaic-1500",
+                        help="where accuracy_at_budget.py left each row's trained.safetensors")
+    parser.add_argument("--only", nargs="*", default=["cotr-16", "cotr-16-pos"])
+    parser.add_argument("--mosaics", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--parts", type=Path, default=ROOT / "benchmarks" / ".work" / "parts")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "cotr_cell_attention")
+    args = parser.parse_args()
+    results = []
+    for name in args.only:
+        weights_path = args.runs_dir / name / "trained.safetensors"
+        if not weights_path.exists():
+            print(f"{name}: no trained weights at {weights_path}; skipped")
+            continue
+        model, processor = assemble_leo_mini_smol(args.parts, **CONFIGS[name])
+        if model.model.token_reducer is None:
+            raise ValueError(f"{name} has no CoTR (token_reduction={model.config.token_reduction!r})")
+        load_adapter_weights(model, weights_path)
+        model.eval()
+        row = {"name": name, "weights": display_path(weights_path)}
+        for grid in (2, 3):
+            mosaics = EasyVQAMosaicDataset("test", grid, size=args.mosaics, seed=args.seed)
+            measured = [cell_shares(model, processor, mosaics[i]["messages"][0]["content"][0]["image"], grid)
+                        for i in range(len(mosaics))]
+            shares = torch.stack([share for share, _ in measured])
+            entropy = torch.stack([entropy for _, entropy in measured]).mean().item()
+            token_share = torch.bincount(token_cells(model.model.vision_experts[0].grid_size, grid)).float()
+            row[f"{grid}x{grid}"] = {**steering_of(shares), "relative_entropy": entropy,
+                                     "uniform_share": (token_share / token_share.sum()).mean().item(),
+                                     "mosaics": mosaics.description()}
+            print(f"{name} {grid}x{grid}: {row[f'{grid}x{grid}']}", flush=True)
+        results.append(row)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    command = "python benchmarks/cotr_cell_attention.py"
+    lines = ["# Does the question steer CoTR to the cell it names? (easy-vqa test mosaics)", "",
+             f"Command: `{command}`  ", f"{args.mosaics} test mosaics per grid, every cell asked \"What colour is the "
+             "shape in the <cell>?\"; share = CoTR attention (mean over queries) on the tokens inside the cell; "
+             "steering = share on the cell when it is asked − when another cell is asked (± standard error over "
+             "mosaics); largest cell share: how concentrated the reduction is at all; query entropy: mean entropy of "
+             "each query's softmax relative to uniform over the expert's tokens (1 = uniform).", "",
+             "| configuration | grid | share on the named cell | share when another cell is asked | steering | "
+             "uniform share | largest cell share | query entropy |", "|---" * 8 + "|"]
+    for row in results:
+        for grid in ("2x2", "3x3"):
+            r = row[grid]
+            lines.append(f"| {row['name']} | {grid} | {r['named_cell_share']:.4f} | "
+                         f"{r['share_when_other_cell_asked']:.4f} | "
+                         f"{r['steering']:+.4f} ± {r['steering_std_error']:.4f} | "
+                         f"{r['uniform_share']:.4f} | "
+                         f"{r['largest_cell_share']:.4f} | {r['relative_entropy']:.3f} |")
+    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    args.out.with_suffix(".json").write_text(json.dumps({"command": command, "results": results}, indent=2))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
