@@ -37,9 +37,10 @@ def token_cells(grid_side: int, mosaic_grid: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def cell_shares(model, processor, image, mosaic_grid: int) -> tuple[torch.Tensor, torch.Tensor]:
+def cell_shares(model, processor, image, mosaic_grid: int) -> tuple[torch.Tensor, dict]:
     """(cells asked, cells measured): CoTR's attention share on each cell when each cell is named in the question;
-    and the queries' mean attention entropy relative to uniform (1: uniform over all tokens)."""
+    and spreads of the attention logits log α (centred per query): over tokens (how peaked the scores are) and over
+    the questions (all that the text moves: every other score term is the same for one image)."""
     conversations = [[{"role": "user", "content": [
         {"type": "image", "image": image}, {"type": "text", "text": f"What colour is the shape in the {cell}?"}]}]
         for cell in CELL_NAMES[mosaic_grid]]
@@ -49,13 +50,21 @@ def cell_shares(model, processor, image, mosaic_grid: int) -> tuple[torch.Tensor
     embeds = model.get_input_embeddings()(inputs["input_ids"])
     text_mask = inner.text_condition_mask(inputs["input_ids"], inputs["attention_mask"], None)
     text_sum = (embeds * text_mask.unsqueeze(-1).to(embeds.dtype)).sum(dim=1)  # as in the model's forward
-    features = [expert(inputs["pixel_values"]) for expert in inner.vision_experts]
+    one_image = inputs["pixel_values"][:1]  # the same mosaic in every prompt: run the experts once
+    features = [expert(one_image).expand(len(conversations), -1, -1) for expert in inner.vision_experts]
     weights = inner.token_reducer.expert_attention(features, text_sum)[0]  # first expert: (cells, N_V, N)
     expert = inner.vision_experts[0]
     cells = token_cells(expert.grid_size, mosaic_grid)
     per_token = weights.mean(dim=1)  # (cells asked, N)
-    entropy = -(weights * weights.clamp(min=1e-12).log()).sum(dim=-1) / math.log(weights.shape[-1])  # (cells, N_V)
-    return torch.zeros(len(conversations), mosaic_grid**2).index_add_(1, cells, per_token), entropy.mean()
+    logits = weights.clamp(min=1e-30).log()
+    logits = logits - logits.mean(dim=-1, keepdim=True)
+    spreads = {
+        "relative_entropy": (-(weights * weights.clamp(min=1e-12).log()).sum(dim=-1)
+                             / math.log(weights.shape[-1])).mean().item(),  # 1: uniform over the tokens
+        "logit_spread_over_tokens": logits.std(dim=-1).mean().item(),
+        "logit_spread_over_questions": logits.std(dim=0).mean().item(),
+    }
+    return torch.zeros(len(conversations), mosaic_grid**2).index_add_(1, cells, per_token), spreads
 
 
 def steering_of(shares: torch.Tensor) -> dict:
@@ -97,9 +106,9 @@ def main() -> None:
             measured = [cell_shares(model, processor, mosaics[i]["messages"][0]["content"][0]["image"], grid)
                         for i in range(len(mosaics))]
             shares = torch.stack([share for share, _ in measured])
-            entropy = torch.stack([entropy for _, entropy in measured]).mean().item()
+            spreads = {key: sum(spread[key] for _, spread in measured) / len(measured) for key in measured[0][1]}
             token_share = torch.bincount(token_cells(model.model.vision_experts[0].grid_size, grid)).float()
-            row[f"{grid}x{grid}"] = {**steering_of(shares), "relative_entropy": entropy,
+            row[f"{grid}x{grid}"] = {**steering_of(shares), **spreads,
                                      "uniform_share": (token_share / token_share.sum()).mean().item(),
                                      "mosaics": mosaics.description()}
             print(f"{name} {grid}x{grid}: {row[f'{grid}x{grid}']}", flush=True)
@@ -111,9 +120,12 @@ def main() -> None:
              "shape in the <cell>?\"; share = CoTR attention (mean over queries) on the tokens inside the cell; "
              "steering = share on the cell when it is asked − when another cell is asked (± standard error over "
              "mosaics); largest cell share: how concentrated the reduction is at all; query entropy: mean entropy of "
-             "each query's softmax relative to uniform over the expert's tokens (1 = uniform).", "",
+             "each query's softmax relative to uniform over the expert's tokens (1 = uniform); logit spread: standard "
+             "deviation of the attention logits (centred per query) over the tokens, and over the questions — the "
+             "latter is everything the text moves, since every other score term is the same for one image.", "",
              "| configuration | grid | share on the named cell | share when another cell is asked | steering | "
-             "uniform share | largest cell share | query entropy |", "|---" * 8 + "|"]
+             "uniform share | largest cell share | query entropy | logit spread: tokens / questions |",
+             "|---" * 9 + "|"]
     for row in results:
         for grid in ("2x2", "3x3"):
             r = row[grid]
@@ -121,7 +133,8 @@ def main() -> None:
                          f"{r['share_when_other_cell_asked']:.4f} | "
                          f"{r['steering']:+.4f} ± {r['steering_std_error']:.4f} | "
                          f"{r['uniform_share']:.4f} | "
-                         f"{r['largest_cell_share']:.4f} | {r['relative_entropy']:.3f} |")
+                         f"{r['largest_cell_share']:.4f} | {r['relative_entropy']:.3f} | "
+                         f"{r['logit_spread_over_tokens']:.2f} / {r['logit_spread_over_questions']:.4f} |")
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     args.out.with_suffix(".json").write_text(json.dumps({"command": command, "results": results}, indent=2))
     print("\n".join(lines))
