@@ -96,12 +96,13 @@ def run_config(name: str, args) -> dict:
         cache.attach(model)
     train_set, data_description = training_set(args)
     run_dir = args.work_dir / "runs" / args.task / args.out.name / name
+    checkpointing = ({"save_strategy": "steps", "save_steps": args.checkpoint_steps, "save_total_limit": 1}
+                     if args.checkpoint_steps else {"save_strategy": "no"})
     training = default_training_arguments(
         output_dir=str(run_dir), per_device_train_batch_size=args.batch_size,
         max_steps=args.steps, learning_rate=args.learning_rate, warmup_steps=max(1, args.steps // 10),
         lr_scheduler_type="cosine", logging_steps=max(1, args.steps // 20), seed=args.seed, data_seed=args.seed,
-        use_cpu=True, disable_tqdm=True, save_strategy="steps" if args.checkpoint_steps else "no",
-        save_steps=args.checkpoint_steps or 500, save_total_limit=1,
+        use_cpu=True, disable_tqdm=True, **checkpointing,
     )
     timer = TrainingTimer()
     trainer = LeoMiniTrainer(model=model, args=training, train_dataset=train_set, callbacks=[timer],

@@ -56,10 +56,10 @@ def cell_shares(model, processor, image, mosaic_grid: int) -> tuple[torch.Tensor
     expert = inner.vision_experts[0]
     cells = token_cells(expert.grid_size, mosaic_grid)
     per_token = weights.mean(dim=1)  # (cells asked, N)
-    logits = weights.clamp(min=1e-30).log()
-    logits = logits - logits.mean(dim=-1, keepdim=True)
+    log_weights = weights.clamp(min=1e-30).log()
+    logits = log_weights - log_weights.mean(dim=-1, keepdim=True)
     spreads = {
-        "relative_entropy": (-(weights * weights.clamp(min=1e-12).log()).sum(dim=-1)
+        "relative_entropy": (-(weights * log_weights).sum(dim=-1)
                              / math.log(weights.shape[-1])).mean().item(),  # 1: uniform over the tokens
         "logit_spread_over_tokens": logits.std(dim=-1).mean().item(),
         "logit_spread_over_questions": logits.std(dim=0).mean().item(),
