@@ -46,6 +46,7 @@ CONFIGS = {
     "cotr-16-no-mmoe": {"num_visual_tokens": 16, "mmoe_num_experts": 0},
     "cotr-16-sum": {"num_visual_tokens": 16, "cotr_pooling": "sum"},
     "cotr-16-pos": {"num_visual_tokens": 16, "cotr_position_embedding": True},
+    "cotr-16-pos-cos": {"num_visual_tokens": 16, "cotr_position_embedding": True, "cotr_score_scaling": "cosine"},
     "avgpool-64": {"token_reduction": "avg_pool", "num_visual_tokens": 64},
     "avgpool-4": {"token_reduction": "avg_pool", "num_visual_tokens": 4},
     "queries-64": {"num_visual_tokens": 64, "cotr_text_conditioning": False},
@@ -53,7 +54,8 @@ CONFIGS = {
     "full-196": {"token_reduction": "none"},
 }
 VARIANT = {"no-mmoe": ", general LoRA only (no routed experts)", "sum": ", summed pooled terms (cotr_pooling='sum')",
-           "pos": ", learned position embeddings in the scores"}
+           "pos": ", learned position embeddings in the scores",
+           "pos-cos": ", learned position embeddings, cosine scores (cotr_score_scaling='cosine')"}
 METHOD = {"cotr": "CoTR (text-conditioned)", "avgpool": "average pooling", "queries": "learned queries, no text",
           "full": "full tokens (LLaVA-style)"}
 

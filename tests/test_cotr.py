@@ -34,7 +34,19 @@ def literal_cotr(module: ConditionalTokenReduction, expert_features, text_tokens
                 s_cross = sum(torch.ones(1, t.shape[0], dtype=t.dtype) @ (t @ tokens_i.T) / t.shape[0]
                               for j, t in enumerate(projected) if j != i)
                 s_text = s_text / text_projected.shape[0]
-            if scaling == "sqrt_dim":
+            if scaling == "cosine":  # each term ÷ the norms of its two vectors, × its learned scale
+                def pooled_vector(tokens):  # the Σ (or mean) the term dots with the tokens: (1, p)
+                    total = torch.ones(1, tokens.shape[0], dtype=tokens.dtype) @ tokens
+                    return total / tokens.shape[0] if pooling == "mean" else total
+
+                token_norms = tokens_i.norm(dim=-1)
+                cross_vector = sum(pooled_vector(t) for j, t in enumerate(projected) if j != i)
+                scales = module.log_score_scales[i].exp()
+                scores = (scales[0] * s_query / (query.norm(dim=-1, keepdim=True) * token_norms)
+                          + scales[1] * s_self / (pooled_vector(tokens_i).norm() * token_norms)
+                          + scales[2] * s_cross / (cross_vector.norm() * token_norms)
+                          + scales[3] * s_text / (pooled_vector(text_projected).norm() * token_norms))
+            elif scaling == "sqrt_dim":
                 scores = (s_query + s_self + s_cross + s_text) / math.sqrt(d_i)
             else:
                 scores = s_query + (s_self + s_cross + s_text) / d_i
@@ -45,7 +57,7 @@ def literal_cotr(module: ConditionalTokenReduction, expert_features, text_tokens
 
 
 @pytest.mark.parametrize("pooling", ["sum", "mean"])
-@pytest.mark.parametrize("scaling", ["pooled_inverse_dim", "sqrt_dim"])
+@pytest.mark.parametrize("scaling", ["pooled_inverse_dim", "sqrt_dim", "cosine"])
 @pytest.mark.parametrize("shared_query", [False, True])
 @pytest.mark.parametrize("position", [False, True])
 def test_cotr_matches_literal_equations(scaling, shared_query, pooling, position):
@@ -56,6 +68,8 @@ def test_cotr_matches_literal_equations(scaling, shared_query, pooling, position
     torch.nn.init.normal_(module.queries)
     for position_embedding in module.position_embeddings or []:
         torch.nn.init.normal_(position_embedding)
+    if module.log_score_scales is not None:  # distinct scales, so a term paired with the wrong one would show
+        torch.nn.init.uniform_(module.log_score_scales, -1.0, 2.0)
     expert_features = [torch.randn(2, n, d, dtype=torch.double) for n, d in [(9, 12), (16, 20), (4, 8)]]
     text_tokens = torch.randn(2, 7, config.text_config.hidden_size, dtype=torch.double)
 
@@ -84,12 +98,13 @@ def test_position_embeddings_let_cotr_tell_identical_tokens_apart():
         ConditionalTokenReduction(config, [6])
 
 
-def test_position_embedding_model_round_trip(tmp_path):
+def test_position_embedding_and_cosine_scale_model_round_trip(tmp_path):
     from leo_mini_hf import LeoMiniForConditionalGeneration
 
-    model = tiny_model(cotr_position_embedding=True)
+    model = tiny_model(cotr_position_embedding=True, cotr_score_scaling="cosine")
     with torch.no_grad():
         model.model.token_reducer.position_embeddings[0].normal_()
+        model.model.token_reducer.log_score_scales.uniform_(0.0, 3.0)  # differs from the init a load would redo
     model.save_pretrained(tmp_path)
     reloaded = LeoMiniForConditionalGeneration.from_pretrained(tmp_path).eval()
     config = model.config
@@ -126,8 +141,9 @@ def _init_statistics(scaling, pooling="sum"):
 
 
 @pytest.mark.parametrize("pooling", ["sum", "mean"])
-def test_default_scaling_does_not_collapse_at_init(pooling):
-    entropy, row_distance, max_cosine = _init_statistics("pooled_inverse_dim", pooling)
+@pytest.mark.parametrize("scaling", ["pooled_inverse_dim", "cosine"])
+def test_scalings_that_train_do_not_collapse_at_init(scaling, pooling):
+    entropy, row_distance, max_cosine = _init_statistics(scaling, pooling)
     assert entropy > 0.8 * math.log(576)
     assert row_distance > 0.1
     assert max_cosine < 0.99
@@ -163,8 +179,28 @@ def test_prompt_text_does_change_visual_tokens():
     assert not torch.allclose(first.image_hidden_states, second.image_hidden_states)
 
 
-def test_text_free_queries_ignore_the_prompt():
-    model = tiny_model(cotr_text_conditioning=False)
+def test_cosine_scores_are_bounded_by_their_learned_scales():
+    """Whatever the norms of the features, text and projections, each term of a logit is at most its scale τ (so
+    no term can drown the others by growing), and τ itself is clamped."""
+    torch.manual_seed(0)
+    config = tiny_config(cotr_score_scaling="cosine", num_visual_tokens=3)
+    module = ConditionalTokenReduction(config, [6, 4]).double()  # double: weights down to e^-800 stay > 0
+    with torch.no_grad():
+        module.visual_projections[0].weight.mul_(1e4)  # a self term that would dominate any dot-product scaling
+        module.log_score_scales.copy_(torch.tensor([[0.0, 1.0, -1.0, 0.5], [9.0, 9.0, 9.0, 9.0]]))
+    features = [1e3 * torch.randn(2, 10, 6, dtype=torch.double), torch.randn(2, 5, 4, dtype=torch.double)]
+    text_sum = 1e3 * torch.randn(2, config.text_config.hidden_size, dtype=torch.double)
+    for weights, scales in zip(module.expert_attention(features, text_sum), ([1, math.e, 1 / math.e, math.e**0.5],
+                                                                             [100.0] * 4)):
+        logits = weights.log()
+        spread = (logits.amax(-1) - logits.amin(-1)).max().item()
+        assert 0 < spread <= 2 * sum(scales) + 1e-6
+    assert module.log_score_scales.requires_grad
+
+
+@pytest.mark.parametrize("scaling", ["pooled_inverse_dim", "cosine"])
+def test_text_free_queries_ignore_the_prompt(scaling):
+    model = tiny_model(cotr_text_conditioning=False, cotr_score_scaling=scaling)
     config = model.config
     pixels = random_pixels(config)
     first = model(input_ids=torch.tensor([image_prompt(config, text_after=(12, 13))]), pixel_values=pixels)

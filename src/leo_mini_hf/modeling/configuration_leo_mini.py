@@ -10,7 +10,7 @@ from .presets import LEO_MINI_PRESETS
 FORMAT_VERSION = 1
 
 TOKEN_REDUCTIONS = ("cotr", "none", "avg_pool")
-COTR_SCORE_SCALINGS = ("pooled_inverse_dim", "sqrt_dim")
+COTR_SCORE_SCALINGS = ("pooled_inverse_dim", "sqrt_dim", "cosine")
 COTR_POOLINGS = ("mean", "sum")
 MMOE_EXPERT_WEIGHTINGS = ("softmax", "renormalized")
 VISION_EXPERT_KEYS = {"config", "image_size", "feature_layer", "num_prefix_tokens", "image_mean", "image_std"}
@@ -64,6 +64,10 @@ class LeoMiniConfig(PreTrainedConfig):
             text terms by 1/d_i and leaves the query term unscaled; `"sqrt_dim"` scales the whole sum by
             1/sqrt(d_i). The pooled terms are sums over hundreds of tokens: with `"sqrt_dim"` the softmax
             collapses at init (all N_V outputs pick one token), so the default is the reading that trains.
+            `"cosine"` (not in the paper) makes every term a cosine between L2-normalised vectors times its own
+            learned scale (init sqrt(p / 4), at most 100): with `"pooled_inverse_dim"` the self term, quadratic in the
+            visual projection, grew to dominate after training and the text term (÷ d_i) could not move the
+            attention (benchmarks/results/cotr_cell_attention.md).
         full_token_grid (`int`, optional): grid side used when `token_reduction="none"`; default: the first
             expert's grid.
         projector_hidden_act (`str`, default "gelu"): activation of the 2-layer MLP projector (LLaVA-1.5).

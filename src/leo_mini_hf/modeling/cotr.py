@@ -8,6 +8,8 @@ For expert i with tokens I_i (N_i × d_i) and learned projections (hat):
 (with `cotr_pooling="mean"`, each Σ is divided by its number of tokens; with `cotr_position_embedding`, a learned
 P_i (N_i × p) is added to Î_i)
     α_i = softmax over N_i of the scaled sum;   Ī_i = α_i I_i   (N_V × d_i, the UNprojected tokens)
+With `cotr_score_scaling="cosine"` every term is instead a cosine (both vectors L2-normalised) times its own learned
+scale τ_i,term, so no term can drown the others by its norm: s = Σ_term τ_i,term cos(u_term, Î_i,n).
 Every pooled term sums first, so the cost is O(N·d): no N × N matrix is ever formed.
 """
 
@@ -15,6 +17,10 @@ import math
 
 import torch
 from torch import nn
+from torch.nn import functional as F
+
+SCORE_TERMS = ("query", "self", "cross", "text")
+MAX_COSINE_SCALE = 100.0  # τ is clamped here, as CLIP clamps its logit scale: every logit stays within ±4·100
 
 
 class ConditionalTokenReduction(nn.Module):
@@ -36,6 +42,9 @@ class ConditionalTokenReduction(nn.Module):
         )
         num_query_sets = 1 if config.cotr_shared_query else len(expert_hidden_sizes)
         self.queries = nn.Parameter(torch.empty(num_query_sets, config.num_visual_tokens, projection_dim))
+        self.log_score_scales = None
+        if self.score_scaling == "cosine":  # log τ per expert and term (query, self, cross, text)
+            self.log_score_scales = nn.Parameter(torch.empty(len(expert_hidden_sizes), len(SCORE_TERMS)))
         self.position_embeddings = None
         if config.cotr_position_embedding:  # per expert (N_i, p), added to Î_i
             if expert_num_tokens is None or len(expert_num_tokens) != len(expert_hidden_sizes):
@@ -46,9 +55,12 @@ class ConditionalTokenReduction(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self, init=nn.init):
-        """Xavier-uniform queries and projections, zero position embeddings. `init` may be
-        `transformers.initialization`."""
+        """Xavier-uniform queries and projections, zero position embeddings, cosine scales τ = sqrt(p / 4): the cosine
+        of two random p-vectors has standard deviation 1/sqrt(p), so the four terms' sum spreads like one scaled
+        dot-product attention logit (std ~1). `init` may be `transformers.initialization`."""
         init.xavier_uniform_(self.queries)
+        if self.log_score_scales is not None:
+            init.constant_(self.log_score_scales, 0.5 * math.log(self.queries.shape[-1] / len(SCORE_TERMS)))
         for projection in [*self.visual_projections, *self.text_projections]:
             init.xavier_uniform_(projection.weight)
         for position_embedding in self.position_embeddings or []:
@@ -70,18 +82,25 @@ class ConditionalTokenReduction(nn.Module):
         weights = []
         for i, tokens in enumerate(projected):
             query = self.queries[min(i, self.queries.shape[0] - 1)]  # (N_V, p)
-            text_pooled = self.text_projections[i](text_sum)  # Σ_t T̂_t = Ŵ(Σ_t T_t): (n, p)
+            pooled_terms = [pooled[i], pooled_all_experts - pooled[i]]  # self, cross: (n, p) each
+            if self.text_conditioning:  # False: the text-free learned-queries ablation
+                pooled_terms.append(self.text_projections[i](text_sum))  # Σ_t T̂_t = Ŵ(Σ_t T_t)
+            pooled_terms = torch.stack(pooled_terms, dim=1)  # (n, terms, p)
+            if self.score_scaling == "cosine":
+                scales = self.log_score_scales[i].exp().clamp(max=MAX_COSINE_SCALE)  # (4,), SCORE_TERMS order
+                tokens = F.normalize(tokens, dim=-1)
+                query = scales[0] * F.normalize(query, dim=-1)
+                pooled_terms = scales[1:1 + pooled_terms.shape[1], None] * F.normalize(pooled_terms, dim=-1)
             s_query = torch.einsum("qp,nkp->nqk", query, tokens)  # (n, N_V, N_i)
-            s_self = torch.einsum("np,nkp->nk", pooled[i], tokens).unsqueeze(1)  # (n, 1, N_i)
-            s_cross = torch.einsum("np,nkp->nk", pooled_all_experts - pooled[i], tokens).unsqueeze(1)
-            s_text = torch.einsum("np,nkp->nk", text_pooled, tokens).unsqueeze(1)
-            if not self.text_conditioning:  # ablation: text-free learned queries
-                s_text = torch.zeros_like(s_text)
+            # s_self + s_cross + s_text in one product: Σ_term (u_term · Î_i,n) = (Σ_term u_term) · Î_i,n
+            s_pooled = torch.einsum("np,nkp->nk", pooled_terms.sum(dim=1), tokens).unsqueeze(1)  # (n, 1, N_i)
             hidden_size = self.expert_hidden_sizes[i]
             if self.score_scaling == "sqrt_dim":
-                scores = (s_query + s_self + s_cross + s_text) / math.sqrt(hidden_size)
-            else:  # "pooled_inverse_dim"
-                scores = s_query + (s_self + s_cross + s_text) / hidden_size
+                scores = (s_query + s_pooled) / math.sqrt(hidden_size)
+            elif self.score_scaling == "pooled_inverse_dim":
+                scores = s_query + s_pooled / hidden_size
+            else:  # "cosine": the learned scales already set each term's size
+                scores = s_query + s_pooled
             weights.append(scores.softmax(dim=-1))
         return weights
 
