@@ -10,11 +10,14 @@ averaged over cells and mosaics. Positive steering means the text moves the redu
 paper claims conditioning buys); text-free learned queries have exactly 0 (their scores ignore the text).
 
     python benchmarks/cotr_cell_attention.py      # trained weights of the 1500-step mosaic rows (accuracy_at_budget)
+    python benchmarks/cotr_cell_attention.py --only cotr-16-pos-cos --mosaics 20   # a row still training: its last
+                                                  # complete checkpoint (quick look, before spending the whole run)
 """
 
 import argparse
 import json
 import math
+import shlex
 import sys
 from pathlib import Path
 
@@ -23,10 +26,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from accuracy_at_budget import CONFIGS, display_path  # noqa: E402
+from accuracy_at_budget import CONFIGS, TrainingTimer, display_path  # noqa: E402
+from safetensors import safe_open  # noqa: E402
 
 from leo_mini_hf.conversion.smol import assemble_leo_mini_smol  # noqa: E402
-from leo_mini_hf.demo import load_adapter_weights  # noqa: E402
+from leo_mini_hf.demo import is_trained_part, load_adapter_weights  # noqa: E402
 from leo_mini_hf.training.mosaic import CELL_NAMES, EasyVQAMosaicDataset  # noqa: E402
 
 
@@ -79,10 +83,30 @@ def steering_of(shares: torch.Tensor) -> dict:
             "steering_std_error": (steering_per_mosaic.std() / len(shares) ** 0.5).item()}
 
 
+def load_trained_weights(model, run_dir: Path) -> Path | None:
+    """A finished row's trained.safetensors, else the trained parts of its last complete Trainer checkpoint (a row
+    still training); returns the file loaded, or None when there is neither."""
+    if (run_dir / "trained.safetensors").exists():
+        load_adapter_weights(model, run_dir / "trained.safetensors")
+        return run_dir / "trained.safetensors"
+    checkpoint = TrainingTimer.last_complete_checkpoint(run_dir) if run_dir.is_dir() else None
+    if checkpoint is None:
+        return None
+    path = checkpoint / "model.safetensors"
+    trained = {name for name in model.state_dict() if is_trained_part(name)}
+    with safe_open(str(path), framework="pt") as handle:
+        missing = sorted(trained - set(handle.keys()))
+        if missing:
+            raise ValueError(f"{path} does not hold every trained part of the model, e.g. {missing[:3]}")
+        model.load_state_dict({name: handle.get_tensor(name) for name in trained}, strict=False)
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs-dir", type=Path, default=ROOT / "benchmarks/.work/runs/mosaic/mosaic-1500",
-                        help="where accuracy_at_budget.py left each row's trained.safetensors")
+                        help="where accuracy_at_budget.py left each row's trained.safetensors (or, while the row "
+                             "trains, its checkpoints)")
     parser.add_argument("--only", nargs="*", default=["cotr-16", "cotr-16-pos"])
     parser.add_argument("--mosaics", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
@@ -91,14 +115,13 @@ def main() -> None:
     args = parser.parse_args()
     results = []
     for name in args.only:
-        weights_path = args.runs_dir / name / "trained.safetensors"
-        if not weights_path.exists():
-            print(f"{name}: no trained weights at {weights_path}; skipped")
-            continue
         model, processor = assemble_leo_mini_smol(args.parts, **CONFIGS[name])
         if model.model.token_reducer is None:
             raise ValueError(f"{name} has no CoTR (token_reduction={model.config.token_reduction!r})")
-        load_adapter_weights(model, weights_path)
+        weights_path = load_trained_weights(model, args.runs_dir / name)
+        if weights_path is None:
+            print(f"{name}: no trained weights or checkpoint in {args.runs_dir / name}; skipped")
+            continue
         model.eval()
         row = {"name": name, "weights": display_path(weights_path)}
         for grid in (2, 3):
@@ -114,7 +137,7 @@ def main() -> None:
             print(f"{name} {grid}x{grid}: {row[f'{grid}x{grid}']}", flush=True)
         results.append(row)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    command = "python benchmarks/cotr_cell_attention.py"
+    command = shlex.join(["python", "benchmarks/cotr_cell_attention.py", *sys.argv[1:]])
     lines = ["# Does the question steer CoTR to the cell it names? (easy-vqa test mosaics)", "",
              f"Command: `{command}`  ", f"{args.mosaics} test mosaics per grid, every cell asked \"What colour is the "
              "shape in the <cell>?\"; share = CoTR attention (mean over queries) on the tokens inside the cell; "
@@ -129,7 +152,9 @@ def main() -> None:
     for row in results:
         for grid in ("2x2", "3x3"):
             r = row[grid]
-            lines.append(f"| {row['name']} | {grid} | {r['named_cell_share']:.4f} | "
+            weights = Path(row["weights"])
+            label = row["name"] if weights.name == "trained.safetensors" else f"{row['name']} ({weights.parent.name})"
+            lines.append(f"| {label} | {grid} | {r['named_cell_share']:.4f} | "
                          f"{r['share_when_other_cell_asked']:.4f} | "
                          f"{r['steering']:+.4f} ± {r['steering_std_error']:.4f} | "
                          f"{r['uniform_share']:.4f} | "
