@@ -33,7 +33,6 @@ def literal_cotr(module: ConditionalTokenReduction, expert_features, text_tokens
                 s_self = s_self / num_tokens
                 s_cross = sum(torch.ones(1, t.shape[0], dtype=t.dtype) @ (t @ tokens_i.T) / t.shape[0]
                               for j, t in enumerate(projected) if j != i)
-                s_text = s_text / text_projected.shape[0]
             if scaling == "cosine":  # each term ÷ the norms of its two vectors, × its learned scale
                 def pooled_vector(tokens):  # the Σ (or mean) the term dots with the tokens: (1, p)
                     total = torch.ones(1, tokens.shape[0], dtype=tokens.dtype) @ tokens
@@ -45,7 +44,8 @@ def literal_cotr(module: ConditionalTokenReduction, expert_features, text_tokens
                 scores = (scales[0] * s_query / (query.norm(dim=-1, keepdim=True) * token_norms)
                           + scales[1] * s_self / (pooled_vector(tokens_i).norm() * token_norms)
                           + scales[2] * s_cross / (cross_vector.norm() * token_norms)
-                          + scales[3] * s_text / (pooled_vector(text_projected).norm() * token_norms))
+                          + scales[3] * s_text / ((torch.ones(1, text_projected.shape[0], dtype=tokens_i.dtype)
+                                             @ text_projected).norm() * token_norms))
             elif scaling == "sqrt_dim":
                 scores = (s_query + s_self + s_cross + s_text) / math.sqrt(d_i)
             else:
@@ -73,7 +73,7 @@ def test_cotr_matches_literal_equations(scaling, shared_query, pooling, position
     expert_features = [torch.randn(2, n, d, dtype=torch.double) for n, d in [(9, 12), (16, 20), (4, 8)]]
     text_tokens = torch.randn(2, 7, config.text_config.hidden_size, dtype=torch.double)
 
-    fast = module(expert_features, text_tokens.sum(dim=1), torch.full((2,), text_tokens.shape[1]))
+    fast = module(expert_features, text_tokens.sum(dim=1))
     slow = literal_cotr(module, expert_features, text_tokens, scaling, pooling)
 
     assert fast.shape == (2, 5, 12 + 20 + 8)
@@ -168,6 +168,27 @@ def test_answer_tokens_cannot_change_visual_tokens():
         labels[0, len(prompt):] = input_ids[0, len(prompt):]
         features.append(model(input_ids=input_ids, pixel_values=pixels, labels=labels).image_hidden_states)
     torch.testing.assert_close(features[0], features[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("pooling", ["sum", "mean"])
+def test_forward_conditions_cotr_on_the_sum_of_the_prompt_text_embeddings(pooling):
+    """The text term is Σ_t T_t over the prompt's text tokens (not image tokens, padding or answer) whatever
+    `cotr_pooling` says about the visual terms."""
+    model = tiny_model(cotr_pooling=pooling)
+    config = model.config
+    prompt, answer = image_prompt(config), [20, 21]
+    input_ids = torch.tensor([[config.text_config.pad_token_id or 0] + prompt + answer])
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, 0] = 0
+    labels = torch.full_like(input_ids, -100)
+    labels[0, -len(answer):] = input_ids[0, -len(answer):]
+    pixels = random_pixels(config)
+    outputs = model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixels, labels=labels)
+    text_ids = torch.tensor([token for token in prompt if token != config.image_token_id])
+    text_sum = model.get_input_embeddings()(text_ids).sum(dim=0, keepdim=True)
+    torch.testing.assert_close(outputs.image_hidden_states, model.get_image_features(pixels, text_sum))
+    mean_instead = model.get_image_features(pixels, text_sum / len(text_ids))
+    assert not torch.allclose(outputs.image_hidden_states, mean_instead)
 
 
 def test_prompt_text_does_change_visual_tokens():

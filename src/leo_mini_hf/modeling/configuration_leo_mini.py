@@ -52,7 +52,9 @@ class LeoMiniConfig(PreTrainedConfig):
             paper's `1·` read literally; `"mean"` divides by the number of tokens. Measured on real ImageNet
             MobileNetV2 features (non-negative, 196 tokens), `"sum"` collapses at init (all 16 queries on 2 of
             196 tokens, entropy 2.5 of 5.3) and after training (entropy 0.67; colour questions at chance), so the
-            default is `"mean"`, which keeps the pooled terms independent of the token count.
+            default is `"mean"`, which keeps the pooled terms independent of the token count. The text term is a
+            sum over the prompt's tokens either way (signed embeddings, a few dozen tokens: no collapse, and a mean
+            would shrink the weakest term further).
         cotr_text_conditioning (`bool`, default True): include the text term s_text. False gives text-free
             learned queries (self and cross terms kept): the text-agnostic ablation of CoTR.
         cotr_position_embedding (`bool`, default False): add a learned embedding per token position of each

@@ -5,8 +5,8 @@ For expert i with tokens I_i (N_i × d_i) and learned projections (hat):
     s_self  = (Σ_n Î_i,n) Î_iᵀ                    (1 × N_i)
     s_cross = (Σ_{j≠i} Σ_n Î_j,n) Î_iᵀ            (1 × N_i)
     s_text  = (Σ_t T̂_t) Î_iᵀ                      (1 × N_i)
-(with `cotr_pooling="mean"`, each Σ is divided by its number of tokens; with `cotr_position_embedding`, a learned
-P_i (N_i × p) is added to Î_i)
+(with `cotr_pooling="mean"`, each visual Σ is divided by its number of tokens — the text Σ stays a sum over the
+prompt; with `cotr_position_embedding`, a learned P_i (N_i × p) is added to Î_i)
     α_i = softmax over N_i of the scaled sum;   Ī_i = α_i I_i   (N_V × d_i, the UNprojected tokens)
 With `cotr_score_scaling="cosine"` every term is instead a cosine (both vectors L2-normalised) times its own learned
 scale τ_i,term, so no term can drown the others by its norm: s = Σ_term τ_i,term cos(u_term, Î_i,n).
@@ -66,18 +66,14 @@ class ConditionalTokenReduction(nn.Module):
         for position_embedding in self.position_embeddings or []:
             init.zeros_(position_embedding)
 
-    def expert_attention(self, expert_features: list[torch.Tensor], text_sum: torch.Tensor,
-                         text_count: torch.Tensor | None = None) -> list[torch.Tensor]:
-        """Softmax weights α_i per expert: list of (n_images, N_V, N_i). `text_count` (n_images,) is the number
-        of text tokens summed in `text_sum` (used by mean pooling)."""
+    def expert_attention(self, expert_features: list[torch.Tensor], text_sum: torch.Tensor) -> list[torch.Tensor]:
+        """Softmax weights α_i per expert: list of (n_images, N_V, N_i)."""
         projected = [proj(features) for proj, features in zip(self.visual_projections, expert_features)]  # (n, N_i, p)
         if self.position_embeddings is not None:
             projected = [tokens + position for tokens, position in zip(projected, self.position_embeddings)]
         pooled = [tokens.sum(dim=1) for tokens in projected]  # Σ_n Î_i,n: (n, p)
         if self.mean_pooling:
             pooled = [total / tokens.shape[1] for total, tokens in zip(pooled, projected)]
-            if text_count is not None:
-                text_sum = text_sum / text_count.clamp(min=1).unsqueeze(-1).to(text_sum.dtype)
         pooled_all_experts = torch.stack(pooled).sum(dim=0)  # (n, p)
         weights = []
         for i, tokens in enumerate(projected):
@@ -104,13 +100,12 @@ class ConditionalTokenReduction(nn.Module):
             weights.append(scores.softmax(dim=-1))
         return weights
 
-    def forward(self, expert_features: list[torch.Tensor], text_sum: torch.Tensor,
-                text_count: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, expert_features: list[torch.Tensor], text_sum: torch.Tensor) -> torch.Tensor:
         """
         expert_features: per expert (n_images, N_i, d_i); text_sum: (n_images, d_text), the sum of the prompt's
-        text-token embeddings for each image's prompt; text_count (n_images,): how many tokens that sum holds.
+        text-token embeddings for each image's prompt.
         Returns (n_images, N_V, Σ d_i), experts concatenated channel-wise.
         """
-        weights = self.expert_attention(expert_features, text_sum, text_count)
+        weights = self.expert_attention(expert_features, text_sum)
         reduced = [torch.bmm(alpha, features) for alpha, features in zip(weights, expert_features)]
         return torch.cat(reduced, dim=-1)

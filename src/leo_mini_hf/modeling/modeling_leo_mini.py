@@ -114,11 +114,10 @@ class LeoMiniModel(LeoMiniPreTrainedModel):
     def set_input_embeddings(self, value):
         self.language_model.set_input_embeddings(value)
 
-    def get_image_features(self, pixel_values: torch.Tensor, text_sum: torch.Tensor | None = None,
-                           text_count: torch.Tensor | None = None) -> torch.Tensor:
+    def get_image_features(self, pixel_values: torch.Tensor, text_sum: torch.Tensor | None = None) -> torch.Tensor:
         """
         pixel_values (n_images, 3, S, S); text_sum (n_images, d): sum of each image's prompt text embeddings
-        (zeros if None); text_count (n_images,): tokens in that sum. Returns projected visual tokens
+        (zeros if None). Returns projected visual tokens
         (n_images, num_image_tokens, d).
         """
         self._check_pixel_values(pixel_values)
@@ -136,7 +135,7 @@ class LeoMiniModel(LeoMiniPreTrainedModel):
         else:
             if text_sum is None:
                 text_sum = pixel_values.new_zeros(pixel_values.shape[0], self.config.text_config.hidden_size)
-            image_features = self.token_reducer(expert_features, text_sum.to(expert_features[0].dtype), text_count)
+            image_features = self.token_reducer(expert_features, text_sum.to(expert_features[0].dtype))
         return self.multi_modal_projector(image_features)
 
     def _check_pixel_values(self, pixel_values):
@@ -288,9 +287,8 @@ class LeoMiniForConditionalGeneration(LeoMiniPreTrainedModel, GenerationMixin):
     def get_output_embeddings(self) -> nn.Module:
         return self.lm_head
 
-    def get_image_features(self, pixel_values: torch.Tensor, text_sum: torch.Tensor | None = None,
-                           text_count: torch.Tensor | None = None) -> torch.Tensor:
-        return self.model.get_image_features(pixel_values, text_sum, text_count)
+    def get_image_features(self, pixel_values: torch.Tensor, text_sum: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model.get_image_features(pixel_values, text_sum)
 
     def forward(
         self,
