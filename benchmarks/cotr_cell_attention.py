@@ -41,21 +41,28 @@ def token_cells(grid_side: int, mosaic_grid: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def cell_shares(model, processor, image, mosaic_grid: int) -> tuple[torch.Tensor, dict]:
-    """(cells asked, cells measured): CoTR's attention share on each cell when each cell is named in the question;
-    and spreads of the attention logits log α (centred per query): over tokens (how peaked the scores are) and over
-    the questions (all that the text moves: every other score term is the same for one image)."""
+def cell_questions(model, processor, image, mosaic_grid: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """"What colour is the shape in the <cell>?" for every cell of one mosaic: its pixel_values (1, 3, S, S) and
+    the prompt text sums CoTR is conditioned on, (cells, d) in CELL_NAMES order."""
     conversations = [[{"role": "user", "content": [
         {"type": "image", "image": image}, {"type": "text", "text": f"What colour is the shape in the {cell}?"}]}]
         for cell in CELL_NAMES[mosaic_grid]]
     inputs = processor.apply_chat_template(conversations, add_generation_prompt=True, tokenize=True, return_dict=True,
                                            return_tensors="pt", processor_kwargs={"padding": True})
-    inner = model.model
     embeds = model.get_input_embeddings()(inputs["input_ids"])
-    text_mask = inner.text_condition_mask(inputs["input_ids"], inputs["attention_mask"], None)
+    text_mask = model.model.text_condition_mask(inputs["input_ids"], inputs["attention_mask"], None)
     text_sum = (embeds * text_mask.unsqueeze(-1).to(embeds.dtype)).sum(dim=1)  # as in the model's forward
-    one_image = inputs["pixel_values"][:1]  # the same mosaic in every prompt: run the experts once
-    features = [expert(one_image).expand(len(conversations), -1, -1) for expert in inner.vision_experts]
+    return inputs["pixel_values"][:1], text_sum  # the same mosaic in every prompt: one picture
+
+
+@torch.no_grad()
+def cell_shares(model, processor, image, mosaic_grid: int) -> tuple[torch.Tensor, dict]:
+    """(cells asked, cells measured): CoTR's attention share on each cell when each cell is named in the question;
+    and spreads of the attention logits log α (centred per query): over tokens (how peaked the scores are) and over
+    the questions (all that the text moves: every other score term is the same for one image)."""
+    pixel_values, text_sum = cell_questions(model, processor, image, mosaic_grid)
+    inner = model.model
+    features = [expert(pixel_values).expand(len(text_sum), -1, -1) for expert in inner.vision_experts]
     weights = inner.token_reducer.expert_attention(features, text_sum)[0]  # first expert: (cells, N_V, N)
     expert = inner.vision_experts[0]
     cells = token_cells(expert.grid_size, mosaic_grid)
@@ -68,7 +75,7 @@ def cell_shares(model, processor, image, mosaic_grid: int) -> tuple[torch.Tensor
         "logit_spread_over_tokens": logits.std(dim=-1).mean().item(),
         "logit_spread_over_questions": logits.std(dim=0).mean().item(),
     }
-    return torch.zeros(len(conversations), mosaic_grid**2).index_add_(1, cells, per_token), spreads
+    return torch.zeros(len(text_sum), mosaic_grid**2).index_add_(1, cells, per_token), spreads
 
 
 def steering_of(shares: torch.Tensor) -> dict:
