@@ -114,12 +114,14 @@ def main() -> None:
     parser.add_argument("--runs-dir", type=Path, default=ROOT / "benchmarks/.work/runs/mosaic/mosaic-1500",
                         help="where accuracy_at_budget.py left each row's trained.safetensors (or, while the row "
                              "trains, its checkpoints)")
-    parser.add_argument("--only", nargs="*", default=["cotr-16", "cotr-16-pos"])
+    parser.add_argument("--only", nargs="*", default=["cotr-16", "cotr-16-pos", "cotr-16-pos-cos"],
+                        help="rows to measure; rows measured before are kept in the report")
     parser.add_argument("--mosaics", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--parts", type=Path, default=ROOT / "benchmarks" / ".work" / "parts")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "cotr_cell_attention")
     args = parser.parse_args()
+    command = shlex.join(["python", "benchmarks/cotr_cell_attention.py", *sys.argv[1:]])
     results = []
     for name in args.only:
         model, processor = assemble_leo_mini_smol(args.parts, **CONFIGS[name])
@@ -130,7 +132,7 @@ def main() -> None:
             print(f"{name}: no trained weights or checkpoint in {args.runs_dir / name}; skipped")
             continue
         model.eval()
-        row = {"name": name, "weights": display_path(weights_path)}
+        row = {"name": name, "weights": display_path(weights_path), "command": command}
         for grid in (2, 3):
             mosaics = EasyVQAMosaicDataset("test", grid, size=args.mosaics, seed=args.seed)
             measured = [cell_shares(model, processor, mosaics[i]["messages"][0]["content"][0]["image"], grid)
@@ -143,32 +145,47 @@ def main() -> None:
                                      "mosaics": mosaics.description()}
             print(f"{name} {grid}x{grid}: {row[f'{grid}x{grid}']}", flush=True)
         results.append(row)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    command = shlex.join(["python", "benchmarks/cotr_cell_attention.py", *sys.argv[1:]])
+    write_report(results, args.out)
+
+
+def write_report(new_rows: list[dict], out: Path) -> None:
+    """Markdown + JSON of every row measured so far: rows measured now replace earlier ones of the same name, so a
+    row can be added without re-measuring the others; each row keeps the command that measured it."""
+    earlier = []
+    if out.with_suffix(".json").exists():
+        saved = json.loads(out.with_suffix(".json").read_text())
+        earlier = [{"command": saved.get("command"), **row} for row in saved["results"]]  # older rows: file-wide command
+    measured = {row["name"] for row in new_rows}
+    order = list(CONFIGS)
+    results = sorted([row for row in earlier if row["name"] not in measured] + new_rows,
+                     key=lambda row: order.index(row["name"]))
+    commands = list(dict.fromkeys(row["command"] for row in results))
     lines = ["# Does the question steer CoTR to the cell it names? (easy-vqa test mosaics)", "",
-             f"Command: `{command}`  ", f"{args.mosaics} test mosaics per grid, every cell asked \"What colour is the "
+             "Commands (each row keeps the one that measured it): " + ", ".join(f"`{c}`" for c in commands) + "  ",
+             "Test mosaics per grid as the mosaics column says, every cell asked \"What colour is the "
              "shape in the <cell>?\"; share = CoTR attention (mean over queries) on the tokens inside the cell; "
              "steering = share on the cell when it is asked − when another cell is asked (± standard error over "
              "mosaics); largest cell share: how concentrated the reduction is at all; query entropy: mean entropy of "
              "each query's softmax relative to uniform over the expert's tokens (1 = uniform); logit spread: standard "
              "deviation of the attention logits (centred per query) over the tokens, and over the questions — the "
              "latter is everything the text moves, since every other score term is the same for one image.", "",
-             "| configuration | grid | share on the named cell | share when another cell is asked | steering | "
-             "uniform share | largest cell share | query entropy | logit spread: tokens / questions |",
-             "|---" * 9 + "|"]
+             "| configuration | grid | mosaics | share on the named cell | share when another cell is asked | "
+             "steering | uniform share | largest cell share | query entropy | logit spread: tokens / questions |",
+             "|---" * 10 + "|"]
     for row in results:
         for grid in ("2x2", "3x3"):
             r = row[grid]
             weights = Path(row["weights"])
             label = row["name"] if weights.name == "trained.safetensors" else f"{row['name']} ({weights.parent.name})"
-            lines.append(f"| {label} | {grid} | {r['named_cell_share']:.4f} | "
+            lines.append(f"| {label} | {grid} | {r['mosaics']['size']} | {r['named_cell_share']:.4f} | "
                          f"{r['share_when_other_cell_asked']:.4f} | "
                          f"{r['steering']:+.4f} ± {r['steering_std_error']:.4f} | "
                          f"{r['uniform_share']:.4f} | "
                          f"{r['largest_cell_share']:.4f} | {r['relative_entropy']:.3f} | "
                          f"{r['logit_spread_over_tokens']:.2f} / {r['logit_spread_over_questions']:.4f} |")
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    args.out.with_suffix(".json").write_text(json.dumps({"command": command, "results": results}, indent=2))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    out.with_suffix(".json").write_text(json.dumps({"results": results}, indent=2))
     print("\n".join(lines))
 
 
