@@ -40,6 +40,13 @@ def token_cells(grid_side: int, mosaic_grid: int) -> torch.Tensor:
     return (centres[:, None] * mosaic_grid + centres[None, :]).flatten()
 
 
+def cell_share(weights: torch.Tensor, cells: torch.Tensor, mosaic_grid: int) -> torch.Tensor:
+    """CoTR weights (n, N_V, N) → attention share of each mosaic cell (n, cells): mean over the queries, summed over
+    the tokens of the cell (`cells`: token_cells)."""
+    per_token = weights.mean(dim=1)
+    return torch.zeros(len(per_token), mosaic_grid**2, dtype=per_token.dtype).index_add(1, cells, per_token)
+
+
 @torch.no_grad()
 def cell_questions(model, processor, image, mosaic_grid: int) -> tuple[torch.Tensor, torch.Tensor]:
     """"What colour is the shape in the <cell>?" for every cell of one mosaic: its pixel_values (1, 3, S, S) and
@@ -66,7 +73,6 @@ def cell_shares(model, processor, image, mosaic_grid: int) -> tuple[torch.Tensor
     weights = inner.token_reducer.expert_attention(features, text_sum)[0]  # first expert: (cells, N_V, N)
     expert = inner.vision_experts[0]
     cells = token_cells(expert.grid_size, mosaic_grid)
-    per_token = weights.mean(dim=1)  # (cells asked, N)
     log_weights = weights.clamp(min=1e-30).log()
     logits = log_weights - log_weights.mean(dim=-1, keepdim=True)
     spreads = {
@@ -75,7 +81,7 @@ def cell_shares(model, processor, image, mosaic_grid: int) -> tuple[torch.Tensor
         "logit_spread_over_tokens": logits.std(dim=-1).mean().item(),
         "logit_spread_over_questions": logits.std(dim=0).mean().item(),
     }
-    return torch.zeros(len(text_sum), mosaic_grid**2).index_add_(1, cells, per_token), spreads
+    return cell_share(weights, cells, mosaic_grid), spreads  # (cells asked, cells measured)
 
 
 def steering_of(shares: torch.Tensor) -> dict:

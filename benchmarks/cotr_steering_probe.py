@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from accuracy_at_budget import CONFIGS  # noqa: E402
-from cotr_cell_attention import cell_questions, steering_of, token_cells  # noqa: E402
+from cotr_cell_attention import cell_questions, cell_share, steering_of, token_cells  # noqa: E402
 
 from leo_mini_hf.conversion.smol import assemble_leo_mini_smol  # noqa: E402
 from leo_mini_hf.modeling.cotr import ConditionalTokenReduction  # noqa: E402
@@ -49,10 +49,8 @@ def mosaic_features(model, processor, split: str, size: int, seed: int) -> tuple
 def named_cell_shares(reducer, features: torch.Tensor, text_sum: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
     """(mosaics, cells asked, cells measured): attention share, every cell of every mosaic asked."""
     num_mosaics, num_cells = len(features), len(text_sum)
-    weights = reducer.expert_attention([features.repeat_interleave(num_cells, 0)],
-                                       text_sum.repeat(num_mosaics, 1))[0].mean(dim=1)  # (mosaics·cells, N)
-    shares = torch.zeros(len(weights), GRID**2).index_add_(1, cells, weights)
-    return shares.view(num_mosaics, num_cells, GRID**2)
+    weights = reducer.expert_attention([features.repeat_interleave(num_cells, 0)], text_sum.repeat(num_mosaics, 1))[0]
+    return cell_share(weights, cells, GRID).view(num_mosaics, num_cells, GRID**2)
 
 
 def main() -> None:
@@ -99,8 +97,8 @@ def main() -> None:
                 break
             mosaic = torch.randint(len(train_features), (args.batch_size,))
             cell = torch.randint(num_cells, (args.batch_size,))
-            weights = reducer.expert_attention([train_features[mosaic]], text_sum[cell])[0].mean(dim=1)  # (B, N)
-            share = (weights * (cells[None, :] == cell[:, None])).sum(dim=-1)
+            weights = reducer.expert_attention([train_features[mosaic]], text_sum[cell])[0]  # (B, N_V, N)
+            share = cell_share(weights, cells, GRID).gather(1, cell[:, None])  # on the named cell: (B, 1)
             loss = -share.clamp(min=1e-12).log().mean()
             optimizer.zero_grad()
             loss.backward()
