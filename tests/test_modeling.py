@@ -150,6 +150,32 @@ def test_greedy_with_and_without_cache_agree(model):
     assert cached.tolist() == uncached.tolist()
 
 
+def test_kv_cache_under_either_name_gives_the_same_step(model):
+    """transformers 5.24 renamed `past_key_values` → `cache`: both names reach the LLM; the output carries the cache
+    under the installed version's name."""
+    from transformers.modeling_outputs import BaseModelOutputWithPast
+
+    config = model.config
+    prompt, pixels, next_token = torch.tensor([image_prompt(config)]), random_pixels(config), torch.tensor([[17]])
+    cache_name = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+    steps = {}
+    for name in ("cache", "past_key_values"):
+        prefill = model(input_ids=prompt, pixel_values=pixels, use_cache=True)
+        # reference without a cache: the whole sequence with the prefill's visual tokens and routing context
+        full = model(input_ids=torch.cat([prompt, next_token], dim=1), image_features=prefill.image_hidden_states,
+                     routing_context=prefill.routing_context).logits[:, -1]
+        assert getattr(prefill, cache_name) is not None
+        step = model(input_ids=next_token, use_cache=True, routing_context=prefill.routing_context,
+                     **{name: getattr(prefill, cache_name)})
+        assert getattr(step, cache_name).get_seq_length() == prompt.shape[1] + 1
+        steps[name] = step.logits[:, -1]
+        torch.testing.assert_close(steps[name], full, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(steps["cache"], steps["past_key_values"])
+    prefill = model(input_ids=prompt, pixel_values=pixels, use_cache=True)
+    with pytest.raises(ValueError, match="not both"):
+        model(input_ids=next_token, cache=getattr(prefill, cache_name), past_key_values=getattr(prefill, cache_name))
+
+
 def test_vision_runs_once_per_generate(model):
     config = model.config
     calls = []

@@ -8,7 +8,7 @@ from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
-from transformers.modeling_outputs import ModelOutput
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .configuration_leo_mini import LeoMiniConfig
 from .cotr import ConditionalTokenReduction
@@ -16,33 +16,38 @@ from .mmoe import MMoELinear, MMoERoutingState, add_mmoe_adapters, load_balancin
 from .vision_experts import VisionExpert
 
 
+# transformers 5.24 renamed the KV cache argument and output field `past_key_values` → `cache`. The forwards accept
+# both names; the installed version's name is the one passed to the LLM and returned.
+CACHE_NAME = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def resolve_cache_argument(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
+    """The KV cache passed as `cache` (transformers >= 5.24) or as `past_key_values` (earlier versions)."""
+    if cache is not None and past_key_values is not None:
+        raise ValueError(
+            "Pass the KV cache as `cache` or as `past_key_values` (its name before transformers 5.24), not both"
+        )
+    return cache if cache is not None else past_key_values
+
+
 @dataclass
-class LeoMiniModelOutputWithPast(ModelOutput):
+class LeoMiniModelOutputWithPast(BaseModelOutputWithPast):
     """
-    last_hidden_state (B, T, d); past_key_values: the LLM's `Cache`;
+    last_hidden_state (B, T, d); cache (`past_key_values` before transformers 5.24): the LLM's `Cache`;
     image_hidden_states (n_images, tokens_per_image, d): projected visual tokens that entered the LLM;
     routing_context (B, 2d): pooled prompt text ‖ pooled visual tokens, carried across decode steps;
     aux_loss: MMoE load-balancing loss (unweighted), when routed experts ran.
     """
 
-    last_hidden_state: torch.Tensor | None = None
-    past_key_values: Cache | None = None
-    hidden_states: tuple[torch.Tensor] | None = None
-    attentions: tuple[torch.Tensor] | None = None
     image_hidden_states: torch.Tensor | None = None
     routing_context: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
 
 
 @dataclass
-class LeoMiniCausalLMOutputWithPast(ModelOutput):
+class LeoMiniCausalLMOutputWithPast(CausalLMOutputWithPast):
     """loss = LM loss + mmoe_balance_loss_coef · aux_loss (scaled per micro-batch); logits (B, T, V)."""
 
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    past_key_values: Cache | None = None
-    hidden_states: tuple[torch.Tensor] | None = None
-    attentions: tuple[torch.Tensor] | None = None
     image_hidden_states: torch.Tensor | None = None
     routing_context: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
@@ -69,7 +74,7 @@ class LeoMiniPreTrainedModel(PreTrainedModel):
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
     _no_split_modules = ["ConditionalTokenReduction", "VisionExpert"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = [CACHE_NAME]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_attention_backend = True
@@ -191,11 +196,12 @@ class LeoMiniModel(LeoMiniPreTrainedModel):
         pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         image_features: torch.Tensor | None = None,
         routing_context: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> LeoMiniModelOutputWithPast:
         r"""
@@ -203,6 +209,7 @@ class LeoMiniModel(LeoMiniPreTrainedModel):
         image_features (n_images, tokens_per_image, d): projected visual tokens from an earlier call (generation
             without a KV cache passes them back instead of `pixel_values`).
         routing_context (B, 2d): MMoE routing context from the prefill; computed here when None.
+        cache: the LLM's KV `Cache`; `past_key_values` is the same argument under its pre-5.24 name.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds")
@@ -247,7 +254,7 @@ class LeoMiniModel(LeoMiniPreTrainedModel):
         outputs = self.language_model(
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            **{CACHE_NAME: resolve_cache_argument(cache, past_key_values)},
             inputs_embeds=inputs_embeds,
             **kwargs,
         )
@@ -258,7 +265,7 @@ class LeoMiniModel(LeoMiniPreTrainedModel):
             )
         return LeoMiniModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
-            past_key_values=outputs.past_key_values,
+            **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_hidden_states=image_features,
@@ -296,17 +303,19 @@ class LeoMiniForConditionalGeneration(LeoMiniPreTrainedModel, GenerationMixin):
         pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         image_features: torch.Tensor | None = None,
         routing_context: torch.Tensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> LeoMiniCausalLMOutputWithPast:
         r"""
         labels (B, T): next-token targets, -100 where no loss is taken (prompt, padding, image tokens).
         logits_to_keep: compute logits only for the last `logits_to_keep` positions (0 = all).
+        cache: the LLM's KV `Cache`; `past_key_values` is the same argument under its pre-5.24 name.
         """
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         outputs = self.model(
@@ -314,7 +323,7 @@ class LeoMiniForConditionalGeneration(LeoMiniPreTrainedModel, GenerationMixin):
             pixel_values=pixel_values,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=resolve_cache_argument(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             labels=labels,
             image_features=image_features,
@@ -338,7 +347,7 @@ class LeoMiniForConditionalGeneration(LeoMiniPreTrainedModel, GenerationMixin):
         return LeoMiniCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_hidden_states=outputs.image_hidden_states,
