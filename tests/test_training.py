@@ -18,7 +18,12 @@ from leo_mini_hf.cli import main as cli
 from leo_mini_hf.training.collator import LeoMiniDataCollator
 from leo_mini_hf.training.data import LlavaConversationDataset
 from leo_mini_hf.training.stages import STAGE_PARTS, apply_training_stage, trainable_part
-from leo_mini_hf.training.trainer import LeoMiniTrainer, default_training_arguments, frozen_fingerprint
+from leo_mini_hf.training.trainer import (
+    LeoMiniTrainer,
+    default_training_arguments,
+    frozen_fingerprint,
+    logits_to_keep_for_labels,
+)
 
 TESTS = Path(__file__).parent
 
@@ -152,6 +157,38 @@ def test_loss_decreases_and_frozen_parts_stay_identical(tiny_checkpoint, tiny_pr
         assert torch.equal(current[name], tensor), name
     aux = [log["aux_loss"] for log in trainer.state.log_history if "aux_loss" in log]
     assert len(aux) == 30 and all(0.5 < a < 3.0 for a in aux)  # about 1.0 when balanced, 3.0 when collapsed
+
+
+def test_logits_to_keep_for_labels_covers_the_first_target():
+    labels = torch.full((2, 10), -100)
+    assert logits_to_keep_for_labels(labels) == 0  # nothing labelled: every position
+    labels[0, 7:9] = 5
+    labels[1, 4] = 6  # predicted by position 3: keep positions 3..9
+    assert logits_to_keep_for_labels(labels) == 7
+    labels[0, 0] = 5  # a target at position 0 has no predicting position
+    assert logits_to_keep_for_labels(labels) == 7
+
+
+def test_training_step_projects_only_labelled_positions_with_the_same_loss(tiny_checkpoint, tiny_processor,
+                                                                           tmp_path):
+    model = load(tiny_checkpoint, "finetune")
+    trainer = train(tiny_checkpoint, tiny_processor, tmp_path, overfit_set(), model=model, max_steps=1)
+    inputs = LeoMiniDataCollator(tiny_processor)(overfit_set()[:3])
+    projected = []
+    handle = model.lm_head.register_forward_hook(lambda module, args, output: projected.append(output.shape[1]))
+    model.eval()
+    with torch.no_grad():
+        full = trainer.compute_loss(model, inputs)  # evaluation: every position
+    model.train()
+    with torch.no_grad():
+        kept = trainer.compute_loss(model, inputs, num_items_in_batch=torch.tensor(7))
+        full_sum = model(**inputs, num_items_in_batch=torch.tensor(7)).loss
+    handle.remove()
+    length = inputs["input_ids"].shape[1]
+    assert projected == [length, logits_to_keep_for_labels(inputs["labels"]), length]
+    assert projected[1] < length
+    torch.testing.assert_close(kept, full_sum)
+    torch.testing.assert_close(model(**inputs, logits_to_keep=projected[1]).loss, full)
 
 
 def test_aux_loss_is_weighted_the_same_under_gradient_accumulation(tiny_checkpoint, tiny_processor, tmp_path):

@@ -314,7 +314,8 @@ class LeoMiniForConditionalGeneration(LeoMiniPreTrainedModel, GenerationMixin):
     ) -> LeoMiniCausalLMOutputWithPast:
         r"""
         labels (B, T): next-token targets, -100 where no loss is taken (prompt, padding, image tokens).
-        logits_to_keep: compute logits only for the last `logits_to_keep` positions (0 = all).
+        logits_to_keep: compute logits only for the last `logits_to_keep` positions (0 = all), or for these position
+            indices (1-D tensor); with labels, the loss covers the targets of those positions only.
         cache: the LLM's KV `Cache`; `past_key_values` is the same argument under its pre-5.24 name.
         """
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
@@ -336,8 +337,10 @@ class LeoMiniForConditionalGeneration(LeoMiniPreTrainedModel, GenerationMixin):
 
         loss = None
         if labels is not None:
+            # position t predicts labels[:, t + 1]: keep the targets of the positions whose logits were computed
+            shift_labels = nn.functional.pad(labels[:, 1:], (0, 1), value=-100)[:, slice_indices].contiguous()
             loss = self.loss_function(
-                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size,
+                logits=logits, labels=None, shift_labels=shift_labels, vocab_size=self.config.text_config.vocab_size,
                 num_items_in_batch=num_items_in_batch,
             )
             if outputs.aux_loss is not None and self.config.mmoe_balance_loss_coef:
