@@ -153,11 +153,10 @@ def test_greedy_with_and_without_cache_agree(model):
 def test_kv_cache_under_either_name_gives_the_same_step(model):
     """transformers 5.24 renamed `past_key_values` → `cache`: both names reach the LLM; the output carries the cache
     under the installed version's name."""
-    from transformers.modeling_outputs import BaseModelOutputWithPast
+    from leo_mini_hf.modeling.modeling_leo_mini import CACHE_NAME as cache_name
 
     config = model.config
     prompt, pixels, next_token = torch.tensor([image_prompt(config)]), random_pixels(config), torch.tensor([[17]])
-    cache_name = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
     steps = {}
     for name in ("cache", "past_key_values"):
         prefill = model(input_ids=prompt, pixel_values=pixels, use_cache=True)
