@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import ConcatDataset
 from transformers import TrainerCallback
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +32,7 @@ from leo_mini_hf.evaluation import evaluate_vqa, prefill_seconds  # noqa: E402
 from leo_mini_hf.training.collator import LeoMiniDataCollator  # noqa: E402
 from leo_mini_hf.training.data import EasyVQADataset  # noqa: E402
 from leo_mini_hf.training.feature_cache import VisionFeatureCache  # noqa: E402
-from leo_mini_hf.training.mosaic import EasyVQAMosaicDataset, location_blind_accuracy  # noqa: E402
+from leo_mini_hf.training.mosaic import EasyVQAMosaicDataset, location_blind_accuracy, mosaic_training_mix  # noqa: E402
 from leo_mini_hf.training.stages import apply_training_stage  # noqa: E402
 from leo_mini_hf.training.trainer import LeoMiniTrainer, default_training_arguments  # noqa: E402
 
@@ -72,11 +71,9 @@ def remeasure_prefill(name: str, path: Path, args) -> None:
 
 def training_set(args):
     """easy-vqa train; for the mosaic task also as many 2×2 and as many 3×3 train mosaics (a third each)."""
-    plain = EasyVQADataset("train")
     if args.task == "easy-vqa":
-        return plain, {"easy-vqa": "train"}
-    mosaics = [EasyVQAMosaicDataset("train", grid, size=len(plain), seed=args.seed) for grid in (2, 3)]
-    return ConcatDataset([plain, *mosaics]), {"easy-vqa": "train", "mosaics": [m.description() for m in mosaics]}
+        return EasyVQADataset("train"), {"easy-vqa": "train"}
+    return mosaic_training_mix(args.seed)
 
 
 def test_sets(args) -> dict:

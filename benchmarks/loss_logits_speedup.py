@@ -18,16 +18,14 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import ConcatDataset
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from leo_mini_hf.conversion.smol import assemble_leo_mini_smol  # noqa: E402
 from leo_mini_hf.training.collator import LeoMiniDataCollator  # noqa: E402
-from leo_mini_hf.training.data import EasyVQADataset  # noqa: E402
 from leo_mini_hf.training.feature_cache import VisionFeatureCache  # noqa: E402
-from leo_mini_hf.training.mosaic import EasyVQAMosaicDataset  # noqa: E402
+from leo_mini_hf.training.mosaic import mosaic_training_mix  # noqa: E402
 from leo_mini_hf.training.stages import apply_training_stage  # noqa: E402
 from leo_mini_hf.training.trainer import logits_to_keep_for_labels  # noqa: E402
 
@@ -63,9 +61,7 @@ def main() -> None:
     apply_training_stage(model, "finetune")
     model.train()
     VisionFeatureCache(args.work_dir / "feature-cache").attach(model)  # the expert's cost is not what is timed
-    plain = EasyVQADataset("train")
-    data = ConcatDataset([plain, *(EasyVQAMosaicDataset("train", grid, size=len(plain), seed=args.seed)
-                                   for grid in (2, 3))])
+    data, _ = mosaic_training_mix(args.seed)
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed)).tolist()
     collate = LeoMiniDataCollator(processor)
     batches = [collate([data[i] for i in order[b * args.batch_size:(b + 1) * args.batch_size]])

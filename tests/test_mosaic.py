@@ -16,6 +16,7 @@ from leo_mini_hf.training.mosaic import (
     LabelledImage,
     labelled_easy_vqa_images,
     location_blind_accuracy,
+    mosaic_training_mix,
 )
 
 
@@ -134,3 +135,13 @@ def test_location_blind_accuracy_beats_chance_on_real_mosaics():
     blind = location_blind_accuracy(EasyVQAMosaicDataset("test", 2, size=200, seed=0))
     assert blind["mosaic shape at cell"] > 1 / len(SHAPES) + 0.1
     assert blind["mosaic colour at cell"] > 1 / len(COLOURS) + 0.1
+
+
+def test_training_mix_is_easy_vqa_then_equal_thirds_of_seeded_train_mosaics():
+    mix, description = mosaic_training_mix(seed=3)
+    plain, two, three = mix.datasets
+    assert len(plain) == len(two) == len(three) == len(mix) // 3
+    assert [(d.split, d.grid, d.seed) for d in (two, three)] == [("train", 2, 3), ("train", 3, 3)]
+    assert description == {"easy-vqa": "train", "mosaics": [two.description(), three.description()]}
+    first_mosaic = EasyVQAMosaicDataset("train", 2, size=len(plain), seed=3)[0]
+    assert mix[len(plain)]["tiles"] == first_mosaic["tiles"] and mix[len(plain)]["answer"] == first_mosaic["answer"]

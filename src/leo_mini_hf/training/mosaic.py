@@ -15,7 +15,9 @@ from dataclasses import asdict, dataclass
 from functools import lru_cache
 
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import ConcatDataset, Dataset
+
+from .data import EasyVQADataset
 
 SHAPES = ("circle", "rectangle", "triangle")
 COLOURS = ("black", "blue", "brown", "gray", "green", "red", "teal", "yellow")
@@ -170,6 +172,14 @@ def location_blind_accuracy(dataset: EasyVQAMosaicDataset) -> dict[str, float]:
         most_frequent = [value for value, count in counts.items() if count == max(counts.values())]
         scores[question_type].append((answer in most_frequent) / len(most_frequent))
     return {question_type: sum(values) / len(values) for question_type, values in scores.items()}
+
+
+def mosaic_training_mix(seed: int = 0) -> tuple[ConcatDataset, dict]:
+    """The mosaic task's training set: easy-vqa train, then as many 2×2 and as many 3×3 train mosaics (a third
+    each). Returns the dataset and what regenerates it (recorded with results)."""
+    plain = EasyVQADataset("train")
+    mosaics = [EasyVQAMosaicDataset("train", grid, size=len(plain), seed=seed) for grid in (2, 3)]
+    return ConcatDataset([plain, *mosaics]), {"easy-vqa": "train", "mosaics": [m.description() for m in mosaics]}
 
 
 @lru_cache(maxsize=8192)
