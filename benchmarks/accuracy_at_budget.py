@@ -55,6 +55,7 @@ CONFIGS = {
 VARIANT = {"no-mmoe": ", general LoRA only (no routed experts)", "sum": ", summed pooled terms (cotr_pooling='sum')",
            "pos": ", learned position embeddings in the scores",
            "pos-cos": ", learned position embeddings, cosine scores (cotr_score_scaling='cosine')"}
+VARIANT_MARKER = {"no-mmoe": "x", "sum": "s", "pos": "^", "pos-cos": "v"}
 METHOD = {"cotr": "CoTR (text-conditioned)", "avgpool": "average pooling", "queries": "learned queries, no text",
           "full": "full tokens (LLaVA-style)"}
 
@@ -292,7 +293,9 @@ def write_report(results: list[dict], out: Path, command: str, task: str) -> Pat
         plot_panel(axis, rows, accuracy)
         axis.set_title(f"LEO-MINI-Smol: accuracy at a visual-token budget ({panel})", fontsize=10)
     figure.tight_layout()
-    figure.savefig(out / f"{stem}.png", dpi=120)
+    handles, labels = axes[0][0].get_legend_handles_labels()  # every panel plots the same rows
+    figure.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0), ncol=2, fontsize=8, frameon=False)
+    figure.savefig(out / f"{stem}.png", dpi=120, bbox_inches="tight")
     return out / f"{stem}.md"
 
 
@@ -302,18 +305,14 @@ def plot_panel(axis, rows: list[dict], accuracy) -> None:
                         if r["name"].split("-")[0] == method and r["name"].count("-") == 1)
         if points:
             axis.plot(*zip(*points), marker="o", label=METHOD[method])
-    markers = {"no-mmoe": ("x", "CoTR, general LoRA only"), "sum": ("s", "CoTR, summed pooled terms"),
-               "pos": ("^", "CoTR + position embeddings")}
     for r in rows:
         parts = r["name"].split("-", 2)  # family, tokens[, variant]
-        variant = parts[2] if len(parts) == 3 else None
-        if variant in markers:
-            axis.scatter([r["visual_tokens"]], [accuracy(r)], marker=markers[variant][0], color="black",
-                         label=markers[variant][1], zorder=3)
+        if len(parts) == 3:
+            axis.scatter([r["visual_tokens"]], [accuracy(r)], marker=VARIANT_MARKER[parts[2]], color="black",
+                         label="CoTR" + VARIANT[parts[2]], zorder=3)
     axis.set_xscale("log", base=2)
     axis.set_xlabel("visual tokens per image in the LLM")
     axis.set_ylabel("test accuracy (exact match)")
-    axis.legend(fontsize=8)
     axis.grid(alpha=0.3)
 
 
