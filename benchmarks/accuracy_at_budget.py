@@ -195,9 +195,14 @@ def save_trained_weights(model, path: Path, result: dict) -> None:
                                                 "test_accuracy": f"{result['test']['accuracy']:.4f}"})
 
 
+def family_and_variant(name: str) -> tuple[str, str]:
+    """"cotr-16-pos-cos" → ("cotr", "pos-cos"); "avgpool-64" → ("avgpool", "")."""
+    family, _, rest = name.partition("-")
+    return family, rest.partition("-")[2]
+
+
 def method_of(name: str) -> str:
-    family, _, variant = name.partition("-")
-    variant = variant.partition("-")[2]
+    family, variant = family_and_variant(name)
     return METHOD[family] + VARIANT.get(variant, "")
 
 
@@ -302,14 +307,14 @@ def write_report(results: list[dict], out: Path, command: str, task: str) -> Pat
 def plot_panel(axis, rows: list[dict], accuracy) -> None:
     for method in ("cotr", "avgpool", "queries", "full"):
         points = sorted((r["visual_tokens"], accuracy(r)) for r in rows
-                        if r["name"].split("-")[0] == method and r["name"].count("-") == 1)
+                        if family_and_variant(r["name"]) == (method, ""))
         if points:
             axis.plot(*zip(*points), marker="o", label=METHOD[method])
     for r in rows:
-        parts = r["name"].split("-", 2)  # family, tokens[, variant]
-        if len(parts) == 3:
-            axis.scatter([r["visual_tokens"]], [accuracy(r)], marker=VARIANT_MARKER[parts[2]], color="black",
-                         label="CoTR" + VARIANT[parts[2]], zorder=3)
+        variant = family_and_variant(r["name"])[1]
+        if variant:
+            axis.scatter([r["visual_tokens"]], [accuracy(r)], marker=VARIANT_MARKER[variant], color="black",
+                         label=method_of(r["name"]), zorder=3)
     axis.set_xscale("log", base=2)
     axis.set_xlabel("visual tokens per image in the LLM")
     axis.set_ylabel("test accuracy (exact match)")
