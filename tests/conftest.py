@@ -3,13 +3,13 @@
 import pytest
 import torch
 
-from leo_mini_hf import LeoMiniConfig, LeoMiniForConditionalGeneration
+from leo_mini_hf import LeoMiniConfig, LeoMiniForConditionalGeneration, preset_config
 
 torch.set_num_threads(2)
 
 
 def tiny_config(**overrides) -> LeoMiniConfig:
-    return LeoMiniConfig.from_preset("tiny", **overrides)
+    return preset_config("tiny", **overrides)
 
 
 def tiny_model(seed: int = 0, randomize_lora: bool = True, **overrides) -> LeoMiniForConditionalGeneration:

@@ -1,10 +1,12 @@
 """LeoMiniConfig: presets, options and their validation, serialisation."""
 
+import json
+
 import pytest
 import torch
 
 from conftest import tiny_config
-from leo_mini_hf import LeoMiniConfig, LeoMiniForConditionalGeneration
+from leo_mini_hf import LeoMiniConfig, LeoMiniForConditionalGeneration, preset_config
 
 
 def test_tiny_preset_and_overrides():
@@ -17,7 +19,7 @@ def test_tiny_preset_and_overrides():
 
 
 def test_documented_defaults():
-    config = LeoMiniConfig(**{k: v for k, v in LeoMiniConfig.from_preset("tiny").to_dict().items()
+    config = LeoMiniConfig(**{k: v for k, v in preset_config("tiny").to_dict().items()
                               if k in ("text_config", "vision_experts", "image_token_id")})
     assert config.num_visual_tokens == 64
     assert config.cotr_projection_dim == 256
@@ -28,11 +30,10 @@ def test_documented_defaults():
     assert config.mmoe_router_uses_hidden_state is True
     assert config.mmoe_expert_weighting == "softmax"
     assert config.mmoe_balance_loss_coef == 0.05
-    assert config.format_version == 1
 
 
 def test_paper_preset_shapes_on_meta_device():
-    config = LeoMiniConfig.from_preset("leo-mini-llama3-8b")
+    config = preset_config("leo-mini-llama3-8b")
     assert config.text_config.hidden_size == 4096 and config.text_config.num_hidden_layers == 32
     with torch.device("meta"):
         model = LeoMiniForConditionalGeneration(config)
@@ -46,7 +47,7 @@ def test_paper_preset_shapes_on_meta_device():
 
 def test_unknown_preset_raises():
     with pytest.raises(ValueError, match="Unknown preset 'huge'"):
-        LeoMiniConfig.from_preset("huge")
+        preset_config("huge")
 
 
 @pytest.mark.parametrize(
@@ -83,3 +84,28 @@ def test_json_round_trip(tmp_path):
     assert reloaded.to_dict() == config.to_dict()
     assert reloaded.vision_experts == config.vision_experts
     assert reloaded.text_config.to_dict() == config.text_config.to_dict()
+
+
+def test_options_with_fixed_choices_are_typed_and_checked_in_one_place():
+    """Every `Literal[...]`-typed option is validated against its choices, so a new option needs no extra check."""
+    import dataclasses
+    from typing import Literal, get_args
+
+    typed = {field.name: get_args(field.type) for field in dataclasses.fields(LeoMiniConfig)
+             if getattr(field.type, "__origin__", None) is Literal}
+    assert set(typed) == {"token_reduction", "cotr_pooling", "cotr_score_scaling", "mmoe_expert_weighting"}
+    for name, choices in typed.items():
+        assert getattr(tiny_config(), name) in choices
+        with pytest.raises(ValueError, match=rf"`{name}` must be one of"):
+            tiny_config(**{name: "no-such-choice"})
+
+
+def test_format_version_of_old_configs_is_dropped(tmp_path):
+    config = tiny_config()
+    config.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert "format_version" not in saved
+    saved["format_version"] = 1  # what checkpoints before 0.2 wrote
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    reloaded = LeoMiniConfig.from_pretrained(tmp_path)
+    assert not hasattr(reloaded, "format_version") and reloaded.to_dict() == config.to_dict()

@@ -2,8 +2,8 @@
 
 import pytest
 
-from leo_mini_hf.evaluation import with_images_swapped
-from leo_mini_hf.training.mosaic import EasyVQAMosaicDataset
+from leo_mini_hf.easyvqa.evaluation import with_images_swapped
+from leo_mini_hf.easyvqa.mosaic import EasyVQAMosaicDataset
 
 
 def image_of(sample):

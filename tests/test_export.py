@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from leo_mini_hf.cli import main as cli
-from leo_mini_hf.conversion import export as export_module
-from leo_mini_hf.conversion.export import export_checkpoint, read_safetensors_folder
-from leo_mini_hf.conversion.push import PushError, push_folder
+from leo_mini_hf.hub import export as export_module
+from leo_mini_hf.hub.export import export_checkpoint, read_safetensors_folder
+from leo_mini_hf.hub.push import PushError, push_folder
 
 
 def folder_digest(folder) -> str:
@@ -89,7 +89,7 @@ def test_verification_catches_a_changed_tensor(tiny_checkpoint, exported):
 def test_push_without_token_fails_clearly(exported, monkeypatch, tmp_path):
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))
-    monkeypatch.setattr("leo_mini_hf.conversion.push.get_token", lambda: None)
+    monkeypatch.setattr("leo_mini_hf.hub.push.get_token", lambda: None)
     before = folder_digest(exported)
     with pytest.raises(PushError, match="No Hugging Face token"):
         push_folder(exported, "acme/leo-mini-tiny")

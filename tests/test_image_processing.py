@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from leo_mini_hf.modeling.presets import CLIP_MEAN, CLIP_STD
+from transformers.image_utils import OPENAI_CLIP_MEAN as CLIP_MEAN, OPENAI_CLIP_STD as CLIP_STD
 from leo_mini_hf.processor.image_processing_leo_mini import LeoMiniImageProcessor, to_rgb_image
 
 SIZE = 32

@@ -6,19 +6,18 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from conftest import tiny_config, tiny_model
-from leo_mini_hf.modeling.mmoe import MMoELinear, MMoERoutingState, load_balancing_loss
+from leo_mini_hf.modeling.mmoe import MMoELinear, MMoERouting, load_balancing_loss
 
 
 def make_layer(batch=2, seq=5, **overrides):
     torch.manual_seed(0)
     config = tiny_config(**overrides)
-    state = MMoERoutingState()
-    layer = MMoELinear(nn.Linear(12, 7), config, context_dim=6, routing_state=state, name="layer")
+    layer = MMoELinear(nn.Linear(12, 7), config, context_dim=6, name="layer")
     with torch.no_grad():
         layer.general_lora_B.normal_()
         layer.experts_lora_B.normal_()
-    state.start(torch.randn(batch, 6), None)
-    return layer, state, torch.randn(batch, seq, 12)
+    layer.routing = MMoERouting(torch.randn(batch, 6), None, config.mmoe_top_k)
+    return layer, layer.routing, torch.randn(batch, seq, 12)
 
 
 @pytest.mark.parametrize("weighting", ["softmax", "renormalized"])
@@ -58,7 +57,10 @@ def test_per_token_routing_depends_on_hidden_state():
 
 def test_layer_without_context_raises():
     layer, state, x = make_layer()
-    state.start(torch.randn(5, 6), None)
+    layer.routing = MMoERouting(torch.randn(5, 6), None, 1)
+    with pytest.raises(ValueError, match="routing context"):
+        layer(x)
+    layer.routing = None
     with pytest.raises(ValueError, match="routing context"):
         layer(x)
 
@@ -85,8 +87,9 @@ def test_fresh_model_equals_its_base_llm():
     model = tiny_model(randomize_lora=False)
     config = model.config
     base = AutoModelForCausalLM.from_config(config.text_config).eval()
-    state = {f"model.{k}": v for k, v in model.model.language_model.state_dict().items() if "lora" not in k
-             and "router" not in k}
+    parts = model.parameter_parts()
+    prefix = "model.language_model."
+    state = {f"model.{k}": v for k, v in model.model.language_model.state_dict().items() if parts[prefix + k] == "llm"}
     state["lm_head.weight"] = model.lm_head.weight
     base.load_state_dict(state, strict=True)
     input_ids = torch.tensor([[1, 10, 20, 30, 40, 50]])
@@ -117,5 +120,18 @@ def test_unknown_target_module_raises():
 
 def test_general_lora_only_ablation_has_no_router_and_no_aux_loss():
     model = tiny_model(mmoe_num_experts=0)
-    assert not any("router" in name for name, _ in model.named_parameters())
+    assert "mmoe_routers" not in set(model.parameter_parts().values())
     assert model(input_ids=torch.tensor([[1, 10, 11]])).aux_loss is None
+
+
+def test_model_talks_to_mmoe_through_one_routing_per_forward():
+    """Each forward hands every MMoE layer the same routing (its context in, all router probabilities out), and the
+    model's aux_loss is that routing's balance loss."""
+    model = tiny_model()
+    outputs = model(input_ids=torch.tensor([[1, 10, 11, 12]]))
+    routings = {id(layer.routing) for layer in model.model.mmoe.layers}
+    assert len(routings) == 1 and len(model.model.mmoe.layers) == model.config.text_config.num_hidden_layers
+    routing = model.model.mmoe.layers[0].routing
+    torch.testing.assert_close(routing.context, outputs.routing_context)
+    assert set(routing.router_probs) == {layer.layer_name for layer in model.model.mmoe.layers}
+    torch.testing.assert_close(routing.balance_loss(), outputs.aux_loss)

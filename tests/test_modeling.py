@@ -6,6 +6,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
 
 from conftest import image_prompt, random_pixels, tiny_config, tiny_model
 from leo_mini_hf import LeoMiniConfig, LeoMiniForConditionalGeneration, LeoMiniModel
+from leo_mini_hf.training.stages import apply_training_stage
 
 
 def test_shapes_through_every_stage(model):
@@ -41,15 +42,6 @@ def test_visual_tokens_land_on_image_positions(model):
     torch.testing.assert_close(hooked["embeds"][0, positions], output.image_hidden_states[0])
 
 
-def test_full_token_baseline_passes_every_token():
-    model = tiny_model(token_reduction="none")
-    config = model.config
-    assert model.model.token_reducer is None
-    assert config.num_image_tokens == 16  # the first expert's 4x4 grid; ConvNeXt's 2x2 is resampled to it
-    output = model(input_ids=torch.tensor([image_prompt(config)]), pixel_values=random_pixels(config))
-    assert output.image_hidden_states.shape == (1, 16, config.text_config.hidden_size)
-
-
 def test_text_only_input_works(model):
     output = model(input_ids=torch.tensor([[1, 10, 11, 12]]), labels=torch.tensor([[1, 10, 11, 12]]))
     assert output.image_hidden_states is None
@@ -58,15 +50,9 @@ def test_text_only_input_works(model):
     assert generated.shape == (1, 6)
 
 
-def _stage3_trainable(model):
-    """The paper's stage 3: CoTR, projector, MMoE trainable; LLM base weights and vision experts frozen."""
-    for name, param in model.named_parameters():
-        param.requires_grad = any(key in name for key in ("token_reducer", "multi_modal_projector", "lora", "router"))
-
-
 def test_gradients_reach_trainable_parts_only():
     model = tiny_model().train()
-    _stage3_trainable(model)
+    apply_training_stage(model, "finetune")  # the paper's stage 3: vision experts and the LLM's own weights frozen
     config = model.config
     prompt = image_prompt(config)
     input_ids = torch.tensor([prompt + [20, 21, 2]])
@@ -264,17 +250,3 @@ def test_beam_search_keeps_each_prompts_images_together(model):
                            do_sample=False, output_logits=True, return_dict_in_generate=True)
     first_step = beams.logits[0]  # (2 prompts x 2 beams, V)
     torch.testing.assert_close(first_step, expected.repeat_interleave(2, dim=0), rtol=1e-5, atol=1e-5)
-
-
-def test_average_pooling_baseline():
-    model = tiny_model(token_reduction="avg_pool", num_visual_tokens=4)
-    config = model.config
-    assert model.model.token_reducer is None and config.num_image_tokens == 4
-    pixels = random_pixels(config)
-    output = model(input_ids=torch.tensor([image_prompt(config)]), pixel_values=pixels)
-    clip, convnext = (expert(pixels) for expert in model.model.vision_experts)
-    clip_pooled = clip.reshape(1, 2, 2, 2, 2, 32).mean(dim=(2, 4)).reshape(1, 4, 32)  # 4x4 grid → 2x2 means
-    expected = model.model.multi_modal_projector(torch.cat([clip_pooled, convnext], dim=-1))
-    torch.testing.assert_close(output.image_hidden_states, expected)
-    with pytest.raises(ValueError, match="square num_visual_tokens"):
-        tiny_config(token_reduction="avg_pool", num_visual_tokens=5)

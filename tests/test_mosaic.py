@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from leo_mini_hf.training.mosaic import (
+from leo_mini_hf.easyvqa.mosaic import (
     CELL_NAMES,
     COLOURS,
     SHAPES,

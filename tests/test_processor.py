@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 IMAGE = Image.fromarray(np.random.RandomState(0).randint(0, 256, (24, 40, 3), dtype=np.uint8))

@@ -11,7 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from leo_mini_hf.conversion.mobilenet_v2 import IMAGENET_MEAN, IMAGENET_STD, convert_mobilenet_v2, reference_forward
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN, IMAGENET_DEFAULT_STD as IMAGENET_STD
+
+from leo_mini_hf.conversion.mobilenet_v2 import convert_mobilenet_v2, reference_forward
 from leo_mini_hf.conversion.smol import installed_asset
 
 try:
@@ -66,7 +68,8 @@ def test_leo_mini_smol_builds_and_answers_text(tmp_path, capsys):
     processor = LeoMiniProcessor.from_pretrained(out)
     load_seconds = time.perf_counter() - started
     total = sum(p.numel() for p in model.parameters())
-    llm = sum(p.numel() for n, p in model.model.language_model.named_parameters() if "lora" not in n and "router" not in n)
+    parts = model.parameter_parts()
+    llm = sum(p.numel() for n, p in model.named_parameters() if parts[n] == "llm")
     with capsys.disabled():
         print(f"\nleo-mini-smol: build {build_seconds:.1f} s, load {load_seconds:.2f} s, {total:,} parameters "
               f"({llm:,} LLM, {sum(p.numel() for p in model.model.vision_experts.parameters()):,} vision)")

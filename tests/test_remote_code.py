@@ -12,8 +12,8 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
 
 from leo_mini_hf import LeoMiniForConditionalGeneration, LeoMiniProcessor
-from leo_mini_hf.conversion.export import BLOCK_PACKAGE_IMPORT
-from leo_mini_hf.conversion.hub import AUTO_MAP, remote_code_files
+from leo_mini_hf.hub.checkpoint_folder import AUTO_MAP, remote_code_files
+from leo_mini_hf.hub.export import BLOCK_PACKAGE_IMPORT
 
 
 CHAT = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is the shape?"}]}]

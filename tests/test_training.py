@@ -12,18 +12,13 @@ import torch
 from PIL import Image
 
 from conftest import tiny_config as tiny_config_with
-from helpers.training_data import colour_sample, overfit_set
-from leo_mini_hf import LeoMiniForConditionalGeneration, LeoMiniProcessor
+from helpers.training_data import colour_sample, frozen_fingerprint, overfit_set
+from leo_mini_hf import LeoMiniForConditionalGeneration
 from leo_mini_hf.cli import main as cli
 from leo_mini_hf.training.collator import LeoMiniDataCollator
 from leo_mini_hf.training.data import LlavaConversationDataset
-from leo_mini_hf.training.stages import STAGE_PARTS, apply_training_stage, trainable_part
-from leo_mini_hf.training.trainer import (
-    LeoMiniTrainer,
-    default_training_arguments,
-    frozen_fingerprint,
-    logits_to_keep_for_labels,
-)
+from leo_mini_hf.training.stages import STAGE_PARTS, apply_training_stage
+from leo_mini_hf.training.trainer import LeoMiniTrainer, default_training_arguments, logits_to_keep_for_labels
 
 TESTS = Path(__file__).parent
 
@@ -115,7 +110,7 @@ def test_bad_records_are_named_or_skipped(tmp_path, bad, match):
 
 def test_easy_vqa_adapter():
     pytest.importorskip("easy_vqa")
-    from leo_mini_hf.training.data import EasyVQADataset
+    from leo_mini_hf.easyvqa.dataset import EasyVQADataset
 
     dataset = EasyVQADataset("test", limit=5)
     sample = dataset[0]
@@ -128,8 +123,9 @@ def test_easy_vqa_adapter():
 @pytest.mark.parametrize("stage", ["pretrain", "finetune", "full"])
 def test_stages_set_requires_grad_exactly(tiny_checkpoint, stage):
     model = load(tiny_checkpoint, stage)
+    parts = model.parameter_parts()
     for name, param in model.named_parameters():
-        assert param.requires_grad == (trainable_part(name) in STAGE_PARTS[stage]), name
+        assert param.requires_grad == (parts[name] in STAGE_PARTS[stage]), name
     if stage == "finetune":
         assert not any(p.requires_grad for n, p in model.named_parameters() if "vision_experts" in n)
         assert not model.model.language_model.layers[0].mlp.down_proj.weight.requires_grad

@@ -3,7 +3,9 @@
 import pytest
 import torch
 
-from leo_mini_hf.modeling.presets import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN, IMAGENET_DEFAULT_STD as IMAGENET_STD
+from transformers.image_utils import OPENAI_CLIP_MEAN as CLIP_MEAN, OPENAI_CLIP_STD as CLIP_STD
+
 from leo_mini_hf.modeling.vision_experts import VisionExpert
 
 VIT = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
@@ -54,13 +56,6 @@ def test_feature_layer_and_prefix_tokens_select_the_right_features():
     pixels = torch.randn(2, 3, 32, 32)
     hidden_states = expert.model(expert._prepare_pixels(pixels), output_hidden_states=True).hidden_states
     torch.testing.assert_close(expert(pixels), hidden_states[-2][:, 1:])
-
-
-def test_grid_resampling():
-    expert = make_expert("convnext")
-    features = expert(torch.randn(1, 3, 64, 64))
-    assert expert.resample_to_grid(features, 4).shape == (1, 16, 32)
-    assert expert.resample_to_grid(features, 2) is features
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

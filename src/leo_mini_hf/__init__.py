@@ -12,9 +12,10 @@ from transformers import (
 )
 
 from .modeling import LeoMiniConfig, LeoMiniForConditionalGeneration, LeoMiniModel, LeoMiniPreTrainedModel
+from .presets import preset_config
 from .processor import LeoMiniImageProcessor, LeoMiniProcessor
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 AutoConfig.register("leo_mini", LeoMiniConfig, exist_ok=True)
 AutoModel.register(LeoMiniConfig, LeoMiniModel, exist_ok=True)
@@ -29,4 +30,5 @@ __all__ = [
     "LeoMiniModel",
     "LeoMiniPreTrainedModel",
     "LeoMiniProcessor",
+    "preset_config",
 ]

@@ -1,14 +1,9 @@
-"""`leo-mini` command line: demo, eval, build, convert, export, push, train."""
+"""`leo-mini` command line: argument parsing and dispatch (demo, eval, build, convert, export, push, train)."""
 
 import argparse
 import json
 import sys
 import time
-from pathlib import Path
-
-import torch
-
-from .modeling import LeoMiniConfig, LeoMiniForConditionalGeneration
 
 
 def parse_overrides(pairs: list[str]) -> dict:
@@ -26,143 +21,41 @@ def parse_overrides(pairs: list[str]) -> dict:
 
 
 def run_demo(args: argparse.Namespace) -> None:
-    """LEO-MINI-Smol trained on easy-vqa, through `pipeline("image-text-to-text")`, on bundled or given questions."""
+    from .demo import run_random_demo, run_trained_demo
+
     if args.preset == "tiny":
-        return run_random_demo(args)
-    from tqdm.auto import tqdm
-    from transformers import pipeline
-
-    from .demo import DEMO_WEIGHTS, bundled_questions, demo_checkpoint, demo_metadata
-
-    if bool(args.image) != bool(args.question):
-        raise SystemExit("leo-mini demo: give --image and --question together")
-    if not DEMO_WEIGHTS.is_file():
-        raise SystemExit(f"leo-mini demo: the trained weights {DEMO_WEIGHTS.name} are not in this install; "
-                         "run `leo-mini demo --preset tiny` for the random tiny model")
-    with tqdm(total=5, desc="preparing LEO-MINI-Smol", unit="step") as progress:
-        folder = Path(args.model) if args.model else demo_checkpoint(progress)
-        progress.set_description("loading the pipeline")
-        pipe = pipeline("image-text-to-text", model=str(folder))
-        progress.update(progress.total - progress.n)
-    model = pipe.model
-    expert_tokens = sum(expert.num_tokens for expert in model.model.vision_experts)
-    print(f"LEO-MINI-Smol ({folder}): SmolLM2-135M-Instruct + MobileNetV2, trained on easy-vqa "
-          f"({demo_metadata().get('steps', '?')} steps)")
-    print(f"visual tokens per image: {expert_tokens} from the expert -> {model.config.num_image_tokens} after CoTR")
-    questions = [{"image": args.image, "question": args.question, "answer": None}] if args.image else bundled_questions()
-    correct = 0
-    for item in questions:
-        chat = [{"role": "user", "content": [{"type": "image", "path": item["image"]},
-                                             {"type": "text", "text": item["question"]}]}]
-        started = time.perf_counter()
-        output = pipe(text=chat, max_new_tokens=args.max_new_tokens, return_full_text=False,
-                      generate_kwargs={"do_sample": False})
-        seconds = time.perf_counter() - started
-        answer = output[0]["generated_text"].strip()
-        verdict = ""
-        if item["answer"] is not None:
-            hit = answer.lower().strip(".") == item["answer"]
-            correct += hit
-            verdict = f"  (expected {item['answer']}: {'right' if hit else 'WRONG'})"
-        print(f"{Path(item['image']).name}: {item['question']} -> {answer}{verdict}  [{seconds:.2f} s]")
-    if not args.image:
-        print(f"{correct}/{len(questions)} bundled questions answered correctly")
+        run_random_demo(args.preset, args.seed, args.max_new_tokens)
+    else:
+        run_trained_demo(args.model, args.image, args.question, args.max_new_tokens)
 
 
 def run_eval(args: argparse.Namespace) -> None:
-    from .evaluation import evaluate_vqa
-    from .processor import LeoMiniProcessor
-    from .training.data import EasyVQADataset
-    from .training.mosaic import EasyVQAMosaicDataset
+    from .easyvqa.evaluation import evaluate_checkpoint
 
-    model = LeoMiniForConditionalGeneration.from_pretrained(args.model)
-    processor = LeoMiniProcessor.from_pretrained(args.model)
-    if args.dataset == "easy-vqa":
-        dataset, limit = EasyVQADataset(args.split), args.limit
-    else:  # mosaic-2x2 / mosaic-3x3: a seeded set of `limit` (default 400) mosaic questions
-        grid = int(args.dataset[-1])
-        dataset, limit = EasyVQAMosaicDataset(args.split, grid, size=args.limit or 400, seed=args.seed), None
-    result = evaluate_vqa(model, processor, dataset, limit=limit, batch_size=args.batch_size, seed=args.seed,
-                          swap_images=args.swap_images)
-    print(json.dumps(result, indent=2))
-    print(f"\n| question type | accuracy | questions |\n|---|---|---|")
-    for kind, accuracy in result["per_type"].items():
-        print(f"| {kind} | {accuracy:.3f} | {result['count_per_type'][kind]} |")
-    print(f"| all | {result['accuracy']:.3f} | {result['count']} |")
-
-
-def run_random_demo(args: argparse.Namespace) -> None:
-    """Build a random model from a preset and run one image + prompt through `generate`."""
-    torch.manual_seed(args.seed)
-    config = LeoMiniConfig.from_preset(args.preset)
-    started = time.perf_counter()
-    model = LeoMiniForConditionalGeneration(config).eval()
-    print(f"built random '{args.preset}' LEO-MINI in {time.perf_counter() - started:.2f} s "
-          f"({sum(p.numel() for p in model.parameters()):,} parameters)")
-
-    experts = model.model.vision_experts
-    for index, expert in enumerate(experts):
-        print(f"  expert {index}: {type(expert.model).__name__:<24} {expert.num_tokens:>5} tokens x {expert.hidden_size}")
-    tokens_before = sum(expert.num_tokens for expert in experts)
-    print(f"visual tokens per image: {tokens_before} from the experts -> {config.num_image_tokens} after "
-          f"{'CoTR' if config.token_reduction == 'cotr' else 'no reduction'}")
-
-    image = torch.randn(1, 3, config.image_size, config.image_size)
-    prompt = [config.text_config.bos_token_id or 0] + [config.image_token_id] * config.num_image_tokens + [10, 11, 12]
-    input_ids = torch.tensor([prompt])
-    started = time.perf_counter()
-    with torch.no_grad():
-        generated = model.generate(input_ids=input_ids, pixel_values=image, max_new_tokens=args.max_new_tokens,
-                                   do_sample=False)
-    print(f"generated token ids (random weights): {generated[0, input_ids.shape[1]:].tolist()} "
-          f"in {time.perf_counter() - started:.2f} s")
+    evaluate_checkpoint(args.model, args.dataset, args.split, limit=args.limit, seed=args.seed,
+                        batch_size=args.batch_size, swap_images=args.swap_images)
 
 
 def run_build(args: argparse.Namespace) -> None:
-    """Write a complete checkpoint folder (atomically: never a half-written or overwritten folder)."""
-    from .conversion.build import build_random_checkpoint
-    from .conversion.hub import write_folder_atomically
-    from .conversion.pretrained_parts import build_from_pretrained_parts
-    from .conversion.smol import build_leo_mini_smol
+    from .conversion.build import build_checkpoint
 
-    overrides = parse_overrides(args.set)
-    if args.llm or args.vision_expert:
-        if not (args.llm and args.vision_expert):
-            raise SystemExit("leo-mini build: --llm needs at least one --vision-expert, and the other way round")
-        if args.image_size:
-            overrides["image_size"] = args.image_size
-        write = lambda folder: build_from_pretrained_parts(args.llm, args.vision_expert, folder, **overrides)  # noqa: E731
-    elif args.preset == "leo-mini-smol":
-        write = lambda folder: build_leo_mini_smol(folder, **overrides)  # noqa: E731
-    elif args.random_init:
-        write = lambda folder: build_random_checkpoint(args.preset, folder, seed=args.seed, **overrides)  # noqa: E731
-    else:
-        raise SystemExit("leo-mini build: give --llm and --vision-expert, --preset leo-mini-smol, "
-                         "or --preset tiny --random-init")
     started = time.perf_counter()
-    write_folder_atomically(args.out, write)
+    build_checkpoint(args.out, preset=args.preset, random_init=args.random_init, llm=args.llm,
+                     vision_experts=args.vision_expert, image_size=args.image_size, seed=args.seed,
+                     **parse_overrides(args.set))
     print(f"wrote {args.out} ({time.perf_counter() - started:.1f} s)")
 
 
 def run_convert(args: argparse.Namespace) -> None:
-    from .conversion.gguf_llm import convert_gguf_llm
-    from .conversion.hub import write_folder_atomically
-    from .conversion.llava import convert_llava
-    from .conversion.mobilenet_v2 import convert_mobilenet_v2
+    from .conversion.build import convert_checkpoint
 
-    if args.source == "llava":
-        overrides = parse_overrides(args.set)
-        write = lambda folder: convert_llava(args.src, folder, token_reduction=args.token_reduction, **overrides)  # noqa: E731
-    elif args.source == "gguf":
-        write = lambda folder: convert_gguf_llm(args.src, folder)  # noqa: E731
-    else:
-        write = lambda folder: convert_mobilenet_v2(args.src, folder)  # noqa: E731
-    write_folder_atomically(args.out, write)
+    convert_checkpoint(args.source, args.src, args.out, token_reduction=args.token_reduction,
+                       **parse_overrides(args.set))
     print(f"wrote {args.out}")
 
 
 def run_export(args: argparse.Namespace) -> None:
-    from .conversion.export import export_checkpoint
+    from .hub.export import export_checkpoint
 
     started = time.perf_counter()
     export_checkpoint(args.model, args.out, max_shard_size=args.max_shard_size, dtype=args.dtype,
@@ -171,7 +64,7 @@ def run_export(args: argparse.Namespace) -> None:
 
 
 def run_push(args: argparse.Namespace) -> None:
-    from .conversion.push import PushError, push_folder
+    from .hub.push import PushError, push_folder
 
     try:
         url = push_folder(args.folder, args.repo_id, private=args.private, revision=args.revision)
@@ -181,46 +74,9 @@ def run_push(args: argparse.Namespace) -> None:
 
 
 def run_train(args: argparse.Namespace, extra: list[str]) -> None:
-    """`leo-mini train`: Trainer with every TrainingArguments flag (parsed by HfArgumentParser)."""
-    from transformers import HfArgumentParser, TrainingArguments
+    from .training.run import run_training
 
-    from .processor import LeoMiniProcessor
-    from .training.collator import LeoMiniDataCollator
-    from .training.data import EasyVQADataset, LlavaConversationDataset
-    from .training.stages import apply_training_stage, format_parameter_table
-    from .training.trainer import LeoMiniTrainer, TrainScriptArguments
-
-    parser = HfArgumentParser((TrainScriptArguments, TrainingArguments))
-    script, training = parser.parse_args_into_dataclasses(extra)
-    training.remove_unused_columns = False  # the collator needs the raw samples
-    model = LeoMiniForConditionalGeneration.from_pretrained(script.model)
-    processor = LeoMiniProcessor.from_pretrained(script.model)
-    if script.data == "easy-vqa":
-        dataset = EasyVQADataset(split=script.split, limit=script.limit)
-    else:
-        dataset = LlavaConversationDataset(script.data, script.image_root, skip_bad_records=script.skip_bad_records)
-        if dataset.skipped:
-            print(f"skipped {len(dataset.skipped)} bad record(s); first: {dataset.skipped[0]}")
-        if script.limit:
-            dataset.samples = dataset.samples[: script.limit]
-    print(f"stage '{script.stage}':\n" + format_parameter_table(apply_training_stage(model, script.stage)))
-    feature_cache = None
-    if script.feature_cache_dir:
-        from .training.feature_cache import VisionFeatureCache
-
-        feature_cache = VisionFeatureCache(script.feature_cache_dir)
-        feature_cache.attach(model)
-    trainer = LeoMiniTrainer(model=model, args=training, train_dataset=dataset,
-                             data_collator=LeoMiniDataCollator(processor, script.max_length), processing_class=processor)
-    trainer.train(resume_from_checkpoint=training.resume_from_checkpoint)
-    if feature_cache is not None:
-        feature_cache.detach(model)
-        print(f"feature cache {script.feature_cache_dir}: {feature_cache.stats()}")
-    trainer.save_model()
-    if trainer.is_world_process_zero():
-        from .conversion.hub import add_remote_code
-
-        add_remote_code(training.output_dir)
+    run_training(extra)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,76 +1,34 @@
-"""LEO-MINI-Smol trained on easy-vqa: the shipped adapter weights, and the `leo-mini demo` assembly."""
+"""`leo-mini demo`: LEO-MINI-Smol trained on easy-vqa (assembled offline from installed parts and the shipped trained
+weights) through `pipeline("image-text-to-text")`, or a random preset model through `generate`."""
 
-import hashlib
 import json
+import os
+import shutil
+import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+
+from .training.adapter_weights import adapter_metadata, load_adapter_weights, sha256_of
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEMO_WEIGHTS = ASSETS / "leo-mini-smol-easyvqa.safetensors"
-TRAINED_PARTS = ("token_reducer.", "multi_modal_projector.", "_lora_", "router.")
-
-
-def is_trained_part(name: str) -> bool:
-    """CoTR, projector, MMoE LoRA experts and routers: what stage-3 training changes (not the pretrained parts)."""
-    return any(part in name for part in TRAINED_PARTS)
-
-
-def sha256_of(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def save_adapter_weights(model, path: Path, metadata: dict[str, str]) -> str:
-    """Write the trained parts as float16 safetensors (+ a .sha256 file); returns the checksum."""
-    state = {name: tensor.detach().to(torch.float16).contiguous()
-             for name, tensor in model.state_dict().items() if is_trained_part(name)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(path), metadata=metadata)
-    checksum = sha256_of(path)
-    path.with_suffix(".sha256").write_text(f"{checksum}  {path.name}\n")
-    return checksum
-
-
-def load_adapter_weights(model, path: Path = DEMO_WEIGHTS) -> None:
-    """Load shipped trained parts into an assembled model, after checking the checksum and that every trained
-    parameter of the model is covered."""
-    expected = path.with_suffix(".sha256").read_text().split()[0]
-    if sha256_of(path) != expected:
-        raise ValueError(f"{path} does not match its checksum; the file is corrupt or was changed")
-    state = load_file(str(path))
-    model_state = model.state_dict()
-    missing = sorted(name for name in model_state if is_trained_part(name) and name not in state)
-    unexpected = sorted(name for name in state if name not in model_state)
-    if missing or unexpected:
-        raise ValueError(f"{path} does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    model.load_state_dict({name: tensor.to(model_state[name].dtype) for name, tensor in state.items()}, strict=False)
-
-
-def demo_metadata(path: Path = DEMO_WEIGHTS) -> dict:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as handle:
-        return dict(handle.metadata())
-
-
-def demo_config_overrides(path: Path = DEMO_WEIGHTS) -> dict:
-    return json.loads(demo_metadata(path)["config"])
-
-
 DEMO_QUESTIONS = ASSETS / "demo" / "questions.json"
 
 
-def default_cache_dir() -> Path:
-    import os
+def demo_config_overrides(path: Path = DEMO_WEIGHTS) -> dict:
+    """The `LeoMiniConfig` options the shipped weights were trained with."""
+    return json.loads(adapter_metadata(path)["config"])
 
+
+def default_cache_dir() -> Path:
     return Path(os.environ.get("LEO_MINI_CACHE", Path.home() / ".cache" / "leo-mini-hf"))
 
 
 def build_demo_checkpoint(folder: Path, progress=None) -> Path:
     """LEO-MINI-Smol from the installed pretrained packages + the shipped trained weights, saved to `folder`."""
-    from .conversion.hub import save_for_hub, write_folder_atomically
     from .conversion.smol import assemble_leo_mini_smol, convert_smol_parts
+    from .hub.checkpoint_folder import save_for_hub, write_folder_atomically
 
     def step(message):
         if progress is not None:
@@ -85,7 +43,7 @@ def build_demo_checkpoint(folder: Path, progress=None) -> Path:
         torch.manual_seed(0)
         model, processor = assemble_leo_mini_smol(parts, **demo_config_overrides())
         step("loading the trained CoTR / projector / MMoE weights")
-        load_adapter_weights(model)
+        load_adapter_weights(model, DEMO_WEIGHTS)
         step("saving the checkpoint")
         save_for_hub(model, processor, staging)
         (staging / "adapter.sha256").write_text(sha256_of(DEMO_WEIGHTS))
@@ -95,8 +53,6 @@ def build_demo_checkpoint(folder: Path, progress=None) -> Path:
 
 def demo_checkpoint(progress=None) -> Path:
     """The cached demo checkpoint, rebuilt when the shipped weights change."""
-    import shutil
-
     folder = default_cache_dir() / "leo-mini-smol-easyvqa"
     marker = folder / "adapter.sha256"
     if folder.exists() and (not marker.is_file() or marker.read_text() != sha256_of(DEMO_WEIGHTS)):
@@ -108,3 +64,74 @@ def demo_checkpoint(progress=None) -> Path:
 
 def bundled_questions() -> list[dict]:
     return [dict(q, image=str(DEMO_QUESTIONS.parent / q["image"])) for q in json.loads(DEMO_QUESTIONS.read_text())]
+
+
+def run_trained_demo(model_dir: str | None, image: str | None, question: str | None, max_new_tokens: int) -> None:
+    """Answer the bundled easy-vqa test questions (or `question` about `image`), printing each answer, the visual
+    tokens before and after CoTR, and the time per answer."""
+    from tqdm.auto import tqdm
+    from transformers import pipeline
+
+    if bool(image) != bool(question):
+        raise ValueError("give --image and --question together")
+    if not DEMO_WEIGHTS.is_file():
+        raise ValueError(f"the trained weights {DEMO_WEIGHTS.name} are not in this install; run "
+                         "`leo-mini demo --preset tiny` for the random tiny model")
+    with tqdm(total=5, desc="preparing LEO-MINI-Smol", unit="step") as progress:
+        folder = Path(model_dir) if model_dir else demo_checkpoint(progress)
+        progress.set_description("loading the pipeline")
+        pipe = pipeline("image-text-to-text", model=str(folder))
+        progress.update(progress.total - progress.n)
+    model = pipe.model
+    expert_tokens = sum(expert.num_tokens for expert in model.model.vision_experts)
+    print(f"LEO-MINI-Smol ({folder}): SmolLM2-135M-Instruct + MobileNetV2, trained on easy-vqa "
+          f"({adapter_metadata(DEMO_WEIGHTS).get('steps', '?')} steps)")
+    print(f"visual tokens per image: {expert_tokens} from the expert -> {model.config.num_image_tokens} after CoTR")
+    questions = [{"image": image, "question": question, "answer": None}] if image else bundled_questions()
+    correct = 0
+    for item in questions:
+        chat = [{"role": "user", "content": [{"type": "image", "path": item["image"]},
+                                             {"type": "text", "text": item["question"]}]}]
+        started = time.perf_counter()
+        output = pipe(text=chat, max_new_tokens=max_new_tokens, return_full_text=False,
+                      generate_kwargs={"do_sample": False})
+        seconds = time.perf_counter() - started
+        answer = output[0]["generated_text"].strip()
+        verdict = ""
+        if item["answer"] is not None:
+            hit = answer.lower().strip(".") == item["answer"]
+            correct += hit
+            verdict = f"  (expected {item['answer']}: {'right' if hit else 'WRONG'})"
+        print(f"{Path(item['image']).name}: {item['question']} -> {answer}{verdict}  [{seconds:.2f} s]")
+    if not image:
+        print(f"{correct}/{len(questions)} bundled questions answered correctly")
+
+
+def run_random_demo(preset: str, seed: int, max_new_tokens: int) -> None:
+    """Build a random model from a preset and run one image + prompt through `generate`."""
+    from .modeling import LeoMiniForConditionalGeneration
+    from .presets import preset_config
+
+    torch.manual_seed(seed)
+    config = preset_config(preset)
+    started = time.perf_counter()
+    model = LeoMiniForConditionalGeneration(config).eval()
+    print(f"built random '{preset}' LEO-MINI in {time.perf_counter() - started:.2f} s "
+          f"({sum(p.numel() for p in model.parameters()):,} parameters)")
+
+    experts = model.model.vision_experts
+    for index, expert in enumerate(experts):
+        print(f"  expert {index}: {type(expert.model).__name__:<24} {expert.num_tokens:>5} tokens x {expert.hidden_size}")
+    tokens_before = sum(expert.num_tokens for expert in experts)
+    print(f"visual tokens per image: {tokens_before} from the experts -> {config.num_image_tokens} after "
+          f"{'CoTR' if config.token_reduction == 'cotr' else 'no reduction'}")
+
+    image = torch.randn(1, 3, config.image_size, config.image_size)
+    prompt = [config.text_config.bos_token_id or 0] + [config.image_token_id] * config.num_image_tokens + [10, 11, 12]
+    input_ids = torch.tensor([prompt])
+    started = time.perf_counter()
+    with torch.no_grad():
+        generated = model.generate(input_ids=input_ids, pixel_values=image, max_new_tokens=max_new_tokens,
+                                   do_sample=False)
+    print(f"generated token ids (random weights): {generated[0, input_ids.shape[1]:].tolist()} "
+          f"in {time.perf_counter() - started:.2f} s")

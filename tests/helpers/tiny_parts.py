@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModel, AutoModelForCausalLM, AutoConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from leo_mini_hf.conversion.tiny_tokenizer import build_tiny_tokenizer
-from leo_mini_hf.modeling.presets import tiny
+from leo_mini_hf.presets import tiny
 
 CLIP_VISION = {"model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
                "num_attention_heads": 2, "image_size": 32, "patch_size": 8}
@@ -75,6 +75,29 @@ def write_tiny_llm(folder: Path, tie_word_embeddings: bool = False) -> Path:
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**text_config))
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    return folder
+
+
+def tiny_moe_text_config() -> dict:
+    """A mixture-of-experts LLM config (GraniteMoE) whose layers hold `router` modules of their own."""
+    return {"model_type": "granitemoe", "vocab_size": tiny()["text_config"]["vocab_size"], "hidden_size": 32,
+            "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "num_local_experts": 2, "num_experts_per_tok": 1, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
+            "tie_word_embeddings": False}
+
+
+def write_tiny_moe_llm(folder: Path, drop_routers: bool = False) -> Path:
+    """A random GraniteMoE causal LM folder with the tiny tokenizer; `drop_routers` leaves its router weights out of
+    the saved file (a broken checkpoint)."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(4)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**tiny_moe_text_config()))
+    model.save_pretrained(folder)
+    if drop_routers:
+        state = {k: v.contiguous() for k, v in model.state_dict().items() if ".router." not in k}
+        save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    build_tiny_tokenizer().save_pretrained(folder)
     return folder
 
 

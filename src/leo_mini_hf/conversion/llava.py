@@ -9,12 +9,12 @@ from pathlib import Path
 
 import torch
 from transformers import AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from ..modeling import LeoMiniConfig, LeoMiniForConditionalGeneration
-from ..modeling.presets import CLIP_MEAN, CLIP_STD
 from .build import build_processor
-from .hub import save_for_hub
-from .pretrained_parts import copy_weights_exactly
+from ..hub.checkpoint_folder import save_for_hub
+from .pretrained_parts import copy_llm_weights_exactly, copy_weights_exactly, load_complete
 
 
 def llava_to_leo_mini_config(llava_config, token_reduction: str = "none", **overrides) -> LeoMiniConfig:
@@ -30,15 +30,15 @@ def llava_to_leo_mini_config(llava_config, token_reduction: str = "none", **over
         "image_size": image_size,
         "feature_layer": llava_config.vision_feature_layer,
         "num_prefix_tokens": 1,
-        "image_mean": CLIP_MEAN,
-        "image_std": CLIP_STD,
+        "image_mean": list(OPENAI_CLIP_MEAN),
+        "image_std": list(OPENAI_CLIP_STD),
     }
     return LeoMiniConfig(
         text_config=llava_config.text_config.to_dict(),
         vision_experts=[expert],
         image_size=image_size,
-        image_mean=CLIP_MEAN,
-        image_std=CLIP_STD,
+        image_mean=list(OPENAI_CLIP_MEAN),
+        image_std=list(OPENAI_CLIP_STD),
         image_token_id=llava_config.image_token_id,
         token_reduction=token_reduction,
         full_token_grid=image_size // vision_config.patch_size,
@@ -58,10 +58,7 @@ def convert_llava_model(llava: LlavaForConditionalGeneration, token_reduction: s
         weight = projector_state[f"{layer}.weight"]
         projector_state.setdefault(f"{layer}.bias", torch.zeros(weight.shape[0], dtype=weight.dtype))
     copy_weights_exactly(model.model.multi_modal_projector, projector_state, "projector")
-    copy_weights_exactly(model.model.language_model, llava.model.language_model.state_dict(), "LLM",
-                  allowed_missing=("lora", "router"))
-    if not config.tie_word_embeddings:
-        copy_weights_exactly(model.lm_head, llava.lm_head.state_dict(), "LM head")
+    copy_llm_weights_exactly(model, llava.model.language_model.state_dict(), llava.lm_head.state_dict())
     model.generation_config = llava.generation_config
     return model
 
@@ -69,7 +66,7 @@ def convert_llava_model(llava: LlavaForConditionalGeneration, token_reduction: s
 def convert_llava(src, out, token_reduction: str = "none", **overrides) -> Path:
     """A LLaVA folder → a Hub-ready LEO-MINI folder (weights, processor with LLaVA's tokenizer, remote code)."""
     src = Path(src)
-    llava = LlavaForConditionalGeneration.from_pretrained(src, dtype=torch.float32)
+    llava = load_complete(LlavaForConditionalGeneration, src, "The LLaVA model")
     model = convert_llava_model(llava, token_reduction, **overrides)
     try:
         tokenizer = AutoProcessor.from_pretrained(src).tokenizer

@@ -7,9 +7,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from transformers import MobileNetV2Config, MobileNetV2ForImageClassification
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
 # (expansion t, output channels c, repeats n, first stride s) per stage, as in the MobileNetV2 paper / torchvision
 INVERTED_RESIDUAL_SETTING = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
                              (6, 160, 3, 2), (6, 320, 1, 1)]
@@ -73,7 +72,7 @@ def convert_mobilenet_v2(torchvision_weights, out) -> Path:
     model.save_pretrained(out)
     (out / "preprocessor_config.json").write_text(
         '{"image_processor_type": "MobileNetV2ImageProcessor", "crop_size": {"height": 224, "width": 224}, '
-        f'"image_mean": {IMAGENET_MEAN}, "image_std": {IMAGENET_STD}}}\n'
+        f'"image_mean": {IMAGENET_DEFAULT_MEAN}, "image_std": {IMAGENET_DEFAULT_STD}}}\n'
     )
     return out
 

@@ -10,16 +10,18 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 from transformers import logging as transformers_logging
+from transformers.image_utils import (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_STANDARD_MEAN,
+                                      IMAGENET_STANDARD_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
 
 from ..modeling import LeoMiniConfig, LeoMiniForConditionalGeneration
-from ..modeling.presets import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
 from .build import build_processor
-from .hub import save_for_hub
+from ..hub.checkpoint_folder import save_for_hub
 from .tiny_tokenizer import IMAGE_TOKEN
 
 PREFIX_TOKENS = {"clip_vision_model": 1, "dinov2": 1, "vit": 1, "siglip_vision_model": 0}
 DEFAULT_FEATURE_LAYER = {"clip_vision_model": -2}  # LLaVA's choice for CLIP: the penultimate layer
-DEFAULT_STATISTICS = {"clip_vision_model": (CLIP_MEAN, CLIP_STD), "siglip_vision_model": ([0.5] * 3, [0.5] * 3)}
+DEFAULT_STATISTICS = {"clip_vision_model": (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD),
+                      "siglip_vision_model": (IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD)}
 
 
 def _preprocessor_statistics(folder: Path) -> dict:
@@ -44,7 +46,7 @@ def vision_expert_spec(folder, feature_layer=None, num_prefix_tokens=None) -> di
                          "vision tower alone (e.g. a CLIPVisionModel)")
     model_type = config.model_type
     statistics = _preprocessor_statistics(folder)
-    mean, std = DEFAULT_STATISTICS.get(model_type, (IMAGENET_MEAN, IMAGENET_STD))
+    mean, std = DEFAULT_STATISTICS.get(model_type, (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
     image_size = statistics.get("image_size") or getattr(config, "image_size", None)
     if not isinstance(image_size, int):
         raise ValueError(f"Cannot tell the input size of the vision model in {folder}; it needs an image_size")
@@ -61,16 +63,44 @@ def vision_expert_spec(folder, feature_layer=None, num_prefix_tokens=None) -> di
     }
 
 
-def copy_weights_exactly(target: torch.nn.Module, source_state: dict, what: str, allowed_missing=()) -> None:
-    """Load `source_state` into `target` and check every tensor arrived bit-identical."""
+def load_complete(auto_class, folder, what: str):
+    """`auto_class.from_pretrained(folder)` in float32, refusing a checkpoint that lacks any of the model's weights
+    (transformers would fill them with random values and only warn)."""
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()  # unused weights (a classifier head) are expected; missing ones raise
+    try:
+        model, loading = auto_class.from_pretrained(folder, dtype=torch.float32, output_loading_info=True)
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+    broken = sorted(loading["missing_keys"]) + sorted(str(key) for key in loading["mismatched_keys"])
+    if broken:
+        raise ValueError(f"{what} in {folder} lacks weights or has them in other shapes: {broken[:5]}")
+    return model
+
+
+def copy_weights_exactly(target: torch.nn.Module, source_state: dict, what: str, allowed_missing=frozenset()) -> None:
+    """Load `source_state` into `target` and check every tensor arrived bit-identical; only the keys named in
+    `allowed_missing` may be absent from `source_state`."""
     result = target.load_state_dict(source_state, strict=False)
-    missing = [key for key in result.missing_keys if not any(part in key for part in allowed_missing)]
+    missing = [key for key in result.missing_keys if key not in allowed_missing]
     if missing or result.unexpected_keys:
         raise ValueError(f"{what}: weights do not fit (missing {missing[:5]}, unexpected {result.unexpected_keys[:5]})")
     target_state = target.state_dict()
     for key, tensor in source_state.items():
         if not torch.equal(target_state[key], tensor.to(target_state[key].dtype)):
             raise ValueError(f"{what}: tensor {key} did not load exactly")
+
+
+def copy_llm_weights_exactly(model, llm_state: dict, lm_head_state: dict) -> None:
+    """A pretrained LLM's weights into LEO-MINI's language model (and LM head, unless tied), exactly. Only the MMoE
+    adapters, which the pretrained LLM cannot have, may be missing; every weight of the LLM's own (its routers too,
+    for a mixture-of-experts LLM) must be there."""
+    prefix = "model.language_model."
+    adapter_keys = {name.removeprefix(prefix) for name, part in model.parameter_parts().items()
+                    if part.startswith("mmoe_") and name.startswith(prefix)}
+    copy_weights_exactly(model.model.language_model, llm_state, "LLM", allowed_missing=adapter_keys)
+    if not model.config.tie_word_embeddings:
+        copy_weights_exactly(model.lm_head, lm_head_state, "LM head")
 
 
 def build_from_pretrained_parts(llm_dir, expert_dirs: list, out, **options) -> Path:
@@ -95,7 +125,7 @@ def assemble_from_pretrained_parts(llm_dir, expert_dirs: list, image_size: int |
         tokenizer.pad_token = tokenizer.eos_token
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
 
-    llm = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=torch.float32)
+    llm = load_complete(AutoModelForCausalLM, llm_dir, "The LLM")
     if len(tokenizer) > llm.config.vocab_size:
         llm.resize_token_embeddings(len(tokenizer), mean_resizing=True)
 
@@ -116,16 +146,9 @@ def assemble_from_pretrained_parts(llm_dir, expert_dirs: list, image_size: int |
         **config_overrides,
     )
     model = LeoMiniForConditionalGeneration(config)
-    copy_weights_exactly(model.model.language_model, llm.model.state_dict(), "LLM", allowed_missing=("lora", "router"))
-    if not config.tie_word_embeddings:
-        copy_weights_exactly(model.lm_head, llm.lm_head.state_dict(), "LM head")
+    copy_llm_weights_exactly(model, llm.model.state_dict(), llm.lm_head.state_dict())
     for index, folder in enumerate(expert_dirs):
-        verbosity = transformers_logging.get_verbosity()
-        transformers_logging.set_verbosity_error()  # a classifier head in the folder is expected and unused
-        try:
-            expert = AutoModel.from_pretrained(folder, dtype=torch.float32)
-        finally:
-            transformers_logging.set_verbosity(verbosity)
+        expert = load_complete(AutoModel, folder, f"Vision expert {index}")
         copy_weights_exactly(model.model.vision_experts[index].model, expert.state_dict(), f"vision expert {index}")
 
     generation_config = llm.generation_config

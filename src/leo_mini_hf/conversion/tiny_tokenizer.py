@@ -3,7 +3,7 @@
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from ..modeling.presets import TINY_IMAGE_TOKEN_ID, TINY_VOCAB_SIZE
+from ..presets import TINY_IMAGE_TOKEN_ID, TINY_VOCAB_SIZE
 
 # Order fixes the ids: pad 0, <|im_start|> 1 (BOS), <|im_end|> 2 (EOS), <|endoftext|> 3, <image> 4.
 TINY_SPECIAL_TOKENS = ["<|pad|>", "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<image>"]

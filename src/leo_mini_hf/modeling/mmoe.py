@@ -2,8 +2,11 @@
 
     y = W x + b + s·B_g A_g x + s·Σ_{e ∈ top-k} w_e · B_e A_e x,      s = alpha / rank
 
-The router sees the per-sample context (pooled prompt text + pooled visual tokens) and, when configured, the
+The router sees the per-sample context (pooled prompt text ‖ pooled visual tokens) and, when configured, the
 token's hidden state. B matrices start at zero, so a fresh model computes exactly its base LLM.
+
+`MMoE` is what the model talks to: it inserts the layers into an LLM, hands them one forward's routing context
+(`route`) and returns that forward's load-balancing loss (`MMoERouting.balance_loss`).
 """
 
 import math
@@ -13,21 +16,23 @@ import torch.nn.functional as F
 from torch import nn
 
 
-class MMoERoutingState:
-    """What all MMoE layers of one model share during a forward: the routing context in, router outputs out.
+class MMoERouting:
+    """One forward's routing, shared by every MMoE layer of a model: the context in, router probabilities out.
 
     Router outputs are keyed by layer name, so activation-checkpoint recomputation overwrites instead of adding.
     """
 
-    def __init__(self):
-        self.context: torch.Tensor | None = None  # (batch, context_dim)
-        self.token_mask: torch.Tensor | None = None  # (batch, seq) 1 for real tokens, or None
+    def __init__(self, context: torch.Tensor, token_mask: torch.Tensor | None, top_k: int):
+        self.context = context  # (batch, context_dim)
+        self.token_mask = token_mask  # (batch, seq) 1 for real tokens, or None
+        self.top_k = top_k
         self.router_probs: dict[str, torch.Tensor] = {}  # layer name → (batch, seq or 1, num_experts)
 
-    def start(self, context: torch.Tensor, token_mask: torch.Tensor | None):
-        self.context = context
-        self.token_mask = token_mask
-        self.router_probs = {}
+    def balance_loss(self) -> torch.Tensor | None:
+        """The unweighted load-balancing loss over every layer that routed in this forward (None if none did)."""
+        if not self.router_probs:
+            return None
+        return load_balancing_loss(list(self.router_probs.values()), self.top_k, self.token_mask)
 
 
 class MMoERouter(nn.Module):
@@ -50,7 +55,12 @@ class MMoERouter(nn.Module):
 class MMoELinear(nn.Linear):
     """An `nn.Linear` that keeps its own weight and bias (checkpoint keys unchanged) and adds MMoE LoRA terms."""
 
-    def __init__(self, base: nn.Linear, config, context_dim: int, routing_state: MMoERoutingState, name: str):
+    # The adapter parameters this layer adds, and the part of the model each belongs to (as PEFT's LoRA layers
+    # declare `adapter_layer_names`); `weight` and `bias` stay the base LLM's. The router is an `MMoERouter`.
+    adapter_parameter_parts = {"general_lora_A": "mmoe_general_lora", "general_lora_B": "mmoe_general_lora",
+                               "experts_lora_A": "mmoe_routed_lora", "experts_lora_B": "mmoe_routed_lora"}
+
+    def __init__(self, base: nn.Linear, config, context_dim: int, name: str):
         nn.Module.__init__(self)  # not nn.Linear.__init__: the base weight is reused, never reallocated
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight
@@ -60,7 +70,7 @@ class MMoELinear(nn.Linear):
         self.top_k = config.mmoe_top_k
         self.expert_weighting = config.mmoe_expert_weighting
         self.layer_name = name
-        self.routing_state = routing_state  # shared with the model; not a submodule
+        self.routing: MMoERouting | None = None  # set by `MMoE.route` before every forward of the LLM
         factory = {"device": base.weight.device, "dtype": base.weight.dtype}
         self.dropout = nn.Dropout(config.mmoe_dropout)
         self.general_lora_A = nn.Parameter(torch.empty(rank, self.in_features, **factory))
@@ -87,14 +97,14 @@ class MMoELinear(nn.Linear):
 
     def expert_weights(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Dense (B, T or 1, E) weights, non-zero on each token's top-k experts; records the router's probs."""
-        context = self.routing_state.context
-        if context is None or context.shape[0] != hidden_states.shape[0]:
+        routing = self.routing
+        if routing is None or routing.context.shape[0] != hidden_states.shape[0]:
             raise ValueError(
                 f"MMoE layer {self.layer_name} has no routing context for a batch of {hidden_states.shape[0]}; "
                 "call it through LeoMiniModel, which sets the context before the LLM runs."
             )
-        probs = self.router(context.to(hidden_states.dtype), hidden_states).float().softmax(dim=-1)
-        self.routing_state.router_probs[self.layer_name] = probs
+        probs = self.router(routing.context.to(hidden_states.dtype), hidden_states).float().softmax(dim=-1)
+        routing.router_probs[self.layer_name] = probs
         top_probs, top_experts = probs.topk(self.top_k, dim=-1)
         if self.expert_weighting == "renormalized":
             top_probs = top_probs / top_probs.sum(dim=-1, keepdim=True)
@@ -113,19 +123,63 @@ class MMoELinear(nn.Linear):
         return output
 
 
-def add_mmoe_adapters(language_model: nn.Module, config, context_dim: int, routing_state: MMoERoutingState) -> int:
-    """Replace every `nn.Linear` whose name ends in one of `config.mmoe_target_modules`; returns the count."""
-    targets = set(config.mmoe_target_modules)
-    replaced = 0
-    for parent_name, parent in list(language_model.named_modules()):
-        for child_name, child in list(parent.named_children()):
-            if child_name in targets and type(child) is nn.Linear:
-                full_name = f"{parent_name}.{child_name}" if parent_name else child_name
-                setattr(parent, child_name, MMoELinear(child, config, context_dim, routing_state, full_name))
-                replaced += 1
-    if targets and not replaced:
-        raise ValueError(f"mmoe_target_modules {sorted(targets)} match no nn.Linear in {type(language_model).__name__}")
-    return replaced
+class MMoE:
+    """The MMoE adapters of one LLM: inserted at construction, routed once per forward.
+
+    Not an `nn.Module`: the layers are registered where they sit in the LLM (so checkpoint keys keep the LLM's
+    names); this object only keeps the list of them.
+    """
+
+    def __init__(self, language_model: nn.Module, config, context_dim: int):
+        """Replace every `nn.Linear` of `language_model` named in `config.mmoe_target_modules` by an `MMoELinear`."""
+        targets = set(config.mmoe_target_modules)
+        self.top_k = config.mmoe_top_k
+        self.layers: list[MMoELinear] = []
+        for parent_name, parent in list(language_model.named_modules()):
+            for child_name, child in list(parent.named_children()):
+                if child_name in targets and type(child) is nn.Linear:
+                    full_name = f"{parent_name}.{child_name}" if parent_name else child_name
+                    layer = MMoELinear(child, config, context_dim, full_name)
+                    setattr(parent, child_name, layer)
+                    self.layers.append(layer)
+        if targets and not self.layers:
+            raise ValueError(f"mmoe_target_modules {sorted(targets)} match no nn.Linear in "
+                             f"{type(language_model).__name__}")
+
+    def reset_parameters(self, init=nn.init) -> None:
+        """LoRA A uniform, B zero in every layer (`init` may be `transformers.initialization`)."""
+        for layer in self.layers:
+            layer.reset_lora_parameters(init=init)
+
+    @staticmethod
+    def routing_context(text_embeds, text_mask, image_features, images_per_sample) -> torch.Tensor:
+        """(B, 2d): mean prompt-text embedding ‖ mean visual token of the sample's images (zeros if none).
+
+        text_embeds (B, T, d) and text_mask (B, T) as CoTR's; image_features (n_images, tokens, d) or None;
+        images_per_sample (B,) or None.
+        """
+        text_mask = text_mask.unsqueeze(-1).to(text_embeds.dtype)
+        text_mean = (text_embeds * text_mask).sum(dim=1) / text_mask.sum(dim=1).clamp(min=1)
+        visual_mean = torch.zeros_like(text_mean)
+        if image_features is not None:
+            sample_of_image = torch.repeat_interleave(
+                torch.arange(text_embeds.shape[0], device=text_embeds.device), images_per_sample
+            )
+            per_image = image_features.mean(dim=1).to(text_mean.dtype)
+            visual_mean = visual_mean.index_add(0, sample_of_image, per_image)
+            visual_mean = visual_mean / images_per_sample.clamp(min=1).unsqueeze(-1).to(visual_mean.dtype)
+        return torch.cat([text_mean, visual_mean], dim=-1)
+
+    def route(self, context: torch.Tensor, attention_mask: torch.Tensor | None, num_tokens: int) -> MMoERouting:
+        """Every layer routes the next LLM forward on `context` (B, context_dim); the balance loss skips padding
+        where `attention_mask` (B, num_tokens) marks it (a decoding step's mask also covers the cache: not used)."""
+        token_mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+        if token_mask is not None and token_mask.shape[1] != num_tokens:
+            token_mask = None
+        routing = MMoERouting(context, token_mask, self.top_k)
+        for layer in self.layers:
+            layer.routing = routing
+        return routing
 
 
 def load_balancing_loss(router_probs: list[torch.Tensor], top_k: int, token_mask: torch.Tensor | None) -> torch.Tensor:

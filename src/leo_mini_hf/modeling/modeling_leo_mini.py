@@ -1,5 +1,6 @@
-"""LEO-MINI: vision experts → CoTR → MLP projector → LLM with MMoE LoRA experts (arXiv 2504.04653)."""
+"""LEO-MINI: vision experts → token reduction (CoTR) → MLP projector → LLM with MMoE LoRA experts (arXiv 2504.04653)."""
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -11,23 +12,30 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .configuration_leo_mini import LeoMiniConfig
-from .cotr import ConditionalTokenReduction
-from .mmoe import MMoELinear, MMoERoutingState, add_mmoe_adapters, load_balancing_loss
+from .mmoe import MMoE, MMoELinear, MMoERouter
+from .token_reduction import ConditionalTokenReduction, build_token_reducer, prompt_text_mask, prompt_text_sum
 from .vision_experts import VisionExpert
 
 
-# transformers 5.24 renamed the KV cache argument and output field `past_key_values` → `cache`. The forwards accept
-# both names; the installed version's name is the one passed to the LLM and returned.
+# transformers 5.24 renamed the KV cache argument and output field `past_key_values` → `cache`. The forwards take
+# `cache` and accept `past_key_values` too; the installed version's name is the one passed to the LLM and returned.
 CACHE_NAME = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
-def resolve_cache_argument(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
-    """The KV cache passed as `cache` (transformers >= 5.24) or as `past_key_values` (earlier versions)."""
-    if cache is not None and past_key_values is not None:
-        raise ValueError(
-            "Pass the KV cache as `cache` or as `past_key_values` (its name before transformers 5.24), not both"
-        )
-    return cache if cache is not None else past_key_values
+def accepts_either_cache_name(forward):
+    """Let `forward(..., cache=...)` also be called as `forward(..., past_key_values=...)` (transformers < 5.24)."""
+
+    @functools.wraps(forward)
+    def forward_with_cache(self, *args, past_key_values: Cache | None = None, **kwargs):
+        if past_key_values is not None:
+            if kwargs.get("cache") is not None:
+                raise ValueError(
+                    "Pass the KV cache as `cache` or as `past_key_values` (its name before transformers 5.24), not both"
+                )
+            kwargs["cache"] = past_key_values
+        return forward(self, *args, **kwargs)
+
+    return forward_with_cache
 
 
 @dataclass
@@ -67,6 +75,18 @@ class LeoMiniMultiModalProjector(nn.Module):
         return self.linear_2(self.act(self.linear_1(image_features)))
 
 
+# The part of LEO-MINI each parameter belongs to, decided by the class of the module that holds it (never by its
+# name: an LLM may have `router` modules of its own). MMoE layers name their adapter parameters themselves.
+MODULE_PARTS = (
+    (VisionExpert, "vision_experts"),
+    (ConditionalTokenReduction, "token_reducer"),
+    (LeoMiniMultiModalProjector, "projector"),
+    (MMoERouter, "mmoe_routers"),
+)
+PARAMETER_PARTS = ("vision_experts", "token_reducer", "projector", "mmoe_general_lora", "mmoe_routed_lora",
+                   "mmoe_routers", "llm")
+
+
 class LeoMiniPreTrainedModel(PreTrainedModel):
     config_class = LeoMiniConfig
     config: LeoMiniConfig
@@ -75,6 +95,8 @@ class LeoMiniPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["ConditionalTokenReduction", "VisionExpert"]
     _skip_keys_device_placement = [CACHE_NAME]
+    # checkpoints before 0.2 carried unused text projections when `cotr_text_conditioning=False`
+    _keys_to_ignore_on_load_unexpected = [r"token_reducer\.text_projections\."]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_attention_backend = True
@@ -85,9 +107,23 @@ class LeoMiniPreTrainedModel(PreTrainedModel):
             module.reset_parameters(init=init)
         elif isinstance(module, LeoMiniModel):
             # MMoE layers live inside the LLM, whose own `_init_weights` knows nothing of LoRA.
-            for layer in module.language_model.modules():
-                if isinstance(layer, MMoELinear):
-                    layer.reset_lora_parameters(init=init)
+            module.mmoe.reset_parameters(init=init)
+
+    def parameter_parts(self) -> dict[str, str]:
+        """Parameter name → its part, one of `PARAMETER_PARTS`. A parameter belongs to the innermost module of a
+        class in `MODULE_PARTS` that holds it, or to the LLM; MMoE layers' adapter parameters to their MMoE part."""
+        parts = {}
+
+        def visit(module: nn.Module, prefix: str, part: str) -> None:
+            part = next((name for cls, name in MODULE_PARTS if isinstance(module, cls)), part)
+            adapter_parts = module.adapter_parameter_parts if isinstance(module, MMoELinear) else {}
+            for name, _ in module.named_parameters(recurse=False):
+                parts[prefix + name] = adapter_parts.get(name, part)
+            for child_name, child in module.named_children():
+                visit(child, f"{prefix}{child_name}.", part)
+
+        visit(self, "", "llm")
+        return parts
 
 
 class LeoMiniModel(LeoMiniPreTrainedModel):
@@ -102,15 +138,10 @@ class LeoMiniModel(LeoMiniPreTrainedModel):
         )
         expert_hidden_sizes = [expert.hidden_size for expert in self.vision_experts]
         expert_num_tokens = [expert.num_tokens for expert in self.vision_experts]
-        self.token_reducer = (
-            ConditionalTokenReduction(config, expert_hidden_sizes, expert_num_tokens)
-            if config.token_reduction == "cotr" else None
-        )
+        self.token_reducer = build_token_reducer(config, expert_hidden_sizes, expert_num_tokens)
         self.multi_modal_projector = LeoMiniMultiModalProjector(config, sum(expert_hidden_sizes))
         self.language_model = AutoModel.from_config(config.text_config)
-        self.routing_state = MMoERoutingState()
-        text_hidden_size = config.text_config.hidden_size
-        add_mmoe_adapters(self.language_model, config, 2 * text_hidden_size, self.routing_state)
+        self.mmoe = MMoE(self.language_model, config, context_dim=2 * config.text_config.hidden_size)
         self.post_init()
 
     def get_input_embeddings(self):
@@ -121,39 +152,21 @@ class LeoMiniModel(LeoMiniPreTrainedModel):
 
     def get_image_features(self, pixel_values: torch.Tensor, text_sum: torch.Tensor | None = None) -> torch.Tensor:
         """
-        pixel_values (n_images, 3, S, S); text_sum (n_images, d): sum of each image's prompt text embeddings
-        (zeros if None). Returns projected visual tokens
+        pixel_values (n_images, 3, S, S) as `LeoMiniImageProcessor` makes them; text_sum (n_images, d): the sum of
+        each image's prompt text embeddings (`prompt_text_sum`; zeros if None). Returns the projected visual tokens
         (n_images, num_image_tokens, d).
         """
-        self._check_pixel_values(pixel_values)
         expert_features = [expert(pixel_values) for expert in self.vision_experts]  # (n, N_i, d_i)
-        if self.config.token_reduction == "none":
-            grid = self.config.full_token_grid
-            image_features = torch.cat(
-                [expert.resample_to_grid(f, grid) for expert, f in zip(self.vision_experts, expert_features)], dim=-1
-            )
-        elif self.config.token_reduction == "avg_pool":
-            grid = round(self.config.num_visual_tokens**0.5)
-            image_features = torch.cat(
-                [expert.average_pool(f, grid) for expert, f in zip(self.vision_experts, expert_features)], dim=-1
-            )
-        else:
-            if text_sum is None:
-                text_sum = pixel_values.new_zeros(pixel_values.shape[0], self.config.text_config.hidden_size)
-            image_features = self.token_reducer(expert_features, text_sum.to(expert_features[0].dtype))
-        return self.multi_modal_projector(image_features)
+        if text_sum is None:
+            text_sum = pixel_values.new_zeros(pixel_values.shape[0], self.config.text_config.hidden_size)
+        reduced = self.token_reducer(expert_features, text_sum.to(expert_features[0].dtype))  # (n, N_V, Σ d_i)
+        return self.multi_modal_projector(reduced)
 
-    def _check_pixel_values(self, pixel_values):
-        if not isinstance(pixel_values, torch.Tensor):
-            raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
-        if not pixel_values.is_floating_point():
-            raise ValueError(f"pixel_values must be a floating-point tensor (normalised pixels), got {pixel_values.dtype}")
-        size = self.config.image_size
-        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != (3, size, size):
-            raise ValueError(
-                f"pixel_values must have shape (n_images, 3, {size}, {size}), got {tuple(pixel_values.shape)}; "
-                "use LeoMiniImageProcessor to prepare images"
-            )
+    def merge_image_features(self, input_ids, inputs_embeds, image_features) -> torch.Tensor:
+        """The visual tokens (n_images, tokens_per_image, d) in place of the image placeholders of inputs_embeds."""
+        placeholder_mask = (input_ids == self.config.image_token_id).unsqueeze(-1)  # (B, T, 1)
+        return inputs_embeds.masked_scatter(placeholder_mask, image_features.to(inputs_embeds.device,
+                                                                                 inputs_embeds.dtype))
 
     def images_per_sample(self, input_ids: torch.LongTensor, num_images: int) -> torch.LongTensor:
         """(B,) number of images each row holds, checked against the placeholder tokens and `num_images`."""
@@ -167,29 +180,36 @@ class LeoMiniModel(LeoMiniPreTrainedModel):
             )
         return image_tokens // tokens_per_image
 
-    def text_condition_mask(self, input_ids, attention_mask, labels) -> torch.Tensor:
-        """(B, T) True on prompt text: not image tokens, not padding, and not answer tokens (labels != -100)."""
-        mask = input_ids != self.config.image_token_id
-        if attention_mask is not None and attention_mask.dim() == 2:
-            mask = mask & attention_mask.bool()
-        if labels is not None:
-            mask = mask & (labels == -100)
-        return mask
+    def _validate_inputs(self, input_ids, inputs_embeds, pixel_values, image_features, cache) -> torch.Tensor | None:
+        """Every check of a forward's inputs, in one place; returns images_per_sample (B,), or None without images.
+        The checks that read tensor values (and so wait for the device) run at prefill, never on a cached decode step."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds")
+        if pixel_values is not None and image_features is not None:
+            raise ValueError("Pass pixel_values or image_features, not both")
+        images = pixel_values if pixel_values is not None else image_features
+        if images is not None and input_ids is None:
+            raise ValueError("Images need input_ids: their placeholder tokens mark where visual tokens go")
+        if pixel_values is not None:
+            if not isinstance(pixel_values, torch.Tensor):
+                raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
+            if not pixel_values.is_floating_point():
+                raise ValueError(f"pixel_values must be a floating-point tensor (normalised pixels), got "
+                                 f"{pixel_values.dtype}")
+            size = self.config.image_size
+            if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != (3, size, size):
+                raise ValueError(
+                    f"pixel_values must have shape (n_images, 3, {size}, {size}), got {tuple(pixel_values.shape)}; "
+                    "use LeoMiniImageProcessor to prepare images"
+                )
+        is_prefill = cache is None or cache.get_seq_length() == 0
+        if input_ids is not None and is_prefill and input_ids.numel():
+            vocab_size = self.config.text_config.vocab_size
+            if input_ids.min() < 0 or input_ids.max() >= vocab_size:
+                raise ValueError(f"input_ids hold ids outside the vocabulary [0, {vocab_size})")
+        return None if images is None else self.images_per_sample(input_ids, images.shape[0])
 
-    def routing_context(self, text_embeds, text_mask, image_features, images_per_sample) -> torch.Tensor:
-        """(B, 2d): mean prompt-text embedding ‖ mean visual token of the sample's images (zeros if none)."""
-        text_mask = text_mask.unsqueeze(-1).to(text_embeds.dtype)
-        text_mean = (text_embeds * text_mask).sum(dim=1) / text_mask.sum(dim=1).clamp(min=1)
-        visual_mean = torch.zeros_like(text_mean)
-        if image_features is not None:
-            sample_of_image = torch.repeat_interleave(
-                torch.arange(text_embeds.shape[0], device=text_embeds.device), images_per_sample
-            )
-            per_image = image_features.mean(dim=1).to(text_mean.dtype)
-            visual_mean = visual_mean.index_add(0, sample_of_image, per_image)
-            visual_mean = visual_mean / images_per_sample.clamp(min=1).unsqueeze(-1).to(visual_mean.dtype)
-        return torch.cat([text_mean, visual_mean], dim=-1)
-
+    @accepts_either_cache_name
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -201,7 +221,6 @@ class LeoMiniModel(LeoMiniPreTrainedModel):
         labels: torch.LongTensor | None = None,
         image_features: torch.Tensor | None = None,
         routing_context: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
         **kwargs,
     ) -> LeoMiniModelOutputWithPast:
         r"""
@@ -209,60 +228,30 @@ class LeoMiniModel(LeoMiniPreTrainedModel):
         image_features (n_images, tokens_per_image, d): projected visual tokens from an earlier call (generation
             without a KV cache passes them back instead of `pixel_values`).
         routing_context (B, 2d): MMoE routing context from the prefill; computed here when None.
-        cache: the LLM's KV `Cache`; `past_key_values` is the same argument under its pre-5.24 name.
+        cache: the LLM's KV `Cache` (`past_key_values` is accepted too: its name before transformers 5.24).
         """
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of input_ids or inputs_embeds")
-        if input_ids is None and (pixel_values is not None or image_features is not None):
-            raise ValueError("Images need input_ids: their placeholder tokens mark where visual tokens go")
-        if pixel_values is not None and image_features is not None:
-            raise ValueError("Pass pixel_values or image_features, not both")
-        if pixel_values is not None:
-            self._check_pixel_values(pixel_values)
-        if input_ids is not None:
-            vocab_size = self.config.text_config.vocab_size
-            if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= vocab_size):
-                raise ValueError(f"input_ids hold ids outside the vocabulary [0, {vocab_size})")
+        images_per_sample = self._validate_inputs(input_ids, inputs_embeds, pixel_values, image_features, cache)
+        if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)  # (B, T, d)
-            text_mask = self.text_condition_mask(input_ids, attention_mask, labels)
-        else:
-            text_mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.bool, device=inputs_embeds.device)
-            if attention_mask is not None and attention_mask.dim() == 2:
-                text_mask = attention_mask.bool()
+        text_embeds = inputs_embeds  # before the visual tokens are merged in
+        text_mask = prompt_text_mask(input_ids, inputs_embeds, attention_mask, labels, self.config.image_token_id)
 
-        text_embeds = inputs_embeds  # before visual tokens are scattered in
-        images_per_sample = None
-        if pixel_values is not None or image_features is not None:
-            num_images = (pixel_values if pixel_values is not None else image_features).shape[0]
-            images_per_sample = self.images_per_sample(input_ids, num_images)
         if pixel_values is not None:
-            text_sum = (text_embeds * text_mask.unsqueeze(-1).to(inputs_embeds.dtype)).sum(dim=1)  # (B, d)
-            image_features = self.get_image_features(pixel_values, text_sum.repeat_interleave(images_per_sample, 0))
+            text_sum = prompt_text_sum(text_embeds, text_mask).repeat_interleave(images_per_sample, dim=0)
+            image_features = self.get_image_features(pixel_values, text_sum)
         if image_features is not None:
-            image_token_mask = (input_ids == self.config.image_token_id).unsqueeze(-1)
-            inputs_embeds = inputs_embeds.masked_scatter(
-                image_token_mask, image_features.to(inputs_embeds.device, inputs_embeds.dtype)
-            )
+            inputs_embeds = self.merge_image_features(input_ids, inputs_embeds, image_features)
 
-        if routing_context is None:
-            routing_context = self.routing_context(text_embeds, text_mask, image_features, images_per_sample)
-        token_mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
-        if token_mask is not None and token_mask.shape[1] != inputs_embeds.shape[1]:
-            token_mask = None  # decoding with a cache: the mask covers past tokens too
-        self.routing_state.start(routing_context, token_mask)
-
+        if routing_context is None:  # at prefill; decoding steps carry the prefill's
+            routing_context = self.mmoe.routing_context(text_embeds, text_mask, image_features, images_per_sample)
+        routing = self.mmoe.route(routing_context, attention_mask, inputs_embeds.shape[1])
         outputs = self.language_model(
             attention_mask=attention_mask,
             position_ids=position_ids,
-            **{CACHE_NAME: resolve_cache_argument(cache, past_key_values)},
             inputs_embeds=inputs_embeds,
+            **{CACHE_NAME: cache},
             **kwargs,
         )
-        aux_loss = None
-        if self.routing_state.router_probs:
-            aux_loss = load_balancing_loss(
-                list(self.routing_state.router_probs.values()), self.config.mmoe_top_k, token_mask
-            )
         return LeoMiniModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
             **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
@@ -270,7 +259,7 @@ class LeoMiniModel(LeoMiniPreTrainedModel):
             attentions=outputs.attentions,
             image_hidden_states=image_features,
             routing_context=routing_context,
-            aux_loss=aux_loss,
+            aux_loss=routing.balance_loss(),
         )
 
 
@@ -297,6 +286,7 @@ class LeoMiniForConditionalGeneration(LeoMiniPreTrainedModel, GenerationMixin):
     def get_image_features(self, pixel_values: torch.Tensor, text_sum: torch.Tensor | None = None) -> torch.Tensor:
         return self.model.get_image_features(pixel_values, text_sum)
 
+    @accepts_either_cache_name
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -309,14 +299,13 @@ class LeoMiniForConditionalGeneration(LeoMiniPreTrainedModel, GenerationMixin):
         image_features: torch.Tensor | None = None,
         routing_context: torch.Tensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        past_key_values: Cache | None = None,
         **kwargs,
     ) -> LeoMiniCausalLMOutputWithPast:
         r"""
         labels (B, T): next-token targets, -100 where no loss is taken (prompt, padding, image tokens).
         logits_to_keep: compute logits only for the last `logits_to_keep` positions (0 = all), or for these position
             indices (1-D tensor); with labels, the loss covers the targets of those positions only.
-        cache: the LLM's KV `Cache`; `past_key_values` is the same argument under its pre-5.24 name.
+        cache: the LLM's KV `Cache` (`past_key_values` is accepted too: its name before transformers 5.24).
         """
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         outputs = self.model(
@@ -324,7 +313,7 @@ class LeoMiniForConditionalGeneration(LeoMiniPreTrainedModel, GenerationMixin):
             pixel_values=pixel_values,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache=resolve_cache_argument(cache, past_key_values),
+            cache=cache,
             inputs_embeds=inputs_embeds,
             labels=labels,
             image_features=image_features,
@@ -372,8 +361,7 @@ class LeoMiniForConditionalGeneration(LeoMiniPreTrainedModel, GenerationMixin):
         (the default `repeat_interleave` on `pixel_values` mis-assigns images when a prompt has several)."""
         pixel_values = model_kwargs.pop("pixel_values", None)
         if pixel_values is not None and expand_size > 1 and input_ids is not None:
-            self.model._check_pixel_values(pixel_values)
-            images_per_sample = self.model.images_per_sample(input_ids, pixel_values.shape[0]).tolist()
+            images_per_sample = self.model._validate_inputs(input_ids, None, pixel_values, None, None).tolist()
             groups = pixel_values.split(images_per_sample)
             pixel_values = torch.cat([group for group in groups for _ in range(expand_size)])
         input_ids, model_kwargs = super()._expand_inputs_for_generation(

@@ -26,7 +26,7 @@ class VisionExpert(nn.Module):
         mean, std = expert["image_mean"], expert["image_std"]
         self.input_scale = [c_std / e_std for c_std, e_std in zip(canonical_std, std)]
         self.input_shift = [(c_mean - e_mean) / e_std for c_mean, e_mean, e_std in zip(canonical_mean, mean, std)]
-        self.num_tokens, self.hidden_size, self.grid_size = self._infer_output_shape()
+        self.num_tokens, self.hidden_size = self._infer_output_shape()
 
     def train(self, mode: bool = True):
         """A frozen expert (no parameter requires grad) stays in eval mode: training must not switch a pretrained
@@ -53,8 +53,8 @@ class VisionExpert(nn.Module):
             features = features.flatten(2).transpose(1, 2)
         return features[:, self.num_prefix_tokens :]
 
-    def _infer_output_shape(self) -> tuple[int, int, int | None]:
-        """(tokens, channels, grid side or None) from a dry run on the meta device: no compute, no memory."""
+    def _infer_output_shape(self) -> tuple[int, int]:
+        """(tokens, channels) from a dry run on the meta device: no compute, no memory."""
         state = {
             name: torch.empty_like(tensor, device="meta")
             for name, tensor in [*self.model.named_parameters(), *self.model.named_buffers()]
@@ -65,30 +65,8 @@ class VisionExpert(nn.Module):
             return functional_call(self.model, state, args=(), kwargs=kwargs)
 
         features = self._tower_features(pixels, model_call)
-        num_tokens, hidden_size = features.shape[1], features.shape[2]
-        grid_side = round(num_tokens**0.5)
-        return num_tokens, hidden_size, grid_side if grid_side * grid_side == num_tokens else None
+        return features.shape[1], features.shape[2]
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values (n_images, 3, S, S), canonical normalisation → tokens (n_images, num_tokens, hidden_size)."""
         return self._tower_features(self._prepare_pixels(pixel_values), self.model)
-
-    def _as_grid(self, features: torch.Tensor) -> torch.Tensor:
-        """(n, side², C) → (n, C, side, side)."""
-        if self.grid_size is None:
-            raise ValueError(
-                f"Expert {type(self.model).__name__} yields {self.num_tokens} tokens, not a square grid; "
-                "it cannot be resampled or pooled."
-            )
-        return features.transpose(1, 2).reshape(features.shape[0], features.shape[2], self.grid_size, self.grid_size)
-
-    def resample_to_grid(self, features: torch.Tensor, grid_size: int) -> torch.Tensor:
-        """(n, num_tokens, C) → (n, grid_size², C) by bilinear resampling of the token grid."""
-        if self.grid_size == grid_size:
-            return features
-        grid = F.interpolate(self._as_grid(features), size=(grid_size, grid_size), mode="bilinear", align_corners=False)
-        return grid.flatten(2).transpose(1, 2)
-
-    def average_pool(self, features: torch.Tensor, grid_size: int) -> torch.Tensor:
-        """(n, num_tokens, C) → (n, grid_size², C) by adaptive average pooling of the token grid."""
-        return F.adaptive_avg_pool2d(self._as_grid(features), grid_size).flatten(2).transpose(1, 2)

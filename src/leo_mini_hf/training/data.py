@@ -1,7 +1,7 @@
-"""Training data as chat samples: `{"messages": [...]}` with PIL images inside the image blocks."""
+"""LLaVA conversation JSON as chat samples: `{"messages": [...]}` with image paths inside the image blocks."""
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from torch.utils.data import Dataset
@@ -91,31 +91,3 @@ class LlavaConversationDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         return {"messages": self.samples[index]}
-
-
-@dataclass
-class EasyVQADataset(Dataset):
-    """The `easy-vqa` package's questions (64×64 images of one coloured shape) as single-turn chat samples."""
-
-    split: str = "train"
-    limit: int | None = None
-    samples: list = field(default_factory=list, init=False)
-
-    def __post_init__(self):
-        import easy_vqa  # the data package; installs a stray top-level `test` package — never put it on sys.path
-
-        if self.split not in ("train", "test"):
-            raise ValueError(f"easy-vqa split must be 'train' or 'test', got {self.split!r}")
-        questions, answers, image_ids = getattr(easy_vqa, f"get_{self.split}_questions")()
-        image_paths = getattr(easy_vqa, f"get_{self.split}_image_paths")()
-        self.samples = [(q, a, image_paths[i]) for q, a, i in zip(questions, answers, image_ids)][: self.limit]
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> dict:
-        question, answer, image_path = self.samples[index]
-        return {"messages": [
-            {"role": "user", "content": [_image_block(Path(image_path)), {"type": "text", "text": question}]},
-            {"role": "assistant", "content": [{"type": "text", "text": answer}]},
-        ], "answer": answer}

@@ -1,45 +1,30 @@
-"""Training stages: which parameters learn (the paper's stages 1–3)."""
+"""Training stages: which parts of LEO-MINI learn (the paper's stages 1–3)."""
 
 from collections import defaultdict
 
-STAGES = ("pretrain", "finetune", "full")
-
-
-def trainable_part(name: str) -> str:
-    """The LEO-MINI part a parameter belongs to, from its name."""
-    if "token_reducer" in name:
-        return "cotr"
-    if "multi_modal_projector" in name:
-        return "projector"
-    if "router" in name:
-        return "mmoe_routers"
-    if "experts_lora" in name:
-        return "mmoe_routed_lora"
-    if "general_lora" in name:
-        return "mmoe_general_lora"
-    if "vision_experts" in name:
-        return "vision_experts"
-    return "llm"
-
+from ..modeling.modeling_leo_mini import PARAMETER_PARTS
 
 STAGE_PARTS = {
-    "pretrain": {"cotr", "projector"},
-    "finetune": {"cotr", "projector", "mmoe_routers", "mmoe_routed_lora", "mmoe_general_lora"},
-    "full": {"cotr", "projector", "mmoe_routers", "mmoe_routed_lora", "mmoe_general_lora", "vision_experts", "llm"},
+    "pretrain": {"token_reducer", "projector"},
+    # the paper's stage 3: the vision experts and the LLM (its own routers too, for a mixture-of-experts LLM) frozen
+    "finetune": {"token_reducer", "projector", "mmoe_general_lora", "mmoe_routed_lora", "mmoe_routers"},
+    "full": set(PARAMETER_PARTS),
 }
+STAGES = tuple(STAGE_PARTS)
+TRAINED_PARTS = STAGE_PARTS["finetune"]  # what stage-3 training changes: CoTR, projector and MMoE, never the parts
 
 
 def apply_training_stage(model, stage: str) -> dict[str, tuple[int, int]]:
     """Set `requires_grad` exactly for `stage`; returns {part: (trainable, total)} parameter counts.
 
-    `finetune` is the paper's stage 3: CoTR, projector, MMoE LoRA experts, routers and the general LoRA learn;
-    the LLM and the vision experts stay frozen.
+    Parts come from `model.parameter_parts()`, which sorts parameters by the class of the module holding them.
     """
     if stage not in STAGES:
         raise ValueError(f"Unknown stage {stage!r}; choose one of {STAGES}")
+    parts = model.parameter_parts()
     counts = defaultdict(lambda: [0, 0])
     for name, param in model.named_parameters():
-        part = trainable_part(name)
+        part = parts[name]
         param.requires_grad = part in STAGE_PARTS[stage]
         counts[part][1] += param.numel()
         counts[part][0] += param.numel() if param.requires_grad else 0

@@ -1,11 +1,9 @@
 """`LeoMiniTrainer`: the HF Trainer, logging the MMoE balance loss on its own line, saving loadable checkpoints."""
 
-from dataclasses import dataclass, field
-
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from ..conversion.hub import add_remote_code
+from ..hub.checkpoint_folder import add_remote_code
 
 
 class SaveRemoteCodeCallback(TrainerCallback):
@@ -52,35 +50,9 @@ class LeoMiniTrainer(Trainer):
         super().log(logs, start_time)
 
 
-@dataclass
-class TrainScriptArguments:
-    """`leo-mini train` options beyond TrainingArguments."""
-
-    model: str = field(metadata={"help": "LEO-MINI checkpoint folder"})
-    data: str = field(metadata={"help": "LLaVA conversation JSON file, or 'easy-vqa'"})
-    image_root: str | None = field(default=None, metadata={"help": "folder the JSON's image paths are relative to"})
-    split: str = field(default="train", metadata={"help": "easy-vqa split"})
-    limit: int | None = field(default=None, metadata={"help": "use only the first N samples"})
-    stage: str = field(default="finetune", metadata={"help": "pretrain | finetune | full"})
-    max_length: int | None = field(default=None, metadata={"help": "truncate samples to this many tokens"})
-    skip_bad_records: bool = field(default=False, metadata={"help": "skip (and report) malformed records"})
-    feature_cache_dir: str | None = field(
-        default=None,
-        metadata={"help": "cache the frozen vision experts' outputs in this folder and reuse them across epochs and "
-                          "runs (keyed by image content and expert; off by default)"},
-    )
-
-
 def default_training_arguments(**overrides) -> TrainingArguments:
     """TrainingArguments with what a multimodal collator needs (`remove_unused_columns=False`)."""
     defaults = {"remove_unused_columns": False, "report_to": "none"}
     defaults.update(overrides)
     defaults["remove_unused_columns"] = False
     return TrainingArguments(**defaults)
-
-
-def frozen_fingerprint(model) -> dict[str, torch.Tensor]:
-    """Copies of every frozen parameter and every buffer (to check they are bit-identical after training)."""
-    state = {name: param.detach().clone() for name, param in model.named_parameters() if not param.requires_grad}
-    state.update({name: buffer.detach().clone() for name, buffer in model.named_buffers()})
-    return state

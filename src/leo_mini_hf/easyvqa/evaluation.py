@@ -1,4 +1,4 @@
-"""Exact-match VQA evaluation (easy-vqa) with batched greedy generation."""
+"""Exact-match VQA evaluation (easy-vqa and its mosaics) with batched greedy generation, and prefill timing."""
 
 import random
 import time
@@ -6,13 +6,7 @@ from collections import defaultdict
 
 import torch
 
-SHAPES = {"circle", "rectangle", "triangle"}
-YES_NO = {"yes", "no"}
-
-
-def question_type(answer: str) -> str:
-    """easy-vqa's three kinds of question, told apart by their answers."""
-    return "shape" if answer in SHAPES else "yes/no" if answer in YES_NO else "colour"
+from .dataset import question_type
 
 
 def normalise_answer(text: str) -> str:
@@ -113,3 +107,31 @@ def prefill_seconds(model, processor, sample: dict, repeats: int = 10) -> float:
         model(**inputs, logits_to_keep=1)
         times.append(time.perf_counter() - started)
     return sorted(times)[len(times) // 2]
+
+
+def evaluate_checkpoint(model_dir, dataset_name: str = "easy-vqa", split: str = "test", limit: int | None = None,
+                        seed: int = 0, batch_size: int = 16, swap_images: bool = False) -> dict:
+    """`leo-mini eval`: exact-match accuracy of a checkpoint on easy-vqa or a seeded mosaic set ("mosaic-2x2",
+    "mosaic-3x3": `limit` questions, default 400); prints the JSON result and a per-type table."""
+    import json
+
+    from ..modeling import LeoMiniForConditionalGeneration
+    from ..processor import LeoMiniProcessor
+    from .dataset import EasyVQADataset
+    from .mosaic import EasyVQAMosaicDataset
+
+    model = LeoMiniForConditionalGeneration.from_pretrained(model_dir)
+    processor = LeoMiniProcessor.from_pretrained(model_dir)
+    if dataset_name == "easy-vqa":
+        dataset = EasyVQADataset(split)
+    else:
+        dataset = EasyVQAMosaicDataset(split, int(dataset_name[-1]), size=limit or 400, seed=seed)
+        limit = None  # the seeded mosaic set is the sample
+    result = evaluate_vqa(model, processor, dataset, limit=limit, batch_size=batch_size, seed=seed,
+                          swap_images=swap_images)
+    print(json.dumps(result, indent=2))
+    print("\n| question type | accuracy | questions |\n|---|---|---|")
+    for kind, accuracy in result["per_type"].items():
+        print(f"| {kind} | {accuracy:.3f} | {result['count_per_type'][kind]} |")
+    print(f"| all | {result['accuracy']:.3f} | {result['count']} |")
+    return result

@@ -1,4 +1,5 @@
-"""CoTR against a slow, literal implementation of the paper's equations, and its behaviour at init."""
+"""Token reduction: CoTR against a slow, literal implementation of the paper's equations and its behaviour at init;
+the average-pooling and full-token reducers; which tokens form the prompt text."""
 
 import math
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 
 from conftest import image_prompt, random_pixels, tiny_config, tiny_model
-from leo_mini_hf.modeling.cotr import ConditionalTokenReduction
+from leo_mini_hf.modeling.token_reduction import AveragePooling, ConditionalTokenReduction, FullTokens, build_token_reducer
 
 
 def literal_cotr(module: ConditionalTokenReduction, expert_features, text_tokens, scaling, pooling="sum"):
@@ -243,3 +244,60 @@ def test_mean_pooling_keeps_non_negative_cnn_features_from_collapsing():
         alpha = module.expert_attention(features, torch.zeros(1, config.text_config.hidden_size))[0][0]
         statistics[pooling] = len(set(alpha.argmax(-1).tolist()))
     assert statistics["sum"] <= 3 and statistics["mean"] >= 8, statistics
+
+
+# ---- the text-free ablation, the text-agnostic baselines -----------------------------------------------------------
+
+def test_text_free_cotr_has_no_text_projections():
+    config = tiny_config(cotr_text_conditioning=False)
+    module = ConditionalTokenReduction(config, [12, 20], [9, 16])
+    assert module.text_projections is None
+    assert not any("text_projections" in name for name, _ in module.named_parameters())
+    assert len(ConditionalTokenReduction(tiny_config(), [12, 20], [9, 16]).text_projections) == 2
+
+
+@pytest.mark.parametrize("reduction, expected", [("cotr", ConditionalTokenReduction), ("avg_pool", AveragePooling),
+                                                 ("none", FullTokens)])
+def test_every_reducer_has_one_interface(reduction, expected):
+    """(expert_features, text_sum) -> (n_images, num_image_tokens, Σ d_i), whatever the strategy."""
+    config = tiny_config(token_reduction=reduction, full_token_grid=4)
+    reducer = build_token_reducer(config, [32, 40], [16, 4])
+    assert type(reducer) is expected
+    features = [torch.randn(3, 16, 32), torch.randn(3, 4, 40)]
+    output = reducer(features, torch.randn(3, config.text_config.hidden_size))
+    assert output.shape == (3, config.num_image_tokens, 32 + 40)
+
+
+def test_full_tokens_resample_each_expert_grid():
+    config = tiny_config(token_reduction="none", full_token_grid=4)
+    reducer = FullTokens(config, [32, 40], [16, 4])
+    on_grid, coarse = torch.randn(1, 16, 32), torch.randn(1, 4, 40)
+    output = reducer([on_grid, coarse], None)
+    torch.testing.assert_close(output[..., :32], on_grid, rtol=0, atol=0)  # already 4x4: unchanged
+    assert output[..., 32:].shape == (1, 16, 40)
+    with pytest.raises(ValueError, match="yields 5 tokens, not a square grid"):
+        reducer([torch.randn(1, 5, 32)], None)
+
+
+def test_full_token_baseline_passes_every_token():
+    model = tiny_model(token_reduction="none")
+    config = model.config
+    assert isinstance(model.model.token_reducer, FullTokens) and not list(model.model.token_reducer.parameters())
+    assert config.num_image_tokens == 16  # the first expert's 4x4 grid; ConvNeXt's 2x2 is resampled to it
+    output = model(input_ids=torch.tensor([image_prompt(config)]), pixel_values=random_pixels(config))
+    assert output.image_hidden_states.shape == (1, 16, config.text_config.hidden_size)
+
+
+def test_average_pooling_baseline():
+    model = tiny_model(token_reduction="avg_pool", num_visual_tokens=4)
+    config = model.config
+    assert isinstance(model.model.token_reducer, AveragePooling) and config.num_image_tokens == 4
+    assert not list(model.model.token_reducer.parameters())
+    pixels = random_pixels(config)
+    output = model(input_ids=torch.tensor([image_prompt(config)]), pixel_values=pixels)
+    clip, convnext = (expert(pixels) for expert in model.model.vision_experts)
+    clip_pooled = clip.reshape(1, 2, 2, 2, 2, 32).mean(dim=(2, 4)).reshape(1, 4, 32)  # 4x4 grid → 2x2 means
+    expected = model.model.multi_modal_projector(torch.cat([clip_pooled, convnext], dim=-1))
+    torch.testing.assert_close(output.image_hidden_states, expected)
+    with pytest.raises(ValueError, match="square num_visual_tokens"):
+        tiny_config(token_reduction="avg_pool", num_visual_tokens=5)

@@ -1,13 +1,13 @@
-"""Named LEO-MINI configurations, as complete keyword dictionaries for `LeoMiniConfig`.
+"""Named LEO-MINI configurations: `preset_config("tiny")`, `preset_config("leo-mini-llama3-8b")`.
 
 Every sub-config here is complete: in transformers 5.x a partial sub-config dict silently becomes a full-size
-default model. `tiny` is the one place the test suite and the `tiny` preset take their sizes from.
+default model. `tiny` is the one place the test suite and the `tiny` preset take their sizes from. Presets are the
+package's, not a checkpoint's: a saved config holds every value, so remote code never needs them.
 """
 
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+from .modeling import LeoMiniConfig
 
 # Special tokens of the tiny tokenizer; the tiny text config's vocabulary is sized to hold them.
 TINY_IMAGE_TOKEN_ID = 4
@@ -27,6 +27,7 @@ def _llama_text_config(
         "num_key_value_heads": num_key_value_heads,
         "hidden_act": "silu",
         "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
         **extra,
     }
 
@@ -44,44 +45,29 @@ def _vit_like_expert(model_type, hidden_size, intermediate_size, layers, heads, 
     return {"config": config, "image_size": image_size, **spec}
 
 
+def _convnext_expert(hidden_sizes, depths, image_size, image_mean, image_std):
+    config = {"model_type": "convnext", "hidden_sizes": hidden_sizes, "depths": depths, "image_size": image_size}
+    return {"config": config, "image_size": image_size, "feature_layer": None, "num_prefix_tokens": 0,
+            "image_mean": list(image_mean), "image_std": list(image_std)}
+
+
 def tiny():
     """Random, tiny: two experts of different kinds (ViT-style CLIP, CNN-style ConvNeXt); seconds on CPU."""
     return {
         "text_config": _llama_text_config(
-            vocab_size=TINY_VOCAB_SIZE,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=512,
-            pad_token_id=0,
-            bos_token_id=1,
-            eos_token_id=2,
-            tie_word_embeddings=False,
+            TINY_VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2,
         ),
         "vision_experts": [
             _vit_like_expert(
                 "clip_vision_model", 32, 64, layers=2, heads=2, image_size=32, patch_size=8,
-                feature_layer=-2, num_prefix_tokens=1, image_mean=CLIP_MEAN, image_std=CLIP_STD,
+                feature_layer=-2, num_prefix_tokens=1, image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD,
             ),
-            {
-                "config": {
-                    "model_type": "convnext",
-                    "hidden_sizes": [8, 16, 24, 40],
-                    "depths": [1, 1, 1, 1],
-                    "image_size": 64,
-                },
-                "image_size": 64,
-                "feature_layer": None,
-                "num_prefix_tokens": 0,
-                "image_mean": IMAGENET_MEAN,
-                "image_std": IMAGENET_STD,
-            },
+            _convnext_expert([8, 16, 24, 40], [1, 1, 1, 1], 64, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
         ],
         "image_size": 64,
-        "image_mean": CLIP_MEAN,
-        "image_std": CLIP_STD,
+        "image_mean": OPENAI_CLIP_MEAN,
+        "image_std": OPENAI_CLIP_STD,
         "image_token_id": TINY_IMAGE_TOKEN_ID,
         "num_visual_tokens": 4,
         "cotr_projection_dim": 16,
@@ -100,48 +86,28 @@ def leo_mini_llama3_8b():
     """
     return {
         "text_config": _llama_text_config(
-            vocab_size=128256,
-            hidden_size=4096,
-            intermediate_size=14336,
-            num_hidden_layers=32,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            max_position_embeddings=8192,
-            rope_theta=500000.0,
-            bos_token_id=128000,
+            128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+            num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0, bos_token_id=128000,
             eos_token_id=128009,
-            tie_word_embeddings=False,
         ),
         "vision_experts": [
             _vit_like_expert(
                 "clip_vision_model", 1024, 4096, layers=24, heads=16, image_size=336, patch_size=14,
-                feature_layer=-2, num_prefix_tokens=1, image_mean=CLIP_MEAN, image_std=CLIP_STD,
+                feature_layer=-2, num_prefix_tokens=1, image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD,
             ),
-            {
-                "config": {
-                    "model_type": "convnext",
-                    "hidden_sizes": [384, 768, 1536, 3072],
-                    "depths": [3, 4, 30, 3],
-                    "image_size": 1024,
-                },
-                "image_size": 1024,
-                "feature_layer": None,
-                "num_prefix_tokens": 0,
-                "image_mean": CLIP_MEAN,
-                "image_std": CLIP_STD,
-            },
+            _convnext_expert([384, 768, 1536, 3072], [3, 4, 30, 3], 1024, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD),
             _vit_like_expert(  # EVA-02-L stand-in
                 "vit", 1024, 4096, layers=24, heads=16, image_size=1024, patch_size=16,
-                feature_layer=None, num_prefix_tokens=1, image_mean=CLIP_MEAN, image_std=CLIP_STD,
+                feature_layer=None, num_prefix_tokens=1, image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD,
             ),
             _vit_like_expert(  # Pix2Struct-large encoder stand-in
                 "vit", 1536, 3968, layers=18, heads=24, image_size=1024, patch_size=16,
-                feature_layer=None, num_prefix_tokens=1, image_mean=CLIP_MEAN, image_std=CLIP_STD,
+                feature_layer=None, num_prefix_tokens=1, image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD,
             ),
         ],
         "image_size": 1024,
-        "image_mean": CLIP_MEAN,
-        "image_std": CLIP_STD,
+        "image_mean": OPENAI_CLIP_MEAN,
+        "image_std": OPENAI_CLIP_STD,
         "image_token_id": 128002,  # <|reserved_special_token_0|>
         "num_visual_tokens": 64,
     }
@@ -151,3 +117,10 @@ LEO_MINI_PRESETS = {
     "tiny": tiny,
     "leo-mini-llama3-8b": leo_mini_llama3_8b,
 }
+
+
+def preset_config(name: str, **overrides) -> LeoMiniConfig:
+    """The named configuration (`tiny`, `leo-mini-llama3-8b`), with top-level options overridden."""
+    if name not in LEO_MINI_PRESETS:
+        raise ValueError(f"Unknown preset {name!r}; available: {sorted(LEO_MINI_PRESETS)}")
+    return LeoMiniConfig(**{**LEO_MINI_PRESETS[name](), **overrides})

@@ -3,8 +3,6 @@
 import json
 import subprocess
 import sys
-import sysconfig
-import textwrap
 from pathlib import Path
 
 import torch
@@ -12,10 +10,10 @@ from safetensors import safe_open
 
 from ..modeling import LeoMiniForConditionalGeneration
 from ..processor import LeoMiniProcessor
-from .hub import save_for_hub, write_folder_atomically
+from .checkpoint_folder import save_for_hub, write_folder_atomically
+from .model_card import render_model_card
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-CARD_TEMPLATE_NAME = "MODEL_CARD.md"
 
 
 def read_safetensors_folder(folder) -> dict[str, torch.Tensor]:
@@ -28,55 +26,6 @@ def read_safetensors_folder(folder) -> dict[str, torch.Tensor]:
     if not tensors:
         raise ValueError(f"No safetensors weights in {folder}")
     return tensors
-
-
-def card_template() -> str:
-    """MODEL_CARD.md from the source checkout, or from where `pip install` put it."""
-    candidates = [Path(__file__).resolve().parents[3] / CARD_TEMPLATE_NAME,
-                  Path(sysconfig.get_paths()["data"]) / "share" / "leo-mini-hf" / CARD_TEMPLATE_NAME]
-    for path in candidates:
-        if path.is_file():
-            return path.read_text(encoding="utf-8")
-    raise FileNotFoundError(f"{CARD_TEMPLATE_NAME} not found in {[str(p) for p in candidates]}")
-
-
-def render_model_card(model, repo_id: str, license_name: str, base_models: list[str]) -> str:
-    config = model.config
-    experts = model.model.vision_experts
-    expert_rows = "\n".join(
-        f"| {type(e.model).__name__} | {e.image_size} px | {e.num_tokens} x {e.hidden_size} |" for e in experts
-    )
-    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
-    mmoe = sum(p.numel() for n, p in model.named_parameters() if "lora" in n or "router" in n)
-    parts = {
-        "total": count(model),
-        "LLM (incl. embeddings and LM head, without MMoE)": count(model.model.language_model) - mmoe
-        + (0 if config.tie_word_embeddings else model.lm_head.weight.numel()),
-        "vision experts": count(experts),
-        "CoTR": count(model.model.token_reducer) if model.model.token_reducer is not None else 0,
-        "projector": count(model.model.multi_modal_projector),
-        "MMoE (general + routed LoRA, routers)": mmoe,
-    }
-    options = ["token_reduction", "num_visual_tokens", "cotr_projection_dim", "cotr_score_scaling", "cotr_shared_query",
-               "mmoe_target_modules", "mmoe_num_experts", "mmoe_top_k", "mmoe_rank", "mmoe_alpha",
-               "mmoe_router_uses_hidden_state", "mmoe_expert_weighting", "mmoe_balance_loss_coef", "image_size"]
-    tokens_before = sum(e.num_tokens for e in experts)
-    values = {
-        "license": license_name,
-        "base_model_block": "".join(["base_model:\n"] + [f"- {m}\n" for m in base_models]) if base_models else "",
-        "model_name": repo_id.split("/")[-1],
-        "repo_id": repo_id,
-        "expert_rows": expert_rows,
-        "tokens_before": str(tokens_before),
-        "tokens_after": str(config.num_image_tokens),
-        "reduction": "CoTR" if config.token_reduction == "cotr" else "no reduction: full-token baseline",
-        "parameter_rows": "\n".join(f"| {name} | {value:,} |" for name, value in parts.items()),
-        "config_rows": "\n".join(f"- `{name}`: `{getattr(config, name)}`" for name in options),
-    }
-    card = card_template()
-    for key, value in values.items():
-        card = card.replace("{{" + key + "}}", value)
-    return card
 
 
 # Prepended to code run in a fresh interpreter that must work with transformers alone.

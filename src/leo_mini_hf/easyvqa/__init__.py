@@ -1,0 +1,1 @@
+"""easy-vqa: the dataset adapter, the seeded mosaics built from it, and exact-match evaluation."""

@@ -1,0 +1,1 @@
+"""Hub packaging: checkpoint folders with remote code, verified export with a model card, upload."""

@@ -1,0 +1,65 @@
+"""`leo-mini train`: the HF Trainer on a LEO-MINI checkpoint, with every TrainingArguments flag."""
+
+from dataclasses import dataclass, field
+
+from transformers import HfArgumentParser, TrainingArguments
+
+from ..easyvqa.dataset import EasyVQADataset
+from ..hub.checkpoint_folder import add_remote_code
+from ..modeling import LeoMiniForConditionalGeneration
+from ..processor import LeoMiniProcessor
+from .collator import LeoMiniDataCollator
+from .data import LlavaConversationDataset
+from .feature_cache import VisionFeatureCache
+from .stages import apply_training_stage, format_parameter_table
+from .trainer import LeoMiniTrainer
+
+
+@dataclass
+class TrainScriptArguments:
+    """`leo-mini train` options beyond TrainingArguments."""
+
+    model: str = field(metadata={"help": "LEO-MINI checkpoint folder"})
+    data: str = field(metadata={"help": "LLaVA conversation JSON file, or 'easy-vqa'"})
+    image_root: str | None = field(default=None, metadata={"help": "folder the JSON's image paths are relative to"})
+    split: str = field(default="train", metadata={"help": "easy-vqa split"})
+    limit: int | None = field(default=None, metadata={"help": "use only the first N samples"})
+    stage: str = field(default="finetune", metadata={"help": "pretrain | finetune | full"})
+    max_length: int | None = field(default=None, metadata={"help": "truncate samples to this many tokens"})
+    skip_bad_records: bool = field(default=False, metadata={"help": "skip (and report) malformed records"})
+    feature_cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "cache the frozen vision experts' outputs in this folder and reuse them across epochs and "
+                          "runs (keyed by image content and expert; off by default)"},
+    )
+
+
+def run_training(argv: list[str]) -> None:
+    """Parse `argv` (TrainScriptArguments + TrainingArguments), train, and save a checkpoint that loads anywhere."""
+    parser = HfArgumentParser((TrainScriptArguments, TrainingArguments))
+    script, training = parser.parse_args_into_dataclasses(argv)
+    training.remove_unused_columns = False  # the collator needs the raw samples
+    model = LeoMiniForConditionalGeneration.from_pretrained(script.model)
+    processor = LeoMiniProcessor.from_pretrained(script.model)
+    if script.data == "easy-vqa":
+        dataset = EasyVQADataset(split=script.split, limit=script.limit)
+    else:
+        dataset = LlavaConversationDataset(script.data, script.image_root, skip_bad_records=script.skip_bad_records)
+        if dataset.skipped:
+            print(f"skipped {len(dataset.skipped)} bad record(s); first: {dataset.skipped[0]}")
+        if script.limit:
+            dataset.samples = dataset.samples[: script.limit]
+    print(f"stage '{script.stage}':\n" + format_parameter_table(apply_training_stage(model, script.stage)))
+    feature_cache = None
+    if script.feature_cache_dir:
+        feature_cache = VisionFeatureCache(script.feature_cache_dir)
+        feature_cache.attach(model)
+    trainer = LeoMiniTrainer(model=model, args=training, train_dataset=dataset,
+                             data_collator=LeoMiniDataCollator(processor, script.max_length), processing_class=processor)
+    trainer.train(resume_from_checkpoint=training.resume_from_checkpoint)
+    if feature_cache is not None:
+        feature_cache.detach(model)
+        print(f"feature cache {script.feature_cache_dir}: {feature_cache.stats()}")
+    trainer.save_model()
+    if trainer.is_world_process_zero():
+        add_remote_code(training.output_dir)
