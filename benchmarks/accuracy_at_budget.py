@@ -17,41 +17,21 @@ import json
 import os
 import platform
 import shutil
-import sys
-import time
 from pathlib import Path
 
 import torch
-from transformers import TrainerCallback
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+from common import CONFIGS, ROOT, TrainingTimer, display_path
+from leo_mini_hf.conversion.smol import assemble_leo_mini_smol
+from leo_mini_hf.easyvqa.dataset import EasyVQADataset
+from leo_mini_hf.easyvqa.evaluation import evaluate_vqa, prefill_seconds
+from leo_mini_hf.easyvqa.mosaic import EasyVQAMosaicDataset, location_blind_accuracy, mosaic_training_mix
+from leo_mini_hf.training.adapter_weights import save_adapter_weights
+from leo_mini_hf.training.collator import LeoMiniDataCollator
+from leo_mini_hf.training.feature_cache import VisionFeatureCache
+from leo_mini_hf.training.stages import apply_training_stage
+from leo_mini_hf.training.trainer import LeoMiniTrainer, default_training_arguments
 
-from leo_mini_hf.conversion.smol import assemble_leo_mini_smol  # noqa: E402
-from leo_mini_hf.evaluation import evaluate_vqa, prefill_seconds  # noqa: E402
-from leo_mini_hf.training.collator import LeoMiniDataCollator  # noqa: E402
-from leo_mini_hf.training.data import EasyVQADataset  # noqa: E402
-from leo_mini_hf.training.feature_cache import VisionFeatureCache  # noqa: E402
-from leo_mini_hf.training.mosaic import EasyVQAMosaicDataset, location_blind_accuracy, mosaic_training_mix  # noqa: E402
-from leo_mini_hf.training.stages import apply_training_stage  # noqa: E402
-from leo_mini_hf.training.trainer import LeoMiniTrainer, default_training_arguments  # noqa: E402
-
-CONFIGS = {
-    "cotr-16": {"num_visual_tokens": 16},
-    "cotr-64": {"num_visual_tokens": 64},
-    "cotr-4": {"num_visual_tokens": 4},
-    "avgpool-16": {"token_reduction": "avg_pool", "num_visual_tokens": 16},
-    "queries-16": {"num_visual_tokens": 16, "cotr_text_conditioning": False},
-    "cotr-16-no-mmoe": {"num_visual_tokens": 16, "mmoe_num_experts": 0},
-    "cotr-16-sum": {"num_visual_tokens": 16, "cotr_pooling": "sum"},
-    "cotr-16-pos": {"num_visual_tokens": 16, "cotr_position_embedding": True},
-    "cotr-16-pos-cos": {"num_visual_tokens": 16, "cotr_position_embedding": True, "cotr_score_scaling": "cosine"},
-    "avgpool-64": {"token_reduction": "avg_pool", "num_visual_tokens": 64},
-    "avgpool-4": {"token_reduction": "avg_pool", "num_visual_tokens": 4},
-    "queries-64": {"num_visual_tokens": 64, "cotr_text_conditioning": False},
-    "queries-4": {"num_visual_tokens": 4, "cotr_text_conditioning": False},
-    "full-196": {"token_reduction": "none"},
-}
 VARIANT = {"no-mmoe": ", general LoRA only (no routed experts)", "sum": ", summed pooled terms (cotr_pooling='sum')",
            "pos": ", learned position embeddings in the scores",
            "pos-cos": ", learned position embeddings, cosine scores (cotr_score_scaling='cosine')"}
@@ -157,39 +137,7 @@ def run_config(name: str, args) -> dict:
     return result
 
 
-class TrainingTimer(TrainerCallback):
-    """Training wall time summed over resumed runs: each checkpoint records the seconds spent up to it, last, so a
-    checkpoint with that record is complete (one interrupted while being written has none)."""
-
-    FILE = "train_seconds.json"
-
-    @classmethod
-    def last_complete_checkpoint(cls, run_dir: Path) -> Path | None:
-        complete = [path for path in run_dir.glob("checkpoint-*") if (path / cls.FILE).exists()]
-        return max(complete, key=lambda path: int(path.name.rpartition("-")[2]), default=None)
-
-    def __init__(self):
-        self.previous_seconds, self.started = 0.0, None
-
-    def resume_from(self, checkpoint: Path) -> None:
-        self.previous_seconds = json.loads((checkpoint / self.FILE).read_text())["seconds"]
-
-    def total_seconds(self) -> float:
-        return self.previous_seconds + (time.perf_counter() - self.started if self.started is not None else 0.0)
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.started = time.perf_counter()
-
-    def on_save(self, args, state, control, **kwargs):
-        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if checkpoint.is_dir():
-            (checkpoint / self.FILE).write_text(json.dumps({"step": state.global_step,
-                                                            "seconds": self.total_seconds()}))
-
-
 def save_trained_weights(model, path: Path, result: dict) -> None:
-    from leo_mini_hf.demo import save_adapter_weights
-
     save_adapter_weights(model, path, metadata={"config": json.dumps(CONFIGS[result["name"]]),
                                                 "steps": str(result["steps"]), "seed": str(result["seed"]),
                                                 "test_accuracy": f"{result['test']['accuracy']:.4f}"})
@@ -319,11 +267,6 @@ def plot_panel(axis, rows: list[dict], accuracy) -> None:
     axis.set_xlabel("visual tokens per image in the LLM")
     axis.set_ylabel("test accuracy (exact match)")
     axis.grid(alpha=0.3)
-
-
-def display_path(path: Path) -> str:
-    path = path.resolve()
-    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 def main() -> None:

@@ -23,43 +23,11 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-
-from accuracy_at_budget import CONFIGS, TrainingTimer, display_path  # noqa: E402
-from safetensors import safe_open  # noqa: E402
-
-from leo_mini_hf.conversion.smol import assemble_leo_mini_smol  # noqa: E402
-from leo_mini_hf.demo import is_trained_part, load_adapter_weights  # noqa: E402
-from leo_mini_hf.training.mosaic import CELL_NAMES, EasyVQAMosaicDataset  # noqa: E402
-
-
-def token_cells(grid_side: int, mosaic_grid: int) -> torch.Tensor:
-    """(grid_side²,) the mosaic cell (row-major) holding each expert token's centre; tokens are row-major too."""
-    centres = ((torch.arange(grid_side) + 0.5) * mosaic_grid / grid_side).floor().long()
-    return (centres[:, None] * mosaic_grid + centres[None, :]).flatten()
-
-
-def cell_share(weights: torch.Tensor, cells: torch.Tensor, mosaic_grid: int) -> torch.Tensor:
-    """CoTR weights (n, N_V, N) → attention share of each mosaic cell (n, cells): mean over the queries, summed over
-    the tokens of the cell (`cells`: token_cells)."""
-    per_token = weights.mean(dim=1)
-    return torch.zeros(len(per_token), mosaic_grid**2, dtype=per_token.dtype).index_add(1, cells, per_token)
-
-
-@torch.no_grad()
-def cell_questions(model, processor, image, mosaic_grid: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """"What colour is the shape in the <cell>?" for every cell of one mosaic: its pixel_values (1, 3, S, S) and
-    the prompt text sums CoTR is conditioned on, (cells, d) in CELL_NAMES order."""
-    conversations = [[{"role": "user", "content": [
-        {"type": "image", "image": image}, {"type": "text", "text": f"What colour is the shape in the {cell}?"}]}]
-        for cell in CELL_NAMES[mosaic_grid]]
-    inputs = processor.apply_chat_template(conversations, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                           return_tensors="pt", processor_kwargs={"padding": True})
-    embeds = model.get_input_embeddings()(inputs["input_ids"])
-    text_mask = model.model.text_condition_mask(inputs["input_ids"], inputs["attention_mask"], None)
-    text_sum = (embeds * text_mask.unsqueeze(-1).to(embeds.dtype)).sum(dim=1)  # as in the model's forward
-    return inputs["pixel_values"][:1], text_sum  # the same mosaic in every prompt: one picture
+from common import (CONFIGS, ROOT, cell_questions, cell_share, display_path, load_trained_weights,
+                    steering_of, token_cells)
+from leo_mini_hf.conversion.smol import assemble_leo_mini_smol
+from leo_mini_hf.easyvqa.mosaic import EasyVQAMosaicDataset
+from leo_mini_hf.modeling.token_reduction import ConditionalTokenReduction
 
 
 @torch.no_grad()
@@ -72,7 +40,7 @@ def cell_shares(model, processor, image, mosaic_grid: int) -> tuple[torch.Tensor
     features = [expert(pixel_values).expand(len(text_sum), -1, -1) for expert in inner.vision_experts]
     weights = inner.token_reducer.expert_attention(features, text_sum)[0]  # first expert: (cells, N_V, N)
     expert = inner.vision_experts[0]
-    cells = token_cells(expert.grid_size, mosaic_grid)
+    cells = token_cells(expert.num_tokens, mosaic_grid)
     log_weights = weights.clamp(min=1e-30).log()
     logits = log_weights - log_weights.mean(dim=-1, keepdim=True)
     spreads = {
@@ -82,37 +50,6 @@ def cell_shares(model, processor, image, mosaic_grid: int) -> tuple[torch.Tensor
         "logit_spread_over_questions": logits.std(dim=0).mean().item(),
     }
     return cell_share(weights, cells, mosaic_grid), spreads  # (cells asked, cells measured)
-
-
-def steering_of(shares: torch.Tensor) -> dict:
-    """shares (mosaics, cells asked, cells measured) → named-cell share, other-question share, steering, and the
-    share of the most-attended cell (how concentrated the reduction is at all)."""
-    cells = shares.shape[-1]
-    named = torch.diagonal(shares, dim1=1, dim2=2)  # (mosaics, cells)
-    others = (shares.sum(dim=1) - named) / (cells - 1)  # share on c when another cell is asked
-    steering_per_mosaic = (named - others).mean(dim=1)
-    return {"named_cell_share": named.mean().item(), "share_when_other_cell_asked": others.mean().item(),
-            "largest_cell_share": shares.amax(dim=-1).mean().item(), "steering": steering_per_mosaic.mean().item(),
-            "steering_std_error": (steering_per_mosaic.std() / len(shares) ** 0.5).item()}
-
-
-def load_trained_weights(model, run_dir: Path) -> Path | None:
-    """A finished row's trained.safetensors, else the trained parts of its last complete Trainer checkpoint (a row
-    still training); returns the file loaded, or None when there is neither."""
-    if (run_dir / "trained.safetensors").exists():
-        load_adapter_weights(model, run_dir / "trained.safetensors")
-        return run_dir / "trained.safetensors"
-    checkpoint = TrainingTimer.last_complete_checkpoint(run_dir) if run_dir.is_dir() else None
-    if checkpoint is None:
-        return None
-    path = checkpoint / "model.safetensors"
-    trained = {name for name in model.state_dict() if is_trained_part(name)}
-    with safe_open(str(path), framework="pt") as handle:
-        missing = sorted(trained - set(handle.keys()))
-        if missing:
-            raise ValueError(f"{path} does not hold every trained part of the model, e.g. {missing[:3]}")
-        model.load_state_dict({name: handle.get_tensor(name) for name in trained}, strict=False)
-    return path
 
 
 def main() -> None:
@@ -131,7 +68,7 @@ def main() -> None:
     results = []
     for name in args.only:
         model, processor = assemble_leo_mini_smol(args.parts, **CONFIGS[name])
-        if model.model.token_reducer is None:
+        if not isinstance(model.model.token_reducer, ConditionalTokenReduction):
             raise ValueError(f"{name} has no CoTR (token_reduction={model.config.token_reduction!r})")
         weights_path = load_trained_weights(model, args.runs_dir / name)
         if weights_path is None:
@@ -145,7 +82,7 @@ def main() -> None:
                         for i in range(len(mosaics))]
             shares = torch.stack([share for share, _ in measured])
             spreads = {key: sum(spread[key] for _, spread in measured) / len(measured) for key in measured[0][1]}
-            token_share = torch.bincount(token_cells(model.model.vision_experts[0].grid_size, grid)).float()
+            token_share = torch.bincount(token_cells(model.model.vision_experts[0].num_tokens, grid)).float()
             row[f"{grid}x{grid}"] = {**steering_of(shares), **spreads,
                                      "uniform_share": (token_share / token_share.sum()).mean().item(),
                                      "mosaics": mosaics.description()}

@@ -20,15 +20,10 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-
-from accuracy_at_budget import CONFIGS  # noqa: E402
-from cotr_cell_attention import cell_questions, cell_share, steering_of, token_cells  # noqa: E402
-
-from leo_mini_hf.conversion.smol import assemble_leo_mini_smol  # noqa: E402
-from leo_mini_hf.modeling.cotr import ConditionalTokenReduction  # noqa: E402
-from leo_mini_hf.training.mosaic import EasyVQAMosaicDataset  # noqa: E402
+from common import CONFIGS, ROOT, cell_questions, cell_share, steering_of, token_cells
+from leo_mini_hf.conversion.smol import assemble_leo_mini_smol
+from leo_mini_hf.easyvqa.mosaic import EasyVQAMosaicDataset
+from leo_mini_hf.modeling.token_reduction import ConditionalTokenReduction
 
 GRID = 2
 
@@ -74,7 +69,7 @@ def main() -> None:
     train_features, text_sum = mosaic_features(model, processor, "train", args.train_mosaics, args.seed)
     test_features, _ = mosaic_features(model, processor, "test", args.test_mosaics, args.seed)
     print(f"expert features: {time.perf_counter() - started:.0f} s", flush=True)
-    cells = token_cells(model.model.vision_experts[0].grid_size, GRID)
+    cells = token_cells(model.model.vision_experts[0].num_tokens, GRID)
     num_cells = len(text_sum)
     results = []
     for name in args.only:

@@ -25,10 +25,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-
-from transformers import (  # noqa: E402
+from transformers import (
     AutoConfig,
     AutoModel,
     InstructBlipConfig,
@@ -37,9 +34,12 @@ from transformers import (  # noqa: E402
     LlavaForConditionalGeneration,
 )
 
-from leo_mini_hf import LeoMiniConfig, LeoMiniForConditionalGeneration  # noqa: E402
-from leo_mini_hf.modeling.mmoe import MMoERouter  # noqa: E402
-from leo_mini_hf.modeling.presets import CLIP_MEAN, CLIP_STD, leo_mini_llama3_8b  # noqa: E402
+from transformers.image_utils import OPENAI_CLIP_MEAN as CLIP_MEAN, OPENAI_CLIP_STD as CLIP_STD
+
+from common import ROOT
+from leo_mini_hf import LeoMiniConfig, LeoMiniForConditionalGeneration, preset_config
+from leo_mini_hf.modeling.mmoe import MMoERouter
+from leo_mini_hf.presets import leo_mini_llama3_8b
 
 TEXT_TOKENS = 64  # prompt text tokens per sample in every FLOP count and measurement
 THREADS = 2
@@ -88,7 +88,7 @@ def leo_mini_paper_counts(token_reduction: str = "cotr", full_token_grid: int | 
     overrides = {"token_reduction": token_reduction}
     if full_token_grid:
         overrides["full_token_grid"] = full_token_grid
-    config = LeoMiniConfig.from_preset("leo-mini-llama3-8b", **overrides)
+    config = preset_config("leo-mini-llama3-8b", **overrides)
     with torch.device("meta"):
         model = LeoMiniForConditionalGeneration(config)
     model.set_attn_implementation("eager")
@@ -97,13 +97,8 @@ def leo_mini_paper_counts(token_reduction: str = "cotr", full_token_grid: int | 
         features = [expert(pixels) for expert in model.model.vision_experts]
     vision = flops_of(lambda: [expert(pixels) for expert in model.model.vision_experts])
     text_sum = torch.empty(1, config.text_config.hidden_size, device="meta")
-    if token_reduction == "cotr":
-        reducer = flops_of(lambda: model.model.token_reducer(features, text_sum))
-        reduced = model.model.token_reducer(features, text_sum)
-    else:
-        reducer = 0
-        reduced = torch.cat([e.resample_to_grid(f, config.full_token_grid)
-                             for e, f in zip(model.model.vision_experts, features)], dim=-1)
+    reducer = flops_of(lambda: model.model.token_reducer(features, text_sum)) if token_reduction == "cotr" else 0
+    reduced = model.model.token_reducer(features, text_sum)  # without reduction: the grids resampled
     projector = flops_of(lambda: model.model.multi_modal_projector(reduced))
     tokens = config.num_image_tokens
     return {"visual_tokens": tokens, "vision": vision, "reducer": reducer, "projector": projector,

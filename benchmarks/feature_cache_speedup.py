@@ -17,15 +17,13 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-
-from leo_mini_hf.conversion.smol import assemble_leo_mini_smol  # noqa: E402
-from leo_mini_hf.training.collator import LeoMiniDataCollator  # noqa: E402
-from leo_mini_hf.training.data import EasyVQADataset  # noqa: E402
-from leo_mini_hf.training.feature_cache import VisionFeatureCache  # noqa: E402
-from leo_mini_hf.training.stages import apply_training_stage  # noqa: E402
-from leo_mini_hf.training.trainer import LeoMiniTrainer, default_training_arguments  # noqa: E402
+from common import ROOT
+from leo_mini_hf.conversion.smol import assemble_leo_mini_smol
+from leo_mini_hf.easyvqa.dataset import EasyVQADataset
+from leo_mini_hf.training.collator import LeoMiniDataCollator
+from leo_mini_hf.training.feature_cache import VisionFeatureCache
+from leo_mini_hf.training.stages import apply_training_stage
+from leo_mini_hf.training.trainer import LeoMiniTrainer, default_training_arguments
 
 
 def timed_run(args, mode: str) -> dict:

@@ -19,15 +19,13 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-
-from leo_mini_hf.conversion.smol import assemble_leo_mini_smol  # noqa: E402
-from leo_mini_hf.training.collator import LeoMiniDataCollator  # noqa: E402
-from leo_mini_hf.training.feature_cache import VisionFeatureCache  # noqa: E402
-from leo_mini_hf.training.mosaic import mosaic_training_mix  # noqa: E402
-from leo_mini_hf.training.stages import apply_training_stage  # noqa: E402
-from leo_mini_hf.training.trainer import logits_to_keep_for_labels  # noqa: E402
+from common import ROOT
+from leo_mini_hf.conversion.smol import assemble_leo_mini_smol
+from leo_mini_hf.easyvqa.mosaic import mosaic_training_mix
+from leo_mini_hf.training.collator import LeoMiniDataCollator
+from leo_mini_hf.training.feature_cache import VisionFeatureCache
+from leo_mini_hf.training.stages import apply_training_stage
+from leo_mini_hf.training.trainer import logits_to_keep_for_labels
 
 MODES = ("every position", "labelled positions only")
 

@@ -1,0 +1,134 @@
+"""What the benchmark scripts share: the configurations they train and read, resumable-run bookkeeping, trained
+weights on disk, and the mosaic cell measurements. Each script imports from here (never from another script)."""
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from transformers import TrainerCallback
+
+from leo_mini_hf.easyvqa.mosaic import CELL_NAMES
+from leo_mini_hf.modeling.token_reduction import prompt_text_mask, prompt_text_sum
+from leo_mini_hf.training.adapter_weights import load_adapter_weights, trained_parameter_names
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The rows of accuracy_at_budget.py: LEO-MINI-Smol config overrides, by name (cotr_cell_attention.py and
+# cotr_steering_probe.py read the same rows).
+CONFIGS = {
+    "cotr-16": {"num_visual_tokens": 16},
+    "cotr-64": {"num_visual_tokens": 64},
+    "cotr-4": {"num_visual_tokens": 4},
+    "avgpool-16": {"token_reduction": "avg_pool", "num_visual_tokens": 16},
+    "queries-16": {"num_visual_tokens": 16, "cotr_text_conditioning": False},
+    "cotr-16-no-mmoe": {"num_visual_tokens": 16, "mmoe_num_experts": 0},
+    "cotr-16-sum": {"num_visual_tokens": 16, "cotr_pooling": "sum"},
+    "cotr-16-pos": {"num_visual_tokens": 16, "cotr_position_embedding": True},
+    "cotr-16-pos-cos": {"num_visual_tokens": 16, "cotr_position_embedding": True, "cotr_score_scaling": "cosine"},
+    "avgpool-64": {"token_reduction": "avg_pool", "num_visual_tokens": 64},
+    "avgpool-4": {"token_reduction": "avg_pool", "num_visual_tokens": 4},
+    "queries-64": {"num_visual_tokens": 64, "cotr_text_conditioning": False},
+    "queries-4": {"num_visual_tokens": 4, "cotr_text_conditioning": False},
+    "full-196": {"token_reduction": "none"},
+}
+
+
+def display_path(path: Path) -> str:
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+class TrainingTimer(TrainerCallback):
+    """Training wall time summed over resumed runs: each checkpoint records the seconds spent up to it, last, so a
+    checkpoint with that record is complete (one interrupted while being written has none)."""
+
+    FILE = "train_seconds.json"
+
+    @classmethod
+    def last_complete_checkpoint(cls, run_dir: Path) -> Path | None:
+        complete = [path for path in run_dir.glob("checkpoint-*") if (path / cls.FILE).exists()]
+        return max(complete, key=lambda path: int(path.name.rpartition("-")[2]), default=None)
+
+    def __init__(self):
+        self.previous_seconds, self.started = 0.0, None
+
+    def resume_from(self, checkpoint: Path) -> None:
+        self.previous_seconds = json.loads((checkpoint / self.FILE).read_text())["seconds"]
+
+    def total_seconds(self) -> float:
+        return self.previous_seconds + (time.perf_counter() - self.started if self.started is not None else 0.0)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started = time.perf_counter()
+
+    def on_save(self, args, state, control, **kwargs):
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if checkpoint.is_dir():
+            (checkpoint / self.FILE).write_text(json.dumps({"step": state.global_step,
+                                                            "seconds": self.total_seconds()}))
+
+
+def load_trained_weights(model, run_dir: Path) -> Path | None:
+    """A finished row's trained.safetensors, else the trained parts of its last complete Trainer checkpoint (a row
+    still training); returns the file loaded, or None when there is neither."""
+    if (run_dir / "trained.safetensors").exists():
+        load_adapter_weights(model, run_dir / "trained.safetensors")
+        return run_dir / "trained.safetensors"
+    checkpoint = TrainingTimer.last_complete_checkpoint(run_dir) if run_dir.is_dir() else None
+    if checkpoint is None:
+        return None
+    path = checkpoint / "model.safetensors"
+    trained = trained_parameter_names(model)
+    with safe_open(str(path), framework="pt") as handle:
+        missing = sorted(trained - set(handle.keys()))
+        if missing:
+            raise ValueError(f"{path} does not hold every trained part of the model, e.g. {missing[:3]}")
+        model.load_state_dict({name: handle.get_tensor(name) for name in trained}, strict=False)
+    return path
+
+
+# ---- mosaic cells: where CoTR looks --------------------------------------------------------------------------
+
+def token_cells(num_tokens: int, mosaic_grid: int) -> torch.Tensor:
+    """(num_tokens,) the mosaic cell (row-major) holding each expert token's centre; the expert's tokens form a square,
+    row-major grid."""
+    grid_side = math.isqrt(num_tokens)
+    centres = ((torch.arange(grid_side) + 0.5) * mosaic_grid / grid_side).floor().long()
+    return (centres[:, None] * mosaic_grid + centres[None, :]).flatten()
+
+
+def cell_share(weights: torch.Tensor, cells: torch.Tensor, mosaic_grid: int) -> torch.Tensor:
+    """CoTR weights (n, N_V, N) → attention share of each mosaic cell (n, cells): mean over the queries, summed over
+    the tokens of the cell (`cells`: token_cells)."""
+    per_token = weights.mean(dim=1)
+    return torch.zeros(len(per_token), mosaic_grid**2, dtype=per_token.dtype).index_add(1, cells, per_token)
+
+
+@torch.no_grad()
+def cell_questions(model, processor, image, mosaic_grid: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """"What colour is the shape in the <cell>?" for every cell of one mosaic: its pixel_values (1, 3, S, S) and
+    the prompt text sums CoTR is conditioned on, (cells, d) in CELL_NAMES order."""
+    conversations = [[{"role": "user", "content": [
+        {"type": "image", "image": image}, {"type": "text", "text": f"What colour is the shape in the {cell}?"}]}]
+        for cell in CELL_NAMES[mosaic_grid]]
+    inputs = processor.apply_chat_template(conversations, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           return_tensors="pt", processor_kwargs={"padding": True})
+    embeds = model.get_input_embeddings()(inputs["input_ids"])
+    text_mask = prompt_text_mask(inputs["input_ids"], embeds, inputs["attention_mask"], None, model.config.image_token_id)
+    text_sum = prompt_text_sum(embeds, text_mask)  # as in the model's forward
+    return inputs["pixel_values"][:1], text_sum  # the same mosaic in every prompt: one picture
+
+
+def steering_of(shares: torch.Tensor) -> dict:
+    """shares (mosaics, cells asked, cells measured) → named-cell share, other-question share, steering, and the
+    share of the most-attended cell (how concentrated the reduction is at all)."""
+    cells = shares.shape[-1]
+    named = torch.diagonal(shares, dim1=1, dim2=2)  # (mosaics, cells)
+    others = (shares.sum(dim=1) - named) / (cells - 1)  # share on c when another cell is asked
+    steering_per_mosaic = (named - others).mean(dim=1)
+    return {"named_cell_share": named.mean().item(), "share_when_other_cell_asked": others.mean().item(),
+            "largest_cell_share": shares.amax(dim=-1).mean().item(), "steering": steering_per_mosaic.mean().item(),
+            "steering_std_error": (steering_per_mosaic.std() / len(shares) ** 0.5).item()}
