@@ -6,14 +6,14 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, MobileNetV2Config, MobileNetV2ForImageClassification
 
 from conftest import random_pixels
+from helpers.mobilenet_reference import reference_forward, to_torchvision_state_dict
 from helpers.tiny_parts import (CLIP_VISION, MOBILENET, tiny_llava, write_tiny_gguf, write_tiny_llm,
                                 write_tiny_vision_model)
 from leo_mini_hf import LeoMiniForConditionalGeneration, LeoMiniProcessor
 from leo_mini_hf.cli import main as cli
 from leo_mini_hf.conversion.gguf_llm import convert_gguf_llm
 from leo_mini_hf.conversion.llava import convert_llava_model
-from leo_mini_hf.conversion.mobilenet_v2 import (convert_mobilenet_v2, convert_state_dict, reference_forward,
-                                                 to_torchvision_state_dict, torchvision_to_transformers_key)
+from leo_mini_hf.conversion.mobilenet_v2 import convert_mobilenet_v2, convert_state_dict, torchvision_to_transformers_key
 from leo_mini_hf.conversion.pretrained_parts import build_from_pretrained_parts
 
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN, IMAGENET_DEFAULT_STD as IMAGENET_STD
 
-from leo_mini_hf.conversion.mobilenet_v2 import convert_mobilenet_v2, reference_forward
+from helpers.mobilenet_reference import reference_forward
+from leo_mini_hf.conversion.mobilenet_v2 import convert_mobilenet_v2
 from leo_mini_hf.conversion.smol import installed_asset
 
 try:
