@@ -4,10 +4,10 @@ from pathlib import Path
 
 import torch
 
+from ..hub.checkpoint_folder import save_for_hub
 from ..modeling import LeoMiniForConditionalGeneration
 from ..presets import preset_config
 from ..processor import LEO_MINI_CHAT_TEMPLATE, LeoMiniImageProcessor, LeoMiniProcessor
-from ..hub.checkpoint_folder import save_for_hub
 from .tiny_tokenizer import IMAGE_TOKEN, build_tiny_tokenizer
 
 

@@ -11,9 +11,9 @@ import torch
 from transformers import AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
+from ..hub.checkpoint_folder import save_for_hub
 from ..modeling import LeoMiniConfig, LeoMiniForConditionalGeneration
 from .build import build_processor
-from ..hub.checkpoint_folder import save_for_hub
 from .pretrained_parts import copy_llm_weights_exactly, copy_weights_exactly, load_complete
 
 

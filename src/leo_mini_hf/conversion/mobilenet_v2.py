@@ -8,6 +8,7 @@ import torch
 from transformers import MobileNetV2Config, MobileNetV2ForImageClassification
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+
 def torchvision_to_transformers_key(key: str) -> str:
     """One torchvision key → its `MobileNetV2ForImageClassification` key (explicit rules, not key order)."""
     if match := re.fullmatch(r"classifier\.1\.(weight|bias)", key):

@@ -10,12 +10,18 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 from transformers import logging as transformers_logging
-from transformers.image_utils import (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_STANDARD_MEAN,
-                                      IMAGENET_STANDARD_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+from transformers.image_utils import (
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    IMAGENET_STANDARD_MEAN,
+    IMAGENET_STANDARD_STD,
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+)
 
+from ..hub.checkpoint_folder import save_for_hub
 from ..modeling import LeoMiniConfig, LeoMiniForConditionalGeneration
 from .build import build_processor
-from ..hub.checkpoint_folder import save_for_hub
 from .tiny_tokenizer import IMAGE_TOKEN
 
 PREFIX_TOKENS = {"clip_vision_model": 1, "dinov2": 1, "vit": 1, "siglip_vision_model": 0}

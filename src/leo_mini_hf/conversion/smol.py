@@ -4,9 +4,9 @@ import importlib.util
 import tempfile
 from pathlib import Path
 
+from ..hub.checkpoint_folder import save_for_hub
 from .gguf_llm import convert_gguf_llm
 from .mobilenet_v2 import convert_mobilenet_v2
-from ..hub.checkpoint_folder import save_for_hub
 from .pretrained_parts import assemble_from_pretrained_parts
 
 SMOL_PACKAGES = {

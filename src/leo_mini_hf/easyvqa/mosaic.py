@@ -18,6 +18,7 @@ from PIL import Image
 from torch.utils.data import ConcatDataset, Dataset
 
 from .dataset import COLOURS, SHAPES, EasyVQADataset, load_split
+
 CELL_NAMES = {
     2: ("top-left", "top-right", "bottom-left", "bottom-right"),
     3: ("top-left", "top-centre", "top-right", "centre-left", "centre", "centre-right", "bottom-left",

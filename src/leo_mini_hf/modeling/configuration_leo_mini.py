@@ -7,7 +7,6 @@ from typing import Literal, get_args
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.image_utils import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD
 
-
 VISION_EXPERT_KEYS = {"config", "image_size", "feature_layer", "num_prefix_tokens", "image_mean", "image_std"}
 POSITIVE_INT_OPTIONS = ("num_visual_tokens", "cotr_projection_dim", "mmoe_rank", "mmoe_router_hidden_size")
 

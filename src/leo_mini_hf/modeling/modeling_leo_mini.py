@@ -16,7 +16,6 @@ from .mmoe import MMoE, MMoELinear, MMoERouter
 from .token_reduction import ConditionalTokenReduction, build_token_reducer, prompt_text_mask, prompt_text_sum
 from .vision_experts import VisionExpert
 
-
 # transformers 5.24 renamed the KV cache argument and output field `past_key_values` → `cache`. The forwards take
 # `cache` and accept `past_key_values` too; the installed version's name is the one passed to the LLM and returned.
 CACHE_NAME = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
