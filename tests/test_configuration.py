@@ -109,3 +109,35 @@ def test_format_version_of_old_configs_is_dropped(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(saved))
     reloaded = LeoMiniConfig.from_pretrained(tmp_path)
     assert not hasattr(reloaded, "format_version") and reloaded.to_dict() == config.to_dict()
+
+
+@pytest.mark.parametrize("overrides, error, match", [
+    ({"mmoe_num_experts": "abc"}, TypeError, "`mmoe_num_experts` must be of type int, got str"),
+    ({"mmoe_alpha": "abc"}, TypeError, "`mmoe_alpha` must be of type float, got str"),
+    ({"text_config": 5}, TypeError, "`text_config` must be a dict or a PreTrainedConfig"),
+    ({"mmoe_target_modules": "down_proj"}, TypeError, "`mmoe_target_modules` must be of type list"),
+    ({"mmoe_target_modules": [1]}, TypeError, "list of module names"),
+    ({"num_visual_tokens": True}, TypeError, "`num_visual_tokens` must be of type int, got bool"),
+    ({"cotr_shared_query": "yes"}, TypeError, "`cotr_shared_query` must be of type bool"),
+    ({"image_size": 0}, ValueError, "`image_size` must be positive"),
+    ({"full_token_grid": 0}, ValueError, "`full_token_grid` must be positive"),
+    ({"mmoe_alpha": -1.0}, ValueError, "`mmoe_alpha` must be positive"),
+    ({"mmoe_dropout": 1.5}, ValueError, r"`mmoe_dropout` must be in \[0, 1\)"),
+    ({"mmoe_balance_loss_coef": -0.1}, ValueError, "`mmoe_balance_loss_coef` must be >= 0"),
+    ({"image_std": [0.5, 0.0, 0.5]}, ValueError, "`image_std` must be positive"),
+])
+def test_every_option_is_type_and_range_checked(overrides, error, match):
+    with pytest.raises(error, match=match):
+        tiny_config(**overrides)
+
+
+def test_int_for_float_and_tuples_for_lists_are_accepted():
+    config = tiny_config(mmoe_alpha=8, image_mean=(0.5, 0.5, 0.5), mmoe_target_modules=("down_proj",))
+    assert config.mmoe_alpha == 8 and config.image_mean == [0.5, 0.5, 0.5]
+    assert config.mmoe_target_modules == ["down_proj"]
+
+
+def test_unknown_option_names_are_refused_with_a_suggestion():
+    with pytest.raises(ValueError, match="'num_visual_token' is not a LeoMiniConfig option; did you mean "
+                                         "'num_visual_tokens'"):
+        preset_config("tiny", num_visual_token=16)

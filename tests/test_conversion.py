@@ -184,3 +184,45 @@ def test_llava_with_cotr_is_a_training_start(tmp_path):
     assert torch.isfinite(leo(**inputs).logits).all()
     for key, tensor in llava.model.language_model.state_dict().items():
         assert torch.equal(leo.model.language_model.state_dict()[key], tensor), key
+
+
+# ---- bad input at the command line: refused with one line, nothing written ------------------------------------------
+
+@pytest.mark.parametrize("setting, match", [
+    ("num_visual_token=16", "'num_visual_token' is not a LeoMiniConfig option; did you mean 'num_visual_tokens'"),
+    ("num_visual_tokens=true", "`num_visual_tokens` must be of type int, got bool"),
+    ("image_size=0", "`image_size` must be positive"),
+])
+def test_build_refuses_unknown_or_invalid_options(tmp_path, capsys, setting, match):
+    with pytest.raises(SystemExit):
+        cli(["build", "--preset", "tiny", "--random-init", "--out", str(tmp_path / "out"), "--set", setting])
+    error = capsys.readouterr().err
+    assert match in error and "Traceback" not in error
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command, match", [
+    (["convert", "llava", "--src", "/no/such/llava"], "The LLaVA model folder not found: /no/such/llava"),
+    (["convert", "gguf", "--src", "/no/such/model.gguf"], "GGUF file not found"),
+    (["build", "--llm", "/no/such/llm", "--vision-expert", "/no/such/clip"], "The LLM folder not found"),
+])
+def test_missing_sources_are_named(tmp_path, capsys, command, match):
+    with pytest.raises(SystemExit):
+        cli([*command, "--out", str(tmp_path / "out")])
+    assert match in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_converting_a_file_that_is_not_a_checkpoint_says_so(tmp_path, capsys):
+    (tmp_path / "notes.pth").write_text("not a checkpoint")
+    with pytest.raises(SystemExit):
+        cli(["convert", "mobilenet-v2", "--src", str(tmp_path / "notes.pth"), "--out", str(tmp_path / "out")])
+    assert "is not a PyTorch weights file" in capsys.readouterr().err
+
+
+def test_an_unwritable_target_is_a_one_line_error(tmp_path, capsys):
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(SystemExit):
+        cli(["build", "--preset", "tiny", "--random-init", "--out", str(tmp_path / "a-file" / "out")])
+    error = capsys.readouterr().err
+    assert error.startswith("leo-mini build: ") and error.count("\n") == 1

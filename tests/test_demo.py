@@ -62,3 +62,20 @@ def test_eval_command_on_mosaics_with_swapped_images(tiny_checkpoint, capsys):
     assert result["count"] == 4
     assert sorted(result["count_per_type"]) == ["mosaic colour at cell", "mosaic count", "mosaic shape at cell",
                                                 "mosaic where"]
+
+
+def test_eval_refuses_an_empty_sample_and_a_missing_model(tiny_checkpoint, capsys):
+    with pytest.raises(SystemExit):
+        cli(["eval", "--model", str(tiny_checkpoint), "--limit", "0"])
+    assert "--limit must be a positive number of questions" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli(["eval", "--model", "/no/such/model"])
+    assert "The model folder not found: /no/such/model" in capsys.readouterr().err
+
+
+def test_demo_on_another_checkpoint_describes_that_checkpoint(tiny_checkpoint, capsys):
+    cli(["demo", "--model", str(tiny_checkpoint), "--max-new-tokens", "2"])
+    printed = capsys.readouterr().out
+    assert f"LEO-MINI checkpoint {tiny_checkpoint}: llama LLM + CLIPVisionModel, ConvNextModel" in printed
+    assert "LEO-MINI-Smol" not in printed and "trained on easy-vqa" not in printed
+    assert "20 from the experts -> 4 after CoTR" in printed

@@ -2,6 +2,13 @@
 
 import hashlib
 import json
+import os
+import socket
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -108,3 +115,109 @@ def test_push_to_unreachable_endpoint_fails_clearly(exported, monkeypatch, capsy
 def test_push_refuses_a_non_checkpoint(tmp_path):
     with pytest.raises(ValueError, match="not a checkpoint folder"):
         push_folder(tmp_path, "acme/x")
+
+
+# ---- folders: permissions, leftovers of killed runs, races, orphans -------------------------------------------------
+
+def test_written_folders_get_the_users_normal_permissions(tmp_path):
+    from leo_mini_hf.hub.checkpoint_folder import write_folder_atomically
+
+    umask = os.umask(0o022)
+    try:
+        fresh = write_folder_atomically(tmp_path / "fresh", lambda folder: (folder / "f.txt").write_text("x"))
+        existing = tmp_path / "existing"
+        existing.mkdir(mode=0o750)
+        os.chmod(existing, 0o750)
+        write_folder_atomically(existing, lambda folder: (folder / "f.txt").write_text("x"))
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o755  # as mkdir / save_pretrained would make it, not 0700
+    assert stat.S_IMODE(existing.stat().st_mode) == 0o750  # the empty folder it replaced keeps its mode
+    assert not (fresh / ".leo-mini-partial").exists()
+
+
+def test_partial_folders_of_killed_runs_are_swept_and_nothing_else(tmp_path):
+    from leo_mini_hf.hub.checkpoint_folder import PARTIAL_MARKER, write_folder_atomically
+
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(finished.stdout)
+    host = socket.gethostname()
+
+    def partial(name, pid, marker=True, marker_host=host):
+        folder = tmp_path / f".{name}.partial.{pid}.abc123"
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"half written")
+        if marker:
+            (folder / PARTIAL_MARKER).write_text(json.dumps({"pid": pid, "host": marker_host}))
+        return folder
+
+    stale = partial("old-run", dead_pid)
+    running = partial("running", os.getpid())
+    unmarked = partial("someone-elses", dead_pid, marker=False)
+    other_host = partial("other-host", dead_pid, marker_host="another-machine")
+    user_folder = tmp_path / "results.partial.notes"
+    user_folder.mkdir()
+    write_folder_atomically(tmp_path / "new", lambda folder: (folder / "f.txt").write_text("x"))
+    assert not stale.exists()
+    assert running.exists() and unmarked.exists() and other_host.exists() and user_folder.exists()
+
+
+def test_a_folder_that_appears_while_writing_is_not_overwritten(tmp_path, capsys):
+    from leo_mini_hf.hub.checkpoint_folder import write_folder_atomically
+
+    out = tmp_path / "out"
+
+    def write_while_another_run_finishes(folder):
+        (folder / "mine.txt").write_text("mine")
+        out.mkdir()
+        (out / "theirs.txt").write_text("theirs")
+
+    with pytest.raises(FileExistsError, match="appeared while it was being written"):
+        write_folder_atomically(out, write_while_another_run_finishes)
+    assert [path.name for path in out.iterdir()] == ["theirs.txt"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]
+
+
+def test_export_of_a_missing_folder_is_named(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cli(["export", "--model", str(tmp_path / "absent"), "--out", str(tmp_path / "out")])
+    assert f"The model folder not found: {tmp_path / 'absent'}" in capsys.readouterr().err
+
+
+def _children(pid: int) -> list[int]:
+    children = []
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat_file.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            children.append(int(stat_file.parent.name))
+    return children
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_export_verification_child_dies_with_its_parent(tiny_checkpoint, tmp_path):
+    parent = subprocess.Popen([sys.executable, "-m", "leo_mini_hf.cli", "export", "--model", str(tiny_checkpoint),
+                               "--out", str(tmp_path / "out")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    children = []
+    while not children and time.monotonic() < deadline and parent.poll() is None:
+        time.sleep(0.05)
+        children = _children(parent.pid)
+    assert children, "the export finished or failed before its verification child started"
+    parent.kill()
+    parent.wait()
+    killed = time.monotonic()
+    while any(_running(child) for child in children) and time.monotonic() < killed + 10:
+        time.sleep(0.05)
+    # well before the child would have finished its own work (importing torch and transformers, loading the model)
+    assert time.monotonic() - killed < 1.5 and not any(_running(child) for child in children)
+    assert not (tmp_path / "out").exists()

@@ -84,6 +84,28 @@ def test_a_damaged_entry_is_recomputed(tmp_path):
     assert torch.equal(model.get_image_features(pixels), plain) and cache.hits > 0  # rewritten
 
 
+@pytest.mark.parametrize("damage", ["flipped data bytes", "non-finite values with a matching digest"])
+def test_an_entry_whose_data_is_damaged_is_a_miss(tmp_path, damage):
+    """A well-formed file whose tensor data changed (a flipped byte, or NaN written by a broken run) is not served."""
+    from safetensors.torch import load_file, save_file
+
+    from leo_mini_hf.training.feature_cache import data_digest
+
+    model, pixels, plain, cache = attached_cache(tmp_path, num_images=1)
+    model.get_image_features(pixels)
+    for path in cache_files(tmp_path):
+        if damage == "flipped data bytes":
+            data = bytearray(path.read_bytes())
+            data[-3] ^= 0x40  # inside the tensor data, not the header
+            path.write_bytes(bytes(data))
+        else:
+            features = torch.full_like(load_file(str(path))["features"], float("nan"))
+            save_file({"features": features}, str(path), metadata={"digest": data_digest(features)})
+    hits = cache.hits
+    assert torch.equal(model.get_image_features(pixels), plain)
+    assert cache.hits == hits
+
+
 def test_a_trainable_expert_cannot_be_cached(tmp_path):
     model = tiny_model()  # experts trainable
     with pytest.raises(ValueError, match="trainable parameters"):
@@ -113,6 +135,7 @@ def test_train_command_feature_cache_option(tiny_checkpoint, tmp_path, capsys):
     cli(arguments)
     first = stats_printed(capsys.readouterr().out)
     assert first["misses"] > 0 and first["hits"] + first["misses"] == 2 * 4 * experts
+    arguments[arguments.index(str(tmp_path / "run"))] = str(tmp_path / "second-run")  # a new run, the same cache
     cli(arguments)
     assert stats_printed(capsys.readouterr().out) == {"hits": 2 * 4 * experts, "misses": 0}
 

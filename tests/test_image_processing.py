@@ -75,8 +75,8 @@ def test_batch_of_mixed_inputs(processor):
         (Image.new("RGB", (0, 0)), ValueError, "zero size"),
         ({"not": "an image"}, TypeError, "Unsupported image type dict"),
         (np.zeros((5, 4, 6), np.uint8), ValueError, "1, 3 or 4 channels"),
-        (np.full((4, 4, 3), 2.0, np.float32), ValueError, r"\[0, 1\]"),
-        (np.zeros((4, 4, 3), np.int64), ValueError, "uint8, uint16, bool or float"),
+        (np.full((5, 5, 3), 2.0, np.float32), ValueError, r"\[0, 1\]"),
+        (np.zeros((5, 5, 3), np.int64), ValueError, "uint8, uint16, bool or float"),
         ("/no/such/image.png", ValueError, "not found"),
     ],
 )
@@ -107,3 +107,73 @@ def test_pixel_limit_refuses_bombs(tmp_path):
     with pytest.raises(ValueError, match="over the limit of 100"):
         small_limit(str(path))
     assert small_limit(Image.new("RGB", (10, 10)))["pixel_values"].shape == (1, 3, SIZE, SIZE)
+
+
+# ---- images that used to be misread or crash ------------------------------------------------------------------------
+
+def test_exif_orientation_is_applied(tmp_path):
+    """A phone photo stored sideways with an EXIF orientation tag is seen upright, from a path or a PIL image."""
+    stored = np.zeros((10, 20, 3), np.uint8)
+    stored[:, :10] = (255, 0, 0)  # left half red as stored; orientation 6 shows it rotated 90° clockwise
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "phone.png"
+    Image.fromarray(stored).save(path, exif=exif)
+    upright = np.asarray(Image.fromarray(stored).transpose(Image.Transpose.ROTATE_270))
+    assert upright.shape == (20, 10, 3) and (upright[:10] == (255, 0, 0)).all()  # the top half is red
+    for image in (str(path), Image.open(path)):
+        np.testing.assert_array_equal(np.asarray(to_rgb_image(image)), upright)
+
+
+def test_integer_and_float_modes_keep_their_brightness():
+    sixteen_bit = Image.fromarray(np.full((4, 5), 30000, np.int32), mode="I")
+    assert np.asarray(to_rgb_image(sixteen_bit)).max() == 30000 // 257  # not clipped to white
+    eight_bit = Image.fromarray(np.full((4, 5), 100, np.int32), mode="I")
+    assert np.asarray(to_rgb_image(eight_bit)).max() == 100
+    unit_float = Image.fromarray(np.full((4, 5), 0.5, np.float32), mode="F")
+    assert np.asarray(to_rgb_image(unit_float)).max() == 128  # not black
+    byte_float = Image.fromarray(np.full((4, 5), 200.0, np.float32), mode="F")  # what PIL's convert("F") gives
+    assert np.asarray(to_rgb_image(byte_float)).max() == 200
+    with pytest.raises(ValueError, match="Mode 'F' images must hold finite values"):
+        to_rgb_image(Image.fromarray(np.full((4, 5), -1.0, np.float32), mode="F"))
+    with pytest.raises(ValueError, match=r"Mode 'I' image values must lie in \[0, 65535\]"):
+        to_rgb_image(Image.fromarray(np.full((4, 5), 70000, np.int32), mode="I"))
+
+
+def test_transparent_palette_alpha_pixel_goes_onto_white():
+    palette = Image.new("P", (3, 3), 1)
+    palette.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)  # index 1 is red
+    with_alpha = palette.convert("PA")
+    with_alpha.putalpha(0)  # fully transparent
+    assert with_alpha.mode == "PA"
+    assert np.asarray(to_rgb_image(with_alpha)).min() == 255  # the background, not the red it hides
+    premultiplied = Image.new("La", (3, 3))
+    assert to_rgb_image(premultiplied).mode == "RGB"
+
+
+def test_ambiguous_channel_axis_is_refused():
+    with pytest.raises(ValueError, match="ambiguous"):
+        to_rgb_image(np.zeros((3, 5, 4), np.uint8))  # CHW of width 4, or HWC of height 3 with alpha?
+    assert to_rgb_image(np.zeros((3, 5, 6), np.uint8)).size == (6, 5)  # CHW: the last axis cannot be channels
+    assert to_rgb_image(np.zeros((5, 6, 3), np.uint8)).size == (6, 5)  # HWC
+
+
+def test_meta_tensor_is_refused():
+    with pytest.raises(ValueError, match="meta tensor"):
+        to_rgb_image(torch.empty(3, 8, 8, device="meta"))
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"image_std": [0.5, 0.0, 0.5]}, "image_std must be positive"),
+    ({"image_mean": [0.5, 0.5]}, "image_mean must hold 3 finite numbers"),
+    ({"max_image_pixels": 0}, "max_image_pixels must be a positive int"),
+])
+def test_bad_processing_options_are_refused(processor, options, match):
+    with pytest.raises(ValueError, match=match):
+        processor(colour_image(), **options)
+
+
+def test_thin_image_is_refused_before_padding_to_a_square(processor):
+    thin = Image.new("RGB", (30_000, 1))
+    with pytest.raises(ValueError, match=r"padded to 30000x30000 .* over the limit"):
+        processor(thin)

@@ -250,3 +250,56 @@ def test_beam_search_keeps_each_prompts_images_together(model):
                            do_sample=False, output_logits=True, return_dict_in_generate=True)
     first_step = beams.logits[0]  # (2 prompts x 2 beams, V)
     torch.testing.assert_close(first_step, expected.repeat_interleave(2, dim=0), rtol=1e-5, atol=1e-5)
+
+
+def test_non_finite_pixels_are_refused(model):
+    config = model.config
+    for value in (float("nan"), float("inf")):
+        pixels = random_pixels(config)
+        pixels[0, 1, 2, 3] = value
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            model(input_ids=torch.tensor([image_prompt(config)]), pixel_values=pixels)
+
+
+def test_image_tokens_without_images_are_refused(model):
+    with pytest.raises(ValueError, match="hold image tokens .* but no pixel_values"):
+        model(input_ids=torch.tensor([image_prompt(model.config)]))
+    with pytest.raises(ValueError, match="hold image tokens"):
+        model.generate(input_ids=torch.tensor([image_prompt(model.config)]), max_new_tokens=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_pixels_of_any_float_dtype_are_cast_to_the_model(model, dtype):
+    config = model.config
+    inputs = {"input_ids": torch.tensor([image_prompt(config)])}
+    reference = model(**inputs, pixel_values=random_pixels(config)).logits
+    cast = model(**inputs, pixel_values=random_pixels(config).to(dtype)).logits
+    torch.testing.assert_close(cast, reference, rtol=0.05, atol=0.05)
+
+
+def test_half_precision_model_takes_the_processors_float32_pixels():
+    model = tiny_model().to(torch.bfloat16)
+    config = model.config
+    out = model.generate(input_ids=torch.tensor([image_prompt(config)]), pixel_values=random_pixels(config),
+                         max_new_tokens=3, do_sample=False)
+    assert out.shape[1] == len(image_prompt(config)) + 3
+
+
+@pytest.mark.parametrize("inputs, error, match", [
+    ({"input_ids": torch.tensor([1, 10, 11])}, ValueError, r"shape \(batch, tokens\)"),
+    ({"input_ids": torch.zeros(1, 0, dtype=torch.long)}, ValueError, r"shape \(batch, tokens\) with both > 0"),
+    ({"input_ids": torch.tensor([[1.0, 10.0]])}, TypeError, "integer torch.Tensor"),
+    ({"input_ids": torch.tensor([[1, 10, 11]]), "attention_mask": torch.ones(1, 5)}, ValueError,
+     r"attention_mask has shape \(1, 5\); expected \(1, 3\)"),
+    ({"input_ids": torch.tensor([[1, 10, 11]]), "labels": torch.tensor([[1, 10]])}, ValueError,
+     r"labels have shape \(1, 2\); expected \(1, 3\)"),
+    ({"inputs_embeds": torch.randn(1, 3, 5)}, ValueError, r"inputs_embeds must have shape \(batch, tokens, 64\)"),
+])
+def test_malformed_text_inputs_say_what_is_wrong(model, inputs, error, match):
+    with pytest.raises(error, match=match):
+        model(**inputs)
+
+
+def test_empty_pixel_values_are_refused(model):
+    with pytest.raises(ValueError, match="n_images > 0"):
+        model(input_ids=torch.tensor([[1, 10, 11]]), pixel_values=torch.zeros(0, 3, 64, 64))

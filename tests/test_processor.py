@@ -92,3 +92,14 @@ def test_decoding_strips_image_tokens(tiny_processor):
     assert tiny_processor.batch_decode(ids, skip_special_tokens=False) == ["<|im_start|>user\nhi"]
     assert tiny_processor.post_process_image_text_to_text(ids) == ["user\nhi"]
     assert tiny_processor.decode(ids[0]) == "user\nhi"
+
+
+@pytest.mark.parametrize("call, error, match", [
+    ({"text": []}, ValueError, "empty list"),
+    ({"text": 5}, TypeError, "string or a list of strings, got int"),
+    ({"text": "hi", "max_length": -1, "truncation": True}, ValueError, "max_length must be a positive int"),
+    ({"text": "<image> hi", "images": IMAGE, "image_mean": [0.5, 0.5]}, ValueError, "image_mean must hold 3"),
+])
+def test_bad_processor_arguments_say_what_is_wrong(tiny_processor, call, error, match):
+    with pytest.raises(error, match=match):
+        tiny_processor(**call)

@@ -329,3 +329,60 @@ def test_frozen_batch_norm_expert_stays_in_eval_mode(tiny_processor, tmp_path):
     apply_training_stage(model, "full")
     model.train()
     assert mobilenet.training  # a trainable expert trains normally
+
+
+# ---- nothing a user saved is overwritten; bad records are named -----------------------------------------------------
+
+def train_command(model_dir, output_dir, data, *extra):
+    return ["train", "--model", str(model_dir), "--data", str(data), "--output_dir", str(output_dir), "--max_steps",
+            "1", "--per_device_train_batch_size", "2", "--use_cpu", "--report_to", "none", *extra]
+
+
+def folder_state(folder):
+    return {path.relative_to(folder): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def test_training_refuses_the_model_folder_and_a_non_empty_output_dir(tiny_checkpoint, tmp_path, capsys):
+    records = [{"id": str(i), "image": "red.png", "conversations": [{"from": "human", "value": "<image>\nColour?"},
+                                                                   {"from": "gpt", "value": "red"}]} for i in range(4)]
+    data = write_records(tmp_path, records)
+    model_before = folder_state(tiny_checkpoint)
+    with pytest.raises(SystemExit):
+        cli(train_command(tiny_checkpoint, tiny_checkpoint, data, "--overwrite_output_dir"))
+    assert "is the --model folder" in capsys.readouterr().err
+    assert folder_state(tiny_checkpoint) == model_before
+    unrelated = tmp_path / "my-notes"
+    unrelated.mkdir()
+    (unrelated / "notes.txt").write_text("keep me")
+    with pytest.raises(SystemExit):
+        cli(train_command(tiny_checkpoint, unrelated, data))
+    assert "is not empty" in capsys.readouterr().err
+    assert [path.name for path in unrelated.iterdir()] == ["notes.txt"]
+    cli(train_command(tiny_checkpoint, unrelated, data, "--overwrite_output_dir"))  # the user says so
+    assert (unrelated / "notes.txt").read_text() == "keep me" and (unrelated / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"id": "x", "conversations": [{"from": ["human"], "value": "?"}, {"from": "gpt", "value": "!"}]}, "malformed turn"),
+    ({"id": "x", "image": 5, "conversations": GOOD[0]["conversations"]}, "'image' must be a path string"),
+    ({"id": "x", "image": "corrupt.png", "conversations": GOOD[0]["conversations"]}, "is not a readable image"),
+])
+def test_records_of_the_wrong_type_or_with_a_corrupt_image_are_named_or_skipped(tmp_path, bad, match):
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    path = write_records(tmp_path, [GOOD[0], bad, GOOD[1]])
+    with pytest.raises(ValueError, match=rf"record 1 \(id x\): .*{match}"):
+        LlavaConversationDataset(path)
+    dataset = LlavaConversationDataset(path, skip_bad_records=True)
+    assert len(dataset) == 2 and [skipped.record_id for skipped in dataset.skipped] == ["x"]
+
+
+def test_an_image_that_breaks_at_training_time_names_its_record(tmp_path, tiny_processor):
+    """A truncated file passes the header check; the collator's error then says which records the batch held."""
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "red.png")
+    truncated = (tmp_path / "red.png").read_bytes()[:-40]
+    (tmp_path / "truncated.png").write_bytes(truncated)
+    record = {"id": "the-bad-one", "image": "truncated.png", "conversations": GOOD[0]["conversations"]}
+    (tmp_path / "data.json").write_text(json.dumps([record]))
+    dataset = LlavaConversationDataset(tmp_path / "data.json")
+    with pytest.raises(ValueError, match=r"truncated.png.*in a batch of records \['the-bad-one'\]"):
+        LeoMiniDataCollator(tiny_processor)([dataset[0]])

@@ -7,7 +7,10 @@ import time
 
 
 def parse_overrides(pairs: list[str]) -> dict:
-    """`--set key=value` pairs → config overrides; values are JSON where they parse, else strings."""
+    """`--set key=value` pairs → config overrides; values are JSON where they parse, else strings. Names that are
+    not `LeoMiniConfig` options are refused (the config checks each value's type and range when it is built)."""
+    from .presets import check_option_names
+
     overrides = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
@@ -17,6 +20,7 @@ def parse_overrides(pairs: list[str]) -> dict:
             overrides[key] = json.loads(value)
         except json.JSONDecodeError:
             overrides[key] = value
+    check_option_names(overrides)
     return overrides
 
 
@@ -39,10 +43,12 @@ def run_eval(args: argparse.Namespace) -> None:
 def run_build(args: argparse.Namespace) -> None:
     from .conversion.build import build_checkpoint
 
+    overrides = parse_overrides(args.set)
+    if args.image_size:
+        overrides["image_size"] = args.image_size
     started = time.perf_counter()
     build_checkpoint(args.out, preset=args.preset, random_init=args.random_init, llm=args.llm,
-                     vision_experts=args.vision_expert, image_size=args.image_size, seed=args.seed,
-                     **parse_overrides(args.set))
+                     vision_experts=args.vision_expert, seed=args.seed, **overrides)
     print(f"wrote {args.out} ({time.perf_counter() - started:.1f} s)")
 
 
@@ -151,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         else:
             args.handler(args)
-    except (FileExistsError, FileNotFoundError, ValueError) as error:
+    except (OSError, TypeError, ValueError) as error:  # bad input or a failed write: one line, no traceback
         print(f"leo-mini {args.command}: {error}", file=sys.stderr)
         raise SystemExit(2)
 

@@ -9,11 +9,13 @@ from pathlib import Path
 
 import torch
 
+from .hub.checkpoint_folder import require_path
 from .training.adapter_weights import adapter_metadata, load_adapter_weights, sha256_of
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEMO_WEIGHTS = ASSETS / "leo-mini-smol-easyvqa.safetensors"
 DEMO_QUESTIONS = ASSETS / "demo" / "questions.json"
+REDUCTION_NAMES = {"cotr": "CoTR", "avg_pool": "average pooling", "none": "resampling (no reduction)"}
 
 
 def demo_config_overrides(path: Path = DEMO_WEIGHTS) -> dict:
@@ -74,19 +76,26 @@ def run_trained_demo(model_dir: str | None, image: str | None, question: str | N
 
     if bool(image) != bool(question):
         raise ValueError("give --image and --question together")
-    if not DEMO_WEIGHTS.is_file():
+    if not model_dir and not DEMO_WEIGHTS.is_file():
         raise ValueError(f"the trained weights {DEMO_WEIGHTS.name} are not in this install; run "
                          "`leo-mini demo --preset tiny` for the random tiny model")
+    folder = require_path(model_dir, "The model") if model_dir else None
     with tqdm(total=5, desc="preparing LEO-MINI-Smol", unit="step") as progress:
-        folder = Path(model_dir) if model_dir else demo_checkpoint(progress)
+        folder = folder or demo_checkpoint(progress)
         progress.set_description("loading the pipeline")
         pipe = pipeline("image-text-to-text", model=str(folder))
         progress.update(progress.total - progress.n)
     model = pipe.model
-    expert_tokens = sum(expert.num_tokens for expert in model.model.vision_experts)
-    print(f"LEO-MINI-Smol ({folder}): SmolLM2-135M-Instruct + MobileNetV2, trained on easy-vqa "
-          f"({adapter_metadata(DEMO_WEIGHTS).get('steps', '?')} steps)")
-    print(f"visual tokens per image: {expert_tokens} from the expert -> {model.config.num_image_tokens} after CoTR")
+    experts = model.model.vision_experts
+    if model_dir:
+        print(f"LEO-MINI checkpoint {folder}: {model.config.text_config.model_type} LLM + "
+              f"{', '.join(type(expert.model).__name__ for expert in experts)}")
+    else:
+        print(f"LEO-MINI-Smol ({folder}): SmolLM2-135M-Instruct + MobileNetV2, trained on easy-vqa "
+              f"({adapter_metadata(DEMO_WEIGHTS).get('steps', '?')} steps)")
+    print(f"visual tokens per image: {sum(expert.num_tokens for expert in experts)} from the "
+          f"expert{'s' if len(experts) > 1 else ''} -> {model.config.num_image_tokens} after "
+          f"{REDUCTION_NAMES[model.config.token_reduction]}")
     questions = [{"image": image, "question": question, "answer": None}] if image else bundled_questions()
     correct = 0
     for item in questions:
@@ -124,7 +133,7 @@ def run_random_demo(preset: str, seed: int, max_new_tokens: int) -> None:
         print(f"  expert {index}: {type(expert.model).__name__:<24} {expert.num_tokens:>5} tokens x {expert.hidden_size}")
     tokens_before = sum(expert.num_tokens for expert in experts)
     print(f"visual tokens per image: {tokens_before} from the experts -> {config.num_image_tokens} after "
-          f"{'CoTR' if config.token_reduction == 'cotr' else 'no reduction'}")
+          f"{REDUCTION_NAMES[config.token_reduction]}")
 
     image = torch.randn(1, 3, config.image_size, config.image_size)
     prompt = [config.text_config.bos_token_id or 0] + [config.image_token_id] * config.num_image_tokens + [10, 11, 12]

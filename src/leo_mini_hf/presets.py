@@ -5,6 +5,8 @@ default model. `tiny` is the one place the test suite and the `tiny` preset take
 package's, not a checkpoint's: a saved config holds every value, so remote code never needs them.
 """
 
+import difflib
+
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from .modeling import LeoMiniConfig
@@ -119,8 +121,19 @@ LEO_MINI_PRESETS = {
 }
 
 
+def check_option_names(options: dict) -> None:
+    """Refuse names that are not `LeoMiniConfig` options (a typo would otherwise be stored and silently ignored)."""
+    known = set(LeoMiniConfig.__annotations__)
+    for name in options:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; options: {', '.join(sorted(known))}"
+            raise ValueError(f"{name!r} is not a LeoMiniConfig option{hint}")
+
+
 def preset_config(name: str, **overrides) -> LeoMiniConfig:
     """The named configuration (`tiny`, `leo-mini-llama3-8b`), with top-level options overridden."""
     if name not in LEO_MINI_PRESETS:
         raise ValueError(f"Unknown preset {name!r}; available: {sorted(LEO_MINI_PRESETS)}")
+    check_option_names(overrides)
     return LeoMiniConfig(**{**LEO_MINI_PRESETS[name](), **overrides})

@@ -36,8 +36,8 @@ def build_random_checkpoint(preset: str, out, seed: int = 0, **overrides) -> Pat
     return save_for_hub(model, processor, out)
 
 
-def build_checkpoint(out, preset: str = "tiny", random_init: bool = False, llm=None, vision_experts=None,
-                     image_size: int | None = None, seed: int = 0, **overrides) -> Path:
+def build_checkpoint(out, preset: str = "tiny", random_init: bool = False, llm=None, vision_experts=None, seed: int = 0,
+                     **overrides) -> Path:
     """`leo-mini build`: from pretrained parts (`llm` + `vision_experts` folders), the `leo-mini-smol` preset, or a
     random `tiny` model; written atomically (never a half-written or overwritten folder)."""
     from ..hub.checkpoint_folder import write_folder_atomically
@@ -47,8 +47,6 @@ def build_checkpoint(out, preset: str = "tiny", random_init: bool = False, llm=N
     if llm or vision_experts:
         if not (llm and vision_experts):
             raise ValueError("--llm needs at least one --vision-expert, and the other way round")
-        if image_size:
-            overrides["image_size"] = image_size
         return write_folder_atomically(out, lambda folder: build_from_pretrained_parts(llm, vision_experts, folder,
                                                                                        **overrides))
     if preset == "leo-mini-smol":

@@ -4,6 +4,8 @@ from pathlib import Path
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from ..hub.checkpoint_folder import require_path
+
 
 def convert_gguf_llm(gguf_path, out) -> Path:
     """Dequantise a GGUF LLM with transformers' own GGUF loader and save it as float32 safetensors.
@@ -11,9 +13,7 @@ def convert_gguf_llm(gguf_path, out) -> Path:
     Needs the `gguf` package. The weights are the dequantised 4/8-bit values: fine for demos and training,
     not a quality claim about the original full-precision model.
     """
-    gguf_path = Path(gguf_path)
-    if not gguf_path.is_file():
-        raise ValueError(f"GGUF file not found: {gguf_path}")
+    gguf_path = require_path(gguf_path, "GGUF", kind="file")
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     # The GGUF loader marks the model quantised; it is already dequantised, so save it as a plain model.

@@ -12,12 +12,15 @@ from transformers import AutoProcessor, AutoTokenizer, LlavaForConditionalGenera
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from ..hub.checkpoint_folder import save_for_hub
+from ..hub.checkpoint_folder import require_path
 from ..modeling import LeoMiniConfig, LeoMiniForConditionalGeneration
+from ..presets import check_option_names
 from .build import build_processor
 from .pretrained_parts import copy_llm_weights_exactly, copy_weights_exactly, load_complete
 
 
 def llava_to_leo_mini_config(llava_config, token_reduction: str = "none", **overrides) -> LeoMiniConfig:
+    check_option_names(overrides)
     vision_config = llava_config.vision_config
     if not isinstance(llava_config.vision_feature_layer, int):
         raise ValueError("LLaVA models that concatenate several vision feature layers are not supported")
@@ -65,7 +68,7 @@ def convert_llava_model(llava: LlavaForConditionalGeneration, token_reduction: s
 
 def convert_llava(src, out, token_reduction: str = "none", **overrides) -> Path:
     """A LLaVA folder → a Hub-ready LEO-MINI folder (weights, processor with LLaVA's tokenizer, remote code)."""
-    src = Path(src)
+    src = require_path(src, "The LLaVA model")
     llava = load_complete(LlavaForConditionalGeneration, src, "The LLaVA model")
     model = convert_llava_model(llava, token_reduction, **overrides)
     try:

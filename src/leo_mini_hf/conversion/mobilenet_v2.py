@@ -8,6 +8,8 @@ import torch
 from transformers import MobileNetV2Config, MobileNetV2ForImageClassification
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from ..hub.checkpoint_folder import require_path
+
 
 def torchvision_to_transformers_key(key: str) -> str:
     """One torchvision key → its `MobileNetV2ForImageClassification` key (explicit rules, not key order)."""
@@ -54,7 +56,13 @@ def convert_state_dict(state_dict: dict) -> tuple[MobileNetV2Config, dict]:
 
 def convert_mobilenet_v2(torchvision_weights, out) -> Path:
     """Write a transformers MobileNetV2 folder (safetensors + config + preprocessor stats) from a `.pth` file."""
-    state_dict = torch.load(torchvision_weights, map_location="cpu", weights_only=True)
+    path = require_path(torchvision_weights, "torchvision MobileNetV2 weights", kind="file")
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch.load fails in many ways on a file that is not a checkpoint
+        raise ValueError(f"{path} is not a PyTorch weights file: {type(error).__name__}: {error}") from error
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise ValueError(f"{path} does not hold a state dict (names → tensors)")
     config, converted = convert_state_dict(state_dict)
     model = MobileNetV2ForImageClassification(config)
     expected = set(model.state_dict())

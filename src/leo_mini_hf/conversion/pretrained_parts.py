@@ -20,7 +20,9 @@ from transformers.image_utils import (
 )
 
 from ..hub.checkpoint_folder import save_for_hub
+from ..hub.checkpoint_folder import require_path
 from ..modeling import LeoMiniConfig, LeoMiniForConditionalGeneration
+from ..presets import check_option_names
 from .build import build_processor
 from .tiny_tokenizer import IMAGE_TOKEN
 
@@ -122,7 +124,10 @@ def assemble_from_pretrained_parts(llm_dir, expert_dirs: list, image_size: int |
     `expert_image_sizes` overrides each expert's input side (CNNs take any size); `image_size` is the canonical
     input (default: the largest expert input). Other keyword arguments are `LeoMiniConfig` options.
     """
-    llm_dir = Path(llm_dir)
+    check_option_names(config_overrides)
+    llm_dir = require_path(llm_dir, "The LLM")
+    for index, folder in enumerate(expert_dirs):
+        require_path(folder, f"Vision expert {index}")
     tokenizer = AutoTokenizer.from_pretrained(llm_dir)
     if tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) in (None, tokenizer.unk_token_id):
         tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})

@@ -71,6 +71,8 @@ def evaluate_vqa(model, processor, dataset, limit: int | None = None, batch_size
     """
     model.eval()
     indices = evaluation_subset(dataset, limit, seed)
+    if not indices:
+        raise ValueError("No questions to evaluate: the dataset or its sample is empty")
     samples = [dataset[i] for i in indices]
     if swap_images:
         samples = with_images_swapped(samples, seed)
@@ -115,11 +117,15 @@ def evaluate_checkpoint(model_dir, dataset_name: str = "easy-vqa", split: str = 
     "mosaic-3x3": `limit` questions, default 400); prints the JSON result and a per-type table."""
     import json
 
+    from ..hub.checkpoint_folder import require_path
     from ..modeling import LeoMiniForConditionalGeneration
     from ..processor import LeoMiniProcessor
     from .dataset import EasyVQADataset
     from .mosaic import EasyVQAMosaicDataset
 
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit must be a positive number of questions, got {limit}")
+    model_dir = require_path(model_dir, "The model")
     model = LeoMiniForConditionalGeneration.from_pretrained(model_dir)
     processor = LeoMiniProcessor.from_pretrained(model_dir)
     if dataset_name == "easy-vqa":

@@ -10,7 +10,7 @@ from safetensors import safe_open
 
 from ..modeling import LeoMiniForConditionalGeneration
 from ..processor import LeoMiniProcessor
-from .checkpoint_folder import save_for_hub, write_folder_atomically
+from .checkpoint_folder import require_path, save_for_hub, write_folder_atomically
 from .model_card import render_model_card
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -38,7 +38,17 @@ class _Block(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, _Block())
 """
 
-RELOAD_CHECK = BLOCK_PACKAGE_IMPORT + """
+# The verification child exits as soon as its parent is gone (a killed `leo-mini export` leaves no orphan running).
+EXIT_WITH_PARENT = """
+import os, threading, time
+def _exit_when_orphaned(parent=os.getppid()):
+    while os.getppid() == parent:
+        time.sleep(0.2)
+    os._exit(1)
+threading.Thread(target=_exit_when_orphaned, daemon=True).start()
+"""
+
+RELOAD_CHECK = EXIT_WITH_PARENT + BLOCK_PACKAGE_IMPORT + """
 import json
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -91,7 +101,7 @@ def export_checkpoint(model_dir, out, max_shard_size: str = "5GB", dtype: str | 
     """Write a verified Hub-ready folder: sharded safetensors + index, config with auto_map, processor, tokenizer,
     chat template, remote code, generation_config.json and README.md (model card). Nothing is left at `out`
     unless every check passed."""
-    model_dir = Path(model_dir)
+    model_dir = require_path(model_dir, "The model")
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     source_tensors = read_safetensors_folder(model_dir)

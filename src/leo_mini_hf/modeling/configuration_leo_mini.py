@@ -2,13 +2,36 @@
 
 import copy
 import dataclasses
+import math
+import types
 from typing import Literal, get_args
 
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.image_utils import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD
 
 VISION_EXPERT_KEYS = {"config", "image_size", "feature_layer", "num_prefix_tokens", "image_mean", "image_std"}
-POSITIVE_INT_OPTIONS = ("num_visual_tokens", "cotr_projection_dim", "mmoe_rank", "mmoe_router_hidden_size")
+POSITIVE_OPTIONS = ("image_size", "num_visual_tokens", "cotr_projection_dim", "full_token_grid", "mmoe_rank",
+                    "mmoe_alpha", "mmoe_router_hidden_size")
+NON_NEGATIVE_OPTIONS = ("image_token_id", "mmoe_num_experts", "mmoe_top_k", "mmoe_balance_loss_coef")
+
+
+def _type_error(name: str, value, annotation) -> str | None:
+    """Why `value` does not fit `annotation` (int, float, bool, str, list, Literal, `X | None`), or None if it fits."""
+    allowed = get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    if value is None and type(None) in allowed:
+        return None
+    for kind in allowed:
+        if getattr(kind, "__origin__", None) is Literal:
+            if value in get_args(kind):
+                return None
+            return f"must be one of {get_args(kind)}, got {value!r}"
+        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return None
+        if kind is int and isinstance(value, int) and not isinstance(value, bool):
+            return None
+        if kind in (bool, str, list) and isinstance(value, kind):
+            return None
+    return f"must be of type {getattr(annotation, '__name__', annotation)}, got {type(value).__name__} {value!r}"
 
 
 def _expert_token_grid(expert: dict) -> int:
@@ -93,6 +116,8 @@ class LeoMiniConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         kwargs.pop("format_version", None)  # written by checkpoints before 0.2; nothing reads it
+        if self.text_config is not None and not isinstance(self.text_config, (dict, PreTrainedConfig)):
+            raise TypeError(f"`text_config` must be a dict or a PreTrainedConfig, got {type(self.text_config).__name__}")
         if self.text_config is None:
             # Only reached when transformers builds a default instance to diff against; never used for a model.
             self.text_config = {"model_type": "llama", "vocab_size": 32, "hidden_size": 8, "intermediate_size": 16,
@@ -109,6 +134,9 @@ class LeoMiniConfig(PreTrainedConfig):
             self.image_std = list(IMAGENET_STANDARD_STD)
         if self.mmoe_target_modules is None:
             self.mmoe_target_modules = ["down_proj"]
+        for name in ("image_mean", "image_std", "mmoe_target_modules"):  # JSON gives lists; accept tuples alike
+            if isinstance(getattr(self, name), tuple):
+                setattr(self, name, list(getattr(self, name)))
         if self.full_token_grid is None and self.vision_experts:
             self.full_token_grid = _expert_token_grid(self.vision_experts[0])
         if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):
@@ -138,17 +166,25 @@ class LeoMiniConfig(PreTrainedConfig):
         return expert
 
     def validate_options(self):
-        """Raise a `ValueError` naming the first option that is out of range. Options typed `Literal[...]` above are
-        checked against their choices here, so a choice is declared in one place only."""
+        """Raise a `TypeError` or `ValueError` naming the first option of the wrong type or out of range. Every option
+        declared above is checked against its annotation here (a `Literal[...]` against its choices), so a type or a
+        choice is declared in one place only."""
         for field in dataclasses.fields(self):
-            choices = get_args(field.type) if getattr(field.type, "__origin__", None) is Literal else None
-            if choices and getattr(self, field.name) not in choices:
-                raise ValueError(f"`{field.name}` must be one of {choices}, got {getattr(self, field.name)!r}")
-        for name in POSITIVE_INT_OPTIONS:
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"`{name}` must be a positive int, got {getattr(self, name)!r}")
-        if self.mmoe_num_experts < 0:
-            raise ValueError(f"`mmoe_num_experts` must be >= 0, got {self.mmoe_num_experts}")
+            if field.name in LeoMiniConfig.__annotations__ and field.name != "text_config":
+                problem = _type_error(field.name, getattr(self, field.name), field.type)
+                if problem:
+                    error = ValueError if getattr(field.type, "__origin__", None) is Literal else TypeError
+                    raise error(f"`{field.name}` {problem}")
+        if not all(isinstance(name, str) for name in self.mmoe_target_modules):
+            raise TypeError(f"`mmoe_target_modules` must be a list of module names, got {self.mmoe_target_modules!r}")
+        for name in POSITIVE_OPTIONS:
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"`{name}` must be positive, got {getattr(self, name)!r}")
+        for name in NON_NEGATIVE_OPTIONS:
+            if getattr(self, name) < 0:
+                raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)!r}")
+        if not 0 <= self.mmoe_dropout < 1:
+            raise ValueError(f"`mmoe_dropout` must be in [0, 1), got {self.mmoe_dropout!r}")
         if self.mmoe_num_experts and not 1 <= self.mmoe_top_k <= self.mmoe_num_experts:
             raise ValueError(f"`mmoe_top_k` must be in [1, mmoe_num_experts={self.mmoe_num_experts}], "
                              f"got {self.mmoe_top_k}")
@@ -158,8 +194,12 @@ class LeoMiniConfig(PreTrainedConfig):
         if not 0 <= self.image_token_id < vocab_size:
             raise ValueError(f"`image_token_id` {self.image_token_id} is outside the LLM vocabulary "
                              f"(vocab_size={vocab_size})")
-        if len(self.image_mean) != 3 or len(self.image_std) != 3:
-            raise ValueError("`image_mean` and `image_std` must have 3 values (RGB)")
+        for name in ("image_mean", "image_std"):
+            values = getattr(self, name)
+            if len(values) != 3 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+                raise ValueError(f"`{name}` must have 3 finite values (RGB), got {values!r}")
+        if min(self.image_std) <= 0:
+            raise ValueError(f"`image_std` must be positive, got {self.image_std!r}")
 
     @property
     def num_image_tokens(self) -> int:

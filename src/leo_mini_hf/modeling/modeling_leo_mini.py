@@ -179,34 +179,60 @@ class LeoMiniModel(LeoMiniPreTrainedModel):
             )
         return image_tokens // tokens_per_image
 
-    def _validate_inputs(self, input_ids, inputs_embeds, pixel_values, image_features, cache) -> torch.Tensor | None:
+    def _validate_inputs(self, input_ids, inputs_embeds, pixel_values, image_features, cache, attention_mask=None,
+                         labels=None) -> torch.Tensor | None:
         """Every check of a forward's inputs, in one place; returns images_per_sample (B,), or None without images.
-        The checks that read tensor values (and so wait for the device) run at prefill, never on a cached decode step."""
+        Checks that read tensor values (and so wait for the device) run at prefill, never on a cached decode step."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds")
+        if input_ids is not None:
+            if not isinstance(input_ids, torch.Tensor) or input_ids.is_floating_point() or input_ids.is_complex():
+                raise TypeError(f"input_ids must be an integer torch.Tensor, got {getattr(input_ids, 'dtype', type(input_ids))}")
+            if input_ids.dim() != 2 or 0 in input_ids.shape:
+                raise ValueError(f"input_ids must have shape (batch, tokens) with both > 0, got {tuple(input_ids.shape)}")
+            batch, num_tokens = input_ids.shape
+        else:
+            hidden_size = self.config.text_config.hidden_size
+            if inputs_embeds.dim() != 3 or 0 in inputs_embeds.shape or inputs_embeds.shape[-1] != hidden_size:
+                raise ValueError(f"inputs_embeds must have shape (batch, tokens, {hidden_size}), got "
+                                 f"{tuple(inputs_embeds.shape)}")
+            batch, num_tokens = inputs_embeds.shape[:2]
+        past = 0 if cache is None else cache.get_seq_length()
+        if attention_mask is not None and attention_mask.dim() == 2 and (
+                attention_mask.shape[0] != batch or attention_mask.shape[1] != past + num_tokens):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected ({batch}, "
+                             f"{past + num_tokens}): the cached and the new tokens")
+        if labels is not None and tuple(labels.shape) != (batch, num_tokens):
+            raise ValueError(f"labels have shape {tuple(labels.shape)}; expected ({batch}, {num_tokens}) like input_ids")
         if pixel_values is not None and image_features is not None:
             raise ValueError("Pass pixel_values or image_features, not both")
         images = pixel_values if pixel_values is not None else image_features
         if images is not None and input_ids is None:
             raise ValueError("Images need input_ids: their placeholder tokens mark where visual tokens go")
         if pixel_values is not None:
-            if not isinstance(pixel_values, torch.Tensor):
-                raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
-            if not pixel_values.is_floating_point():
-                raise ValueError(f"pixel_values must be a floating-point tensor (normalised pixels), got "
-                                 f"{pixel_values.dtype}")
-            size = self.config.image_size
-            if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != (3, size, size):
-                raise ValueError(
-                    f"pixel_values must have shape (n_images, 3, {size}, {size}), got {tuple(pixel_values.shape)}; "
-                    "use LeoMiniImageProcessor to prepare images"
-                )
-        is_prefill = cache is None or cache.get_seq_length() == 0
-        if input_ids is not None and is_prefill and input_ids.numel():
+            self._validate_pixel_values(pixel_values)
+        if past == 0 and input_ids is not None:  # prefill (or generation without a KV cache)
             vocab_size = self.config.text_config.vocab_size
             if input_ids.min() < 0 or input_ids.max() >= vocab_size:
                 raise ValueError(f"input_ids hold ids outside the vocabulary [0, {vocab_size})")
+            if images is None and (input_ids == self.config.image_token_id).any():
+                raise ValueError(f"input_ids hold image tokens (id {self.config.image_token_id}) but no pixel_values "
+                                 "were given: pass the images, or drop their placeholders")
         return None if images is None else self.images_per_sample(input_ids, images.shape[0])
+
+    def _validate_pixel_values(self, pixel_values) -> None:
+        if not isinstance(pixel_values, torch.Tensor):
+            raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
+        if not pixel_values.is_floating_point():
+            raise ValueError(f"pixel_values must be a floating-point tensor (normalised pixels), got {pixel_values.dtype}")
+        size = self.config.image_size
+        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != (3, size, size) or not len(pixel_values):
+            raise ValueError(
+                f"pixel_values must have shape (n_images, 3, {size}, {size}) with n_images > 0 (None for text only), "
+                f"got {tuple(pixel_values.shape)}; use LeoMiniImageProcessor to prepare images"
+            )
+        if not torch.isfinite(pixel_values).all():
+            raise ValueError("pixel_values hold NaN or infinite values")
 
     @accepts_either_cache_name
     def forward(
@@ -229,7 +255,8 @@ class LeoMiniModel(LeoMiniPreTrainedModel):
         routing_context (B, 2d): MMoE routing context from the prefill; computed here when None.
         cache: the LLM's KV `Cache` (`past_key_values` is accepted too: its name before transformers 5.24).
         """
-        images_per_sample = self._validate_inputs(input_ids, inputs_embeds, pixel_values, image_features, cache)
+        images_per_sample = self._validate_inputs(input_ids, inputs_embeds, pixel_values, image_features, cache,
+                                                  attention_mask, labels)
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)  # (B, T, d)
         text_embeds = inputs_embeds  # before the visual tokens are merged in

@@ -68,5 +68,6 @@ class VisionExpert(nn.Module):
         return features.shape[1], features.shape[2]
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """pixel_values (n_images, 3, S, S), canonical normalisation → tokens (n_images, num_tokens, hidden_size)."""
-        return self._tower_features(self._prepare_pixels(pixel_values), self.model)
+        """pixel_values (n_images, 3, S, S), canonical normalisation, any float dtype (cast to the tower's) → tokens
+        (n_images, num_tokens, hidden_size)."""
+        return self._tower_features(self._prepare_pixels(pixel_values.to(self.model.dtype)), self.model)

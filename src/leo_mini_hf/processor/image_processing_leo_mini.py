@@ -8,7 +8,7 @@ import os
 import warnings
 
 import numpy as np
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from transformers.image_processing_backends import PilBackend
 from transformers.image_processing_utils import BatchFeature
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
@@ -19,6 +19,12 @@ DEFAULT_MAX_IMAGE_PIXELS = 64 * 1024 * 1024  # 64 megapixels: far above any real
 
 class LeoMiniImageProcessorKwargs(ImagesKwargs, total=False):
     max_image_pixels: int
+
+
+def _check_max_image_pixels(max_image_pixels) -> int:
+    if isinstance(max_image_pixels, bool) or not isinstance(max_image_pixels, int) or max_image_pixels < 1:
+        raise ValueError(f"max_image_pixels must be a positive int, got {max_image_pixels!r}")
+    return max_image_pixels
 
 
 def _check_size(width: int, height: int, max_image_pixels: int, source: str) -> None:
@@ -51,9 +57,20 @@ def _open_image_file(path: str, max_image_pixels: int) -> Image.Image:
 
 
 def _array_to_pil(array: np.ndarray) -> Image.Image:
-    """HWC or CHW (C in 1, 3, 4) or HW array of uint8 / uint16 / bool / float in [0, 1] → PIL image."""
-    if array.ndim == 3 and array.shape[-1] not in (1, 3, 4) and array.shape[0] in (1, 3, 4):
-        array = np.moveaxis(array, 0, -1)  # CHW → HWC
+    """HW, HWC or CHW (C in 1, 3, 4) array of uint8 / uint16 / bool / float in [0, 1] → PIL image.
+
+    Channels are the axis of size 1, 3 or 4 at either end; when both ends could be channels (e.g. shape (3, 5, 4))
+    the array is refused as ambiguous rather than guessed.
+    """
+    if array.ndim == 3:
+        first_is_channels, last_is_channels = array.shape[0] in (1, 3, 4), array.shape[-1] in (1, 3, 4)
+        if first_is_channels and last_is_channels:
+            raise ValueError(
+                f"Image array of shape {array.shape} is ambiguous: either end could hold the colour channels. Pass "
+                "a PIL image (PIL.Image.fromarray on an HWC array) or an array whose other axes are not 1, 3 or 4"
+            )
+        if first_is_channels:
+            array = np.moveaxis(array, 0, -1)  # CHW → HWC
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
@@ -66,22 +83,43 @@ def _array_to_pil(array: np.ndarray) -> Image.Image:
         array = (array.astype(np.uint32) // 257).astype(np.uint8)
     elif np.issubdtype(array.dtype, np.floating):
         if not np.isfinite(array).all() or array.min() < 0.0 or array.max() > 1.0:
-            raise ValueError("Float image arrays must hold finite values in [0, 1]")
+            raise ValueError("Float images must hold finite values in [0, 1]")
         array = np.round(array * 255.0).astype(np.uint8)
     elif array.dtype != np.uint8:
         raise ValueError(f"Image arrays must be uint8, uint16, bool or float in [0, 1], got {array.dtype}")
     return Image.fromarray(np.ascontiguousarray(array))
 
 
+def _float_image_to_pil(image: Image.Image) -> Image.Image:
+    """Mode "F" (32-bit float) → 8-bit: values in [0, 1] are scaled by 255; values up to 255 (what PIL's own
+    `convert("F")` gives) are taken as they are."""
+    array = np.asarray(image, dtype=np.float64)
+    if not np.isfinite(array).all() or array.min() < 0 or array.max() > 255:
+        raise ValueError("Mode 'F' images must hold finite values in [0, 1] or [0, 255]")
+    return _array_to_pil(array if array.max() <= 1 else array / 255.0)
+
+
+def _integer_image_to_pil(image: Image.Image) -> Image.Image:
+    """Mode "I" (32-bit int) → 8-bit: values up to 255 are 8-bit data, larger ones (up to 65535) 16-bit data."""
+    array = np.asarray(image)
+    if array.min() < 0 or array.max() > 65535:
+        raise ValueError(f"Mode 'I' image values must lie in [0, 65535], got [{array.min()}, {array.max()}]")
+    return _array_to_pil(array.astype(np.uint16) if array.max() > 255 else array.astype(np.uint8))
+
+
 def to_rgb_image(image, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
     """Any supported input (PIL image of any mode, numpy array, torch tensor, file path) → PIL RGB image.
 
-    Transparent pixels are composited onto white; 16-bit images are scaled to 8 bits (v // 257); CMYK, palette,
-    grey and other modes use PIL's own conversion. The same input always gives the same pixels.
+    The EXIF orientation is applied (a phone photo is seen upright); transparent pixels are composited onto white;
+    16-bit images are scaled to 8 bits (v // 257); float images ("F" mode, float arrays) must lie in [0, 1]; CMYK,
+    palette, grey and other modes use PIL's own conversion. The same input always gives the same pixels.
     """
+    max_image_pixels = _check_max_image_pixels(max_image_pixels)
     if isinstance(image, (str, os.PathLike)):
         image = _open_image_file(os.fspath(image), max_image_pixels)
     elif type(image).__module__.startswith("torch") and hasattr(image, "detach"):
+        if image.device.type == "meta":
+            raise ValueError("The image is a meta tensor: it has a shape but no data")
         image = _array_to_pil(image.detach().cpu().numpy())
     elif isinstance(image, np.ndarray):
         image = _array_to_pil(image)
@@ -91,11 +129,18 @@ def to_rgb_image(image, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Ima
         )
     _check_size(image.width, image.height, max_image_pixels, "Image")
 
+    image = ImageOps.exif_transpose(image)
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
         image = _array_to_pil(np.asarray(image).astype(np.uint16))
-    if image.mode == "P":
+    elif image.mode == "I":
+        image = _integer_image_to_pil(image)
+    elif image.mode == "F":
+        image = _float_image_to_pil(image)
+    if image.mode in ("P", "PA"):
         image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "RGBa", "La"):
+    elif image.mode == "La":  # premultiplied alpha: PIL converts it to LA only
+        image = image.convert("LA")
+    if image.mode in ("RGBA", "LA", "RGBa"):
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, image.convert("RGBA"))
     return image.convert("RGB")
@@ -146,7 +191,7 @@ class LeoMiniImageProcessor(PilBackend):
 
     def process_image(self, image, max_image_pixels: int | None = None, **kwargs) -> np.ndarray:
         """One image of any supported kind → (3, H, W) uint8."""
-        rgb = to_rgb_image(image, max_image_pixels or self.max_image_pixels)
+        rgb = to_rgb_image(image, self.max_image_pixels if max_image_pixels is None else max_image_pixels)
         return np.moveaxis(np.asarray(rgb), -1, 0)
 
     @staticmethod
@@ -162,11 +207,28 @@ class LeoMiniImageProcessor(PilBackend):
         canvas[:, top : top + height, left : left + width] = image
         return canvas
 
+    @staticmethod
+    def _check_statistics(image_mean, image_std) -> None:
+        for name, values in (("image_mean", image_mean), ("image_std", image_std)):
+            if len(values) != 3 or not all(isinstance(v, (int, float)) and np.isfinite(v) for v in values):
+                raise ValueError(f"{name} must hold 3 finite numbers (R, G, B), got {values!r}")
+        if min(image_std) <= 0:
+            raise ValueError(f"image_std must be positive, got {image_std!r}")
+
     def _preprocess(self, images, do_resize, size, resample, do_rescale, rescale_factor, do_normalize, image_mean,
-                    image_std, do_pad=None, return_tensors=None, **kwargs) -> BatchFeature:
+                    image_std, do_pad=None, return_tensors=None, max_image_pixels=None, **kwargs) -> BatchFeature:
+        self._check_statistics(image_mean, image_std)
+        max_image_pixels = _check_max_image_pixels(self.max_image_pixels if max_image_pixels is None
+                                                   else max_image_pixels)
         processed = []
         for image in images:
             if do_pad:
+                side = max(image.shape[1:])
+                if side * side > max_image_pixels:  # a thin image padded to a square can be a bomb
+                    raise ValueError(
+                        f"Image of {image.shape[2]}x{image.shape[1]} pixels would be padded to {side}x{side} = "
+                        f"{side * side:,} pixels, over the limit of {max_image_pixels:,} (max_image_pixels)"
+                    )
                 image = self.pad_to_square(image, tuple(int(round(m * 255)) for m in image_mean))
             if do_resize:
                 image = self.resize(image=image, size=size, resample=resample)

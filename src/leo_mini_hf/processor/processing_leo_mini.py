@@ -72,9 +72,11 @@ class LeoMiniProcessor(ProcessorMixin):
             raise ValueError("LEO-MINI takes images and text only, not videos or audio")
         if text is None:
             raise ValueError("LeoMiniProcessor needs text (with one image placeholder per image)")
-        texts = [text] if isinstance(text, str) else list(text)
-        if not all(isinstance(t, str) for t in texts):
-            raise TypeError("text must be a string or a list of strings")
+        texts = [text] if isinstance(text, str) else list(text) if isinstance(text, (list, tuple)) else None
+        if texts is None or not all(isinstance(t, str) for t in texts):
+            raise TypeError(f"text must be a string or a list of strings, got {type(text).__name__}")
+        if not texts:
+            raise ValueError("text is an empty list: give at least one prompt")
         images_kwargs = dict(kwargs.pop("images_kwargs", None) or {})
         text_kwargs = dict(kwargs.pop("text_kwargs", None) or {})
         for key in list(kwargs):
@@ -83,6 +85,10 @@ class LeoMiniProcessor(ProcessorMixin):
             elif key in TOKENIZER_KWARGS:
                 text_kwargs[key] = kwargs.pop(key)
         kwargs.pop("return_mm_token_type_ids", None)
+        max_length = text_kwargs.get("max_length")
+        if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)
+                                       or max_length < 1):
+            raise ValueError(f"max_length must be a positive int, got {max_length!r}")
         return_replacement_offsets = kwargs.pop("return_text_replacement_offsets", False)
         if kwargs:
             raise TypeError(

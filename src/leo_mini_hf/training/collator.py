@@ -20,14 +20,18 @@ class LeoMiniDataCollator:
         processor_kwargs = {"padding": True, "padding_side": "right"}
         if self.max_length is not None:
             processor_kwargs.update(truncation=True, max_length=self.max_length)
-        batch = self.processor.apply_chat_template(
-            [sample["messages"] for sample in samples],
-            tokenize=True,
-            return_dict=True,
-            return_tensors="pt",
-            return_assistant_tokens_mask=True,
-            processor_kwargs=processor_kwargs,
-        )
+        try:
+            batch = self.processor.apply_chat_template(
+                [sample["messages"] for sample in samples],
+                tokenize=True,
+                return_dict=True,
+                return_tensors="pt",
+                return_assistant_tokens_mask=True,
+                processor_kwargs=processor_kwargs,
+            )
+        except ValueError as error:  # e.g. a truncated image file: say which records the batch held
+            ids = [str(sample["id"]) for sample in samples if "id" in sample]
+            raise ValueError(f"{error} (in a batch of records {ids})" if ids else str(error)) from error
         input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
         labels = input_ids.masked_fill(batch["assistant_masks"] == 0, -100)
         labels = labels.masked_fill(attention_mask == 0, -100)

@@ -4,6 +4,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -26,6 +27,15 @@ def conversation_to_messages(turns: list, image_path: Path | None) -> list[dict]
         content.append({"type": "text", "text": text})
         messages.append({"role": role, "content": content})
     return messages
+
+
+def check_image_header(path: Path) -> None:
+    """A cheap check that `path` is an image PIL can open (its header; the pixels are decoded at training time)."""
+    try:
+        with Image.open(path) as image:
+            image.size
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+        raise ValueError(f"image {path} is not a readable image: {error}") from error
 
 
 @dataclass
@@ -52,11 +62,13 @@ class LlavaConversationDataset(Dataset):
         if not isinstance(records, list):
             raise ValueError(f"{json_path} must hold a JSON list of records, got {type(records).__name__}")
         self.samples: list[list[dict]] = []
+        self.record_ids: list[str] = []
         self.skipped: list[SkippedRecord] = []
         for index, record in enumerate(records):
             record_id = str(record.get("id", index)) if isinstance(record, dict) else str(index)
             try:
                 self.samples.append(self._parse(record))
+                self.record_ids.append(record_id)
             except ValueError as error:
                 if not skip_bad_records:
                     raise ValueError(f"{json_path}: record {index} (id {record_id}): {error}") from error
@@ -69,16 +81,20 @@ class LlavaConversationDataset(Dataset):
         if not isinstance(turns, list) or not turns:
             raise ValueError("'conversations' must be a non-empty list")
         for turn in turns:
-            if not isinstance(turn, dict) or turn.get("from") not in ROLES or not isinstance(turn.get("value"), str):
+            if (not isinstance(turn, dict) or not isinstance(turn.get("from"), str) or turn["from"] not in ROLES
+                    or not isinstance(turn.get("value"), str)):
                 raise ValueError(f"malformed turn {turn!r}: needs 'from' in {sorted(ROLES)} and a string 'value'")
         if not any(ROLES[turn["from"]] == "assistant" for turn in turns):
             raise ValueError("no assistant ('gpt') turn to learn from")
         placeholders = sum(turn["value"].count(IMAGE_PLACEHOLDER) for turn in turns)
         image_path = None
         if record.get("image") is not None:
+            if not isinstance(record["image"], str):
+                raise ValueError(f"'image' must be a path string, got {record['image']!r}")
             image_path = self.image_root / record["image"]
             if not image_path.is_file():
                 raise ValueError(f"image not found: {image_path}")
+            check_image_header(image_path)
             if placeholders == 0:  # LLaVA convention: the image goes before the first question
                 turns = [dict(turns[0], value=f"{IMAGE_PLACEHOLDER}\n{turns[0]['value']}"), *turns[1:]]
                 placeholders = 1
@@ -90,4 +106,4 @@ class LlavaConversationDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> dict:
-        return {"messages": self.samples[index]}
+        return {"messages": self.samples[index], "id": self.record_ids[index]}

@@ -3,7 +3,9 @@
 Entries are keyed by the expert's fingerprint (class, tower config, input size and normalisation, feature layer,
 dtype and a digest of every weight and buffer) and by the image's content (a digest of its canonical pixel values,
 which also covers the image processor's settings). A changed expert or image therefore never hits an old entry.
-One safetensors file per (expert, image), written atomically: concurrent writers (DDP ranks) are safe.
+One safetensors file per (expert, image), written atomically: concurrent writers (DDP ranks) are safe. Each entry
+carries a digest of its data; a damaged entry (flipped bytes, non-finite values, wrong shape) is a miss and is
+recomputed.
 """
 
 import hashlib
@@ -13,10 +15,10 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: every entry carries a digest of its data
 
 
 def _tensor_digest(hasher, tensor: torch.Tensor) -> None:
@@ -44,6 +46,13 @@ def expert_fingerprint(expert) -> str:
     for name, tensor in sorted([*expert.model.named_parameters(), *expert.model.named_buffers()]):
         hasher.update(name.encode())
         _tensor_digest(hasher, tensor)
+    return hasher.hexdigest()
+
+
+def data_digest(tensor: torch.Tensor) -> str:
+    """Hex digest of a tensor's dtype, shape and bytes: what an entry's metadata holds to prove it intact."""
+    hasher = hashlib.blake2b(digest_size=16)
+    _tensor_digest(hasher, tensor)
     return hasher.hexdigest()
 
 
@@ -107,13 +116,18 @@ class _CachedExpertForward:
         return self.directory / key[:2] / f"{key}.safetensors"
 
     def _read(self, path: Path) -> torch.Tensor | None:
+        """The stored features, or None when the entry is absent or damaged (then it is recomputed and rewritten)."""
         if not path.is_file():
             return None
         try:
-            features = load_file(str(path))["features"]
-        except (SafetensorError, KeyError, OSError):
-            return None  # a damaged entry is recomputed and rewritten
-        if tuple(features.shape) != (self.num_tokens, self.hidden_size):
+            with safe_open(str(path), framework="pt") as handle:
+                digest = (handle.metadata() or {}).get("digest")
+                features = handle.get_tensor("features")
+        except (SafetensorError, KeyError, OSError, ValueError, RuntimeError):
+            return None
+        if tuple(features.shape) != (self.num_tokens, self.hidden_size) or digest != data_digest(features):
+            return None
+        if not torch.isfinite(features).all():
             return None
         return features
 
@@ -122,7 +136,8 @@ class _CachedExpertForward:
         handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
         os.close(handle)
         try:
-            save_file({"features": features.detach().cpu().contiguous()}, temporary)
+            features = features.detach().cpu().contiguous()
+            save_file({"features": features}, temporary, metadata={"digest": data_digest(features)})
             os.replace(temporary, path)
         finally:
             if os.path.exists(temporary):

@@ -1,11 +1,12 @@
 """`leo-mini train`: the HF Trainer on a LEO-MINI checkpoint, with every TrainingArguments flag."""
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from transformers import HfArgumentParser, TrainingArguments
 
 from ..easyvqa.dataset import EasyVQADataset
-from ..hub.checkpoint_folder import add_remote_code
+from ..hub.checkpoint_folder import add_remote_code, require_path
 from ..modeling import LeoMiniForConditionalGeneration
 from ..processor import LeoMiniProcessor
 from .collator import LeoMiniDataCollator
@@ -27,6 +28,8 @@ class TrainScriptArguments:
     stage: str = field(default="finetune", metadata={"help": "pretrain | finetune | full"})
     max_length: int | None = field(default=None, metadata={"help": "truncate samples to this many tokens"})
     skip_bad_records: bool = field(default=False, metadata={"help": "skip (and report) malformed records"})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "write into a non-empty --output_dir (never into the --model folder)"})
     feature_cache_dir: str | None = field(
         default=None,
         metadata={"help": "cache the frozen vision experts' outputs in this folder and reuse them across epochs and "
@@ -34,11 +37,29 @@ class TrainScriptArguments:
     )
 
 
+def check_output_dir(model_dir, output_dir, resuming: bool, overwrite: bool) -> None:
+    """Refuse to train into the model's own folder (the final save would overwrite the weights being trained from)
+    or into a non-empty folder, unless resuming its checkpoints or told to overwrite."""
+    model_dir, output_dir = Path(model_dir).resolve(), Path(output_dir).resolve()
+    if output_dir == model_dir:
+        raise ValueError(f"--output_dir {output_dir} is the --model folder: training would overwrite the model it "
+                         "starts from; choose another folder")
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not (resuming or overwrite):
+        raise ValueError(f"--output_dir {output_dir} is not empty: resume its checkpoints with "
+                         "--resume_from_checkpoint, pass --overwrite_output_dir to write into it anyway, or choose a "
+                         "new folder")
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(f"--output_dir {output_dir} is a file")
+
+
 def run_training(argv: list[str]) -> None:
     """Parse `argv` (TrainScriptArguments + TrainingArguments), train, and save a checkpoint that loads anywhere."""
     parser = HfArgumentParser((TrainScriptArguments, TrainingArguments))
     script, training = parser.parse_args_into_dataclasses(argv)
     training.remove_unused_columns = False  # the collator needs the raw samples
+    require_path(script.model, "The model")
+    check_output_dir(script.model, training.output_dir, bool(training.resume_from_checkpoint),
+                     script.overwrite_output_dir)
     model = LeoMiniForConditionalGeneration.from_pretrained(script.model)
     processor = LeoMiniProcessor.from_pretrained(script.model)
     if script.data == "easy-vqa":
