@@ -1,0 +1,292 @@
+"""How does each bad input or fault end: refused with a clear error, handled correctly, an unclear error, or a silent
+wrong answer / lost data? Runs the same cases against the installed leo_mini_hf (or another checkout's `src` on
+PYTHONPATH, to compare with an older version) and writes a JSON list and a Markdown table.
+
+    python benchmarks/bad_input_probe.py --out benchmarks/results/bad_input_probe
+    PYTHONPATH=/path/to/old/checkout/src python benchmarks/bad_input_probe.py --out /tmp/old-probe
+
+Each case names the outcome a user should get. "clear" means a ValueError/TypeError/FileExistsError (or the CLI's
+one-line exit) whose message matches what is wrong; anything else raised is "unclear"; a case that should work and
+does is "correct"; a wrong result without an error is "silent".
+"""
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+import leo_mini_hf
+from leo_mini_hf import LeoMiniForConditionalGeneration
+from leo_mini_hf.cli import main as cli
+
+try:  # the names before and after the #19 redesign
+    from leo_mini_hf import preset_config
+except ImportError:
+    preset_config = leo_mini_hf.LeoMiniConfig.from_preset
+try:
+    from leo_mini_hf.processor.image_processing_leo_mini import to_rgb_image
+except ImportError:
+    to_rgb_image = None
+
+
+class Silent(Exception):
+    """A case returned a wrong result without an error."""
+
+
+def tiny_model(**overrides):
+    torch.manual_seed(0)
+    return LeoMiniForConditionalGeneration(preset_config("tiny", **overrides)).eval()
+
+
+def prompt(config):
+    return torch.tensor([[1, 10] + [config.image_token_id] * config.num_image_tokens + [12]])
+
+
+def pixels(config, fill=None, dtype=torch.float32):
+    values = torch.randn(1, 3, config.image_size, config.image_size, generator=torch.Generator().manual_seed(0))
+    if fill is not None:
+        values[0, 0, 0, 0] = fill
+    return values.to(dtype)
+
+
+def run_cli(*args):
+    """The CLI's own error handling: SystemExit with one stderr line is a refusal; the message is returned."""
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            cli(list(args))
+        except SystemExit as exit:
+            message = stderr.getvalue().strip() or str(exit.code)
+            raise ValueError(message) from None
+    return stderr.getvalue()
+
+
+def folder_state(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def cases(work: Path, checkpoint: Path):
+    """(category, name, expected outcome, call, message pattern or result check)."""
+    model = tiny_model()
+    config = model.config
+    ids = prompt(config)
+
+    def logits_close_to_fp32(dtype):
+        def call():
+            reference = model(input_ids=ids, pixel_values=pixels(config)).logits
+            logits = model(input_ids=ids, pixel_values=pixels(config, dtype=dtype)).logits
+            if not torch.allclose(logits.float(), reference, atol=0.05, rtol=0.05):
+                raise Silent("logits differ from the fp32 pixels' logits")
+        return call
+
+    def image_value(image, expected):
+        def call():
+            if to_rgb_image is None:
+                raise RuntimeError("no to_rgb_image")
+            value = np.asarray(to_rgb_image(image)).reshape(-1, 3)[0].tolist()
+            if value != expected:
+                raise Silent(f"pixel {value}, expected {expected}")
+        return call
+
+    def exif_photo():
+        stored = np.zeros((10, 20, 3), np.uint8)
+        stored[:, :10] = 255
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        path = work / "phone.png"
+        Image.fromarray(stored).save(path, exif=exif)
+
+        def call():
+            size = to_rgb_image(str(path)).size
+            if size != (10, 20):
+                raise Silent(f"seen as {size[0]}x{size[1]}, not upright 10x20")
+        return call
+
+    def palette_alpha():
+        image = Image.new("P", (2, 2), 1)
+        image.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+        image = image.convert("PA")
+        image.putalpha(0)
+        return image
+
+    def output_dir_case(same_as_model: bool):
+        def call():
+            records = work / "records.json"
+            Image.new("RGB", (8, 8), "red").save(work / "red.png")
+            records.write_text(json.dumps([{"image": "red.png", "conversations": [
+                {"from": "human", "value": "<image>\nColour?"}, {"from": "gpt", "value": "red"}]}] * 2))
+            target = checkpoint if same_as_model else work / "notes"
+            if not same_as_model:
+                target.mkdir(exist_ok=True)
+                (target / "notes.txt").write_text("keep")
+            before = folder_state(target)
+            try:
+                run_cli("train", "--model", str(checkpoint), "--data", str(records), "--output_dir", str(target),
+                        "--max_steps", "1", "--per_device_train_batch_size", "2", "--use_cpu", "--report_to", "none")
+            finally:
+                if folder_state(target) != before:
+                    raise Silent("files in the folder were changed or added")
+        return call
+
+    def cache_case(damage):
+        def call():
+            from leo_mini_hf.training.feature_cache import VisionFeatureCache
+
+            frozen = tiny_model()
+            for param in frozen.model.vision_experts.parameters():
+                param.requires_grad_(False)
+            plain = frozen.get_image_features(pixels(config))
+            cache_dir = work / f"cache-{damage}"
+            cache = VisionFeatureCache(cache_dir)
+            cache.attach(frozen)
+            frozen.get_image_features(pixels(config))
+            for path in cache_dir.rglob("*.safetensors"):
+                data = bytearray(path.read_bytes())
+                data[-3] ^= 0x40
+                path.write_bytes(bytes(data))
+            if not torch.equal(frozen.get_image_features(pixels(config)), plain):
+                raise Silent("a damaged entry was served")
+        return call
+
+    def partial_folder_permissions():
+        out = work / "built"
+        run_cli("build", "--preset", "tiny", "--random-init", "--out", str(out))
+        mode = out.stat().st_mode & 0o777
+        umask = os.umask(0)
+        os.umask(umask)
+        if mode != 0o777 & ~umask:
+            raise Silent(f"written with mode {oct(mode)}")
+
+    bad_record = work / "bad-records.json"
+    bad_record.write_text(json.dumps([{"id": "r1", "conversations": [{"from": ["human"], "value": "?"},
+                                                                     {"from": "gpt", "value": "!"}]}]))
+    not_checkpoint = work / "notes.pth"
+    not_checkpoint.write_text("not a checkpoint")
+
+    return [
+        ("data lost", "train --output_dir = --model", "clear", output_dir_case(True), "model folder"),
+        ("data lost", "train into a non-empty folder", "clear", output_dir_case(False), "not empty"),
+        ("data lost", "build: folder permissions", "correct", partial_folder_permissions, None),
+        ("data lost", "feature cache: flipped data bytes", "correct", cache_case("flip"), None),
+        ("silent", "NaN pixel_values", "clear", lambda: model(input_ids=ids, pixel_values=pixels(config, float("nan"))),
+         "NaN|finite"),
+        ("silent", "inf pixel_values", "clear", lambda: model(input_ids=ids, pixel_values=pixels(config, float("inf"))),
+         "NaN|finite"),
+        ("silent", "image tokens without pixel_values", "clear", lambda: model(input_ids=ids), "image tokens"),
+        ("silent", "EXIF-rotated photo", "correct", exif_photo(), None),
+        ("silent", "mode I with 16-bit values", "correct",
+         image_value(Image.fromarray(np.full((2, 2), 30000, np.int32), mode="I"), [116] * 3), None),
+        ("silent", "mode F in [0, 1]", "correct",
+         image_value(Image.fromarray(np.full((2, 2), 0.5, np.float32), mode="F"), [128] * 3), None),
+        ("silent", "transparent PA pixel", "correct", image_value(palette_alpha(), [255] * 3), None),
+        ("silent", "CHW array with last axis 4", "clear", lambda: to_rgb_image(np.zeros((3, 5, 4), np.uint8)),
+         "ambiguous"),
+        ("silent", "image_std with a zero", "clear",
+         lambda: leo_mini_hf.LeoMiniImageProcessor(image_std=[0.5, 0.0, 0.5])(Image.new("RGB", (4, 4))), "image_std"),
+        ("silent", "max_image_pixels=0", "clear",
+         lambda: leo_mini_hf.LeoMiniImageProcessor(max_image_pixels=0)(Image.new("RGB", (4, 4))), "max_image_pixels"),
+        ("silent", "--set num_visual_token=16 (typo)", "clear",
+         lambda: run_cli("build", "--preset", "tiny", "--random-init", "--out", str(work / "typo"), "--set",
+                         "num_visual_token=16"), "num_visual_token"),
+        ("silent", "--set num_visual_tokens=true", "clear",
+         lambda: run_cli("build", "--preset", "tiny", "--random-init", "--out", str(work / "bool"), "--set",
+                         "num_visual_tokens=true"), "num_visual_tokens"),
+        ("silent", "--set image_size=0", "clear",
+         lambda: run_cli("build", "--preset", "tiny", "--random-init", "--out", str(work / "zero"), "--set",
+                         "image_size=0"), "image_size"),
+        ("silent", "eval --limit 0", "clear", lambda: run_cli("eval", "--model", str(checkpoint), "--limit", "0"),
+         "limit"),
+        ("unclear", "eval --model /nonexistent", "clear", lambda: run_cli("eval", "--model", "/nonexistent"),
+         "not found"),
+        ("unclear", "convert llava --src /nonexistent", "clear",
+         lambda: run_cli("convert", "llava", "--src", "/nonexistent", "--out", str(work / "llava")), "not found"),
+        ("unclear", "1 x 30000 image", "clear",
+         lambda: leo_mini_hf.LeoMiniImageProcessor()(Image.new("RGB", (30000, 1))), "pixels"),
+        ("unclear", "float16 pixel_values", "correct", logits_close_to_fp32(torch.float16), None),
+        ("unclear", "bfloat16 pixel_values", "correct", logits_close_to_fp32(torch.bfloat16), None),
+        ("unclear", "float64 pixel_values", "correct", logits_close_to_fp32(torch.float64), None),
+        ("unclear", "empty input_ids", "clear", lambda: model(input_ids=torch.zeros(1, 0, dtype=torch.long)),
+         "input_ids"),
+        ("unclear", "float input_ids", "clear", lambda: model(input_ids=torch.tensor([[1.0, 2.0]])), "input_ids"),
+        ("unclear", "1-D input_ids", "clear", lambda: model(input_ids=torch.tensor([1, 2, 3])), "input_ids"),
+        ("unclear", "attention_mask of the wrong length", "clear",
+         lambda: model(input_ids=torch.tensor([[1, 2, 3]]), attention_mask=torch.ones(1, 5)), "attention_mask"),
+        ("unclear", "labels of the wrong length", "clear",
+         lambda: model(input_ids=torch.tensor([[1, 2, 3]]), labels=torch.tensor([[1, 2]])), "labels"),
+        ("unclear", "empty pixel_values", "clear",
+         lambda: model(input_ids=torch.tensor([[1, 2]]), pixel_values=torch.zeros(0, 3, 64, 64)), "pixel_values"),
+        ("unclear", "config mmoe_num_experts='abc'", "clear", lambda: preset_config("tiny", mmoe_num_experts="abc"),
+         "mmoe_num_experts"),
+        ("unclear", "config mmoe_alpha='abc'", "clear", lambda: preset_config("tiny", mmoe_alpha="abc"), "mmoe_alpha"),
+        ("unclear", "config text_config=5", "clear", lambda: preset_config("tiny", text_config=5), "text_config"),
+        ("unclear", "config mmoe_target_modules='down_proj'", "clear",
+         lambda: preset_config("tiny", mmoe_target_modules="down_proj"), "mmoe_target_modules"),
+        ("unclear", "record with from=['human']", "clear",
+         lambda: __import__("leo_mini_hf.training.data", fromlist=["x"]).LlavaConversationDataset(
+             bad_record, skip_bad_records=False), "record 0"),
+        ("unclear", "convert mobilenet-v2 --src <text file>", "clear",
+         lambda: run_cli("convert", "mobilenet-v2", "--src", str(not_checkpoint), "--out", str(work / "mn")),
+         "not a PyTorch"),
+        ("unclear", "build --out under a file", "clear",
+         lambda: run_cli("build", "--preset", "tiny", "--random-init", "--out", str(not_checkpoint / "out")),
+         "leo-mini build:"),
+    ]
+
+
+def classify(call, expected: str, pattern: str | None) -> tuple[str, str]:
+    try:
+        call()
+    except Silent as wrong:
+        return "silent", str(wrong)
+    except (ValueError, TypeError, FileExistsError) as error:
+        message = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
+        if expected == "clear" and pattern and re.search(pattern, str(error)) and "Traceback" not in str(error):
+            return "clear", message
+        return "unclear", f"{type(error).__name__}: {message}"
+    except Exception as error:  # anything else raised from deep inside
+        return "unclear", f"{type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else ''}"
+    return ("correct", "") if expected == "correct" else ("silent", "no error")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True, help="writes OUT.json and OUT.md")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        checkpoint = work / "tiny"
+        with contextlib.redirect_stdout(io.StringIO()):
+            cli(["build", "--preset", "tiny", "--random-init", "--out", str(checkpoint)])
+        for category, name, expected, call, pattern in cases(work, checkpoint):
+            outcome, detail = classify(call, expected, pattern)
+            rows.append({"category": category, "case": name, "expected": expected, "outcome": outcome,
+                         "detail": detail})
+            print(f"{outcome:8} {name}: {detail}")
+    source = Path(leo_mini_hf.__file__).resolve().parents[1]
+    summary = {outcome: sum(row["outcome"] == outcome for row in rows) for outcome in ("clear", "correct", "unclear",
+                                                                                     "silent")}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps({"source": str(source), "summary": summary, "cases": rows},
+                                                        indent=2))
+    lines = [f"# Bad input probe ({len(rows)} cases; leo_mini_hf from `{source}`)", "",
+             f"clear error {summary['clear']}, correct result {summary['correct']}, unclear error "
+             f"{summary['unclear']}, silent wrong answer or lost data {summary['silent']}", "",
+             "| category | case | should be | is | detail |", "|---|---|---|---|---|"]
+    lines += [f"| {r['category']} | {r['case']} | {r['expected']} | {r['outcome']} | {r['detail'].replace('|', '/')} |"
+              for r in rows]
+    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print(summary)
+
+
+if __name__ == "__main__":
+    main()
