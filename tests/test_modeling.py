@@ -303,3 +303,42 @@ def test_malformed_text_inputs_say_what_is_wrong(model, inputs, error, match):
 def test_empty_pixel_values_are_refused(model):
     with pytest.raises(ValueError, match="n_images > 0"):
         model(input_ids=torch.tensor([[1, 10, 11]]), pixel_values=torch.zeros(0, 3, 64, 64))
+
+
+# ---- attention implementation and dtype (what users pass to from_pretrained) ----------------------------------------
+
+def test_attention_implementation_reaches_the_llm_and_every_vision_tower(tiny_checkpoint):
+    models = {}
+    for implementation in ("eager", "sdpa"):
+        model = LeoMiniForConditionalGeneration.from_pretrained(tiny_checkpoint, attn_implementation=implementation)
+        assert model.model.language_model.config._attn_implementation == implementation
+        clip, convnext = model.model.vision_experts
+        assert clip.model.config._attn_implementation == implementation
+        assert convnext.model.config._attn_implementation == "eager"  # a CNN has no attention to switch
+        models[implementation] = model.eval()
+    config = models["eager"].config
+    inputs = {"input_ids": torch.tensor([image_prompt(config)]), "pixel_values": random_pixels(config)}
+    torch.testing.assert_close(models["eager"](**inputs).logits, models["sdpa"](**inputs).logits,
+                               rtol=1e-4, atol=1e-4)
+    attentions = models["eager"](**inputs, output_attentions=True).attentions
+    assert len(attentions) == config.text_config.num_hidden_layers
+    assert attentions[0].shape[-1] == inputs["input_ids"].shape[1]
+    with pytest.raises(ImportError, match="FlashAttention2"):
+        LeoMiniForConditionalGeneration.from_pretrained(tiny_checkpoint, attn_implementation="flash_attention_2")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_checkpoint_generates_from_the_processors_outputs(tiny_checkpoint, tiny_processor, dtype):
+    from PIL import Image
+    from transformers import pipeline
+
+    model = LeoMiniForConditionalGeneration.from_pretrained(tiny_checkpoint, dtype=dtype).eval()
+    assert model.dtype == dtype and model.model.token_reducer.queries.dtype == dtype
+    image = Image.new("RGB", (40, 30), "red")
+    inputs = tiny_processor(images=image, text="<image> What colour?", return_tensors="pt")
+    assert inputs["pixel_values"].dtype == torch.float32
+    generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert generated.shape[1] == inputs["input_ids"].shape[1] + 3
+    pipe = pipeline("image-text-to-text", model=model, processor=tiny_processor)
+    chat = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "Colour?"}]}]
+    assert isinstance(pipe(text=chat, max_new_tokens=2)[0]["generated_text"], list)

@@ -132,14 +132,16 @@ class LeoMiniModel(LeoMiniPreTrainedModel):
         super().__init__(config)
         if not config.vision_experts:
             raise ValueError("LeoMiniConfig.vision_experts is empty: LEO-MINI needs at least one vision expert")
+        attn_implementation = config._attn_implementation  # reaches the LLM and every vision tower
         self.vision_experts = nn.ModuleList(
-            VisionExpert(expert, config.image_mean, config.image_std) for expert in config.vision_experts
+            VisionExpert(expert, config.image_mean, config.image_std, attn_implementation)
+            for expert in config.vision_experts
         )
         expert_hidden_sizes = [expert.hidden_size for expert in self.vision_experts]
         expert_num_tokens = [expert.num_tokens for expert in self.vision_experts]
         self.token_reducer = build_token_reducer(config, expert_hidden_sizes, expert_num_tokens)
         self.multi_modal_projector = LeoMiniMultiModalProjector(config, sum(expert_hidden_sizes))
-        self.language_model = AutoModel.from_config(config.text_config)
+        self.language_model = AutoModel.from_config(config.text_config, attn_implementation=attn_implementation)
         self.mmoe = MMoE(self.language_model, config, context_dim=2 * config.text_config.hidden_size)
         self.post_init()
 

@@ -163,7 +163,9 @@ class ConditionalTokenReduction(nn.Module):
             # s_self + s_cross + s_text in one product: Σ_term c_term (u_term · Î_i,n) = (Σ_term c_term u_term) · Î_i,n
             pooled_vector = sum(scale * normalise(term, dim=-1) for scale, term in zip(scales[1:], pooled_terms))
             s_pooled = torch.einsum("np,nkp->nk", pooled_vector, tokens).unsqueeze(1)  # (n, 1, N_i)
-            weights.append((s_query + s_pooled).softmax(dim=-1))
+            scores = s_query + s_pooled  # (n, N_V, N_i); the softmax runs in float32 in a half-precision model
+            softmax_dtype = torch.promote_types(scores.dtype, torch.float32)
+            weights.append(scores.to(softmax_dtype).softmax(dim=-1).to(scores.dtype))
         return weights
 
     def forward(self, expert_features: list[torch.Tensor], text_sum: torch.Tensor) -> torch.Tensor:

@@ -14,10 +14,19 @@ class VisionExpert(nn.Module):
     returns the chosen layer's features as tokens. ViT-style (B, N, C) and CNN-style (B, C, H, W) outputs alike.
     """
 
-    def __init__(self, expert: dict, canonical_mean: list, canonical_std: list):
+    def __init__(self, expert: dict, canonical_mean: list, canonical_std: list, attn_implementation: str | None = None):
         super().__init__()
         tower_config = dict(expert["config"])
-        self.model = AutoModel.from_config(AutoConfig.for_model(tower_config.pop("model_type"), **tower_config))
+        model_type = tower_config.pop("model_type")
+
+        def build_tower(implementation):  # a fresh config each time: building a model records its implementation
+            return AutoModel.from_config(AutoConfig.for_model(model_type, **tower_config),
+                                         attn_implementation=implementation)
+
+        try:  # the attention implementation the whole model was asked for
+            self.model = build_tower(attn_implementation)
+        except ValueError:  # a tower without it (a CNN has no attention at all) keeps its own default
+            self.model = build_tower(None)
         self.image_size = expert["image_size"]
         self.feature_layer = expert["feature_layer"]
         self.num_prefix_tokens = expert["num_prefix_tokens"]
