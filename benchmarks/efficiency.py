@@ -337,6 +337,86 @@ def measure_all(quick: bool) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Where the LLM dominates: a 1B-class LLM (Llama-3.2-1B's shape) with a CLIP-L/336-shaped expert, measured
+# ---------------------------------------------------------------------------------------------------------------
+
+LLAMA_1B = {"model_type": "llama", "vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192,
+            "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64,
+            "max_position_embeddings": 8192, "rope_theta": 500000.0, "tie_word_embeddings": True,
+            "hidden_act": "silu", "rms_norm_eps": 1e-5}  # Llama-3.2-1B's shape
+CLIP_L_336 = {"model_type": "clip_vision_model", "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+              "num_attention_heads": 16, "image_size": 336, "patch_size": 14}  # 576 tokens per image
+BILLION_IMAGE_TOKEN_ID = 128002
+BILLION_MODELS = {"leo-mini-cotr-64": 1, "llava-1.5-576": 1, "llava-next-2880": 5}  # name → images (crops) per prompt
+
+
+def billion_model(name: str):
+    """(model, tokens per image) at the 1B scale, random weights, eval mode."""
+    if name.startswith("leo-mini"):
+        expert = {"config": CLIP_L_336, "image_size": 336, "feature_layer": -2, "num_prefix_tokens": 1,
+                  "image_mean": CLIP_MEAN, "image_std": CLIP_STD}
+        config = LeoMiniConfig(text_config=LLAMA_1B, vision_experts=[expert], image_size=336, image_mean=CLIP_MEAN,
+                               image_std=CLIP_STD, image_token_id=BILLION_IMAGE_TOKEN_ID, num_visual_tokens=64)
+        return LeoMiniForConditionalGeneration(config).eval(), config.num_image_tokens
+    config = LlavaConfig(vision_config=CLIP_L_336, text_config=LLAMA_1B, image_token_id=BILLION_IMAGE_TOKEN_ID,
+                         image_seq_length=576)
+    return LlavaForConditionalGeneration(config).eval(), 576
+
+
+def billion_inputs(name: str, tokens_per_image: int) -> dict:
+    images = BILLION_MODELS[name]
+    generator = torch.Generator().manual_seed(0)
+    text = torch.randint(10, 1000, (1, TEXT_TOKENS), generator=generator)
+    input_ids = torch.cat([torch.full((1, tokens_per_image * images), BILLION_IMAGE_TOKEN_ID), text], dim=1)
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+            "pixel_values": torch.randn(images, 3, 336, 336, generator=generator)}
+
+
+def billion_worker(name: str, repeats: int) -> dict:
+    """Counted FLOPs (one forward with eager attention: FlopCounterMode does not see SDPA on CPU), measured prefill
+    time (SDPA) and peak memory, in one process."""
+    torch.set_num_threads(THREADS)
+    torch.manual_seed(0)
+    model, tokens = billion_model(name)
+    inputs = billion_inputs(name, tokens)
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        flops = flops_of(lambda: model(**inputs, logits_to_keep=1))
+    model.set_attn_implementation("sdpa")
+    prefill = time_prefill(model, inputs, repeats)
+    return {"model": name, "images": BILLION_MODELS[name], "sequence": inputs["input_ids"].shape[1],
+            "parameters": sum(p.numel() for p in model.parameters()), "prefill_flops": flops,
+            "prefill_seconds": prefill, "repeats": repeats,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def measure_billion(out: Path, repeats: int) -> None:
+    started = time.perf_counter()
+    rows = []
+    for name in BILLION_MODELS:
+        command = [sys.executable, __file__, "--worker-1b", name, "--repeats", str(repeats)]
+        done = subprocess.run(command, capture_output=True, text=True, check=True)
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        print(f"  measured {name}: {rows[-1]['prefill_seconds']:.1f} s", flush=True)
+    command = f"python benchmarks/efficiency.py --billion --repeats {repeats}"
+    machine = f"{platform.machine()}, {THREADS} threads, torch {torch.__version__}"
+    reference = next(r for r in rows if r["model"] == "llava-next-2880")
+    lines = ["# Efficiency where the LLM dominates: Llama-3.2-1B shape + CLIP-L/336 shape, random weights, fp32\n",
+             f"Command: `{command}` ({(time.perf_counter() - started) / 60:.1f} min)  \nMachine: {machine}; batch 1, "
+             f"{TEXT_TOKENS} text tokens; prefill = median of {repeats} after a warm-up; FLOPs counted on the meta "
+             "device with eager attention; peak RSS of the measuring process (weights included).\n",
+             "| model | images | sequence | prefill TFLOPs | FLOPs vs LLaVA-NeXT | prefill s | time vs LLaVA-NeXT | "
+             "peak RSS |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['images']} | {r['sequence']} | {r['prefill_flops'] / 1e12:.2f} | "
+                     f"{r['prefill_flops'] / reference['prefill_flops']:.3f} | {r['prefill_seconds']:.1f} | "
+                     f"{r['prefill_seconds'] / reference['prefill_seconds']:.3f} | {r['peak_rss_mb'] / 1024:.1f} GB |")
+    (out / "efficiency_1b.md").write_text("\n".join(lines) + "\n")
+    (out / "efficiency_1b.json").write_text(json.dumps({"command": command, "machine": machine, "rows": rows}, indent=2))
+    print("\n".join(lines))
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -407,11 +487,22 @@ def plot_curves(measured: list[dict], out: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-1b", help=argparse.SUPPRESS)
+    parser.add_argument("--billion", action="store_true",
+                        help="only the 1B-scale section: LEO-MINI vs LLaVA-1.5 and LLaVA-NeXT, FLOPs, time and memory")
+    parser.add_argument("--repeats", type=int, default=2, help="prefill repeats at the 1B scale")
     parser.add_argument("--quick", action="store_true", help="fewer repeats (smoke test, not for the table)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(args.worker, args.quick)))
+        return
+    if args.worker_1b:
+        print(json.dumps(billion_worker(args.worker_1b, args.repeats)))
+        return
+    if args.billion:
+        args.out.mkdir(parents=True, exist_ok=True)
+        measure_billion(args.out, args.repeats)
         return
     started = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)

@@ -342,3 +342,18 @@ def test_half_precision_checkpoint_generates_from_the_processors_outputs(tiny_ch
     pipe = pipeline("image-text-to-text", model=model, processor=tiny_processor)
     chat = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "Colour?"}]}]
     assert isinstance(pipe(text=chat, max_new_tokens=2)[0]["generated_text"], list)
+
+
+@pytest.mark.parametrize("cpu_memory", ["300KB", "700KB"])
+def test_device_map_auto_with_disk_offload_generates_the_same_tokens(tiny_checkpoint, tmp_path, cpu_memory):
+    """With max_memory forcing the LLM (all of it, or its layers) and the rest onto disk, generation is unchanged."""
+    plain = LeoMiniForConditionalGeneration.from_pretrained(tiny_checkpoint).eval()
+    config = plain.config
+    inputs = {"input_ids": torch.tensor([image_prompt(config)]), "pixel_values": random_pixels(config)}
+    expected = plain.generate(**inputs, max_new_tokens=6, do_sample=False)
+    offloaded = LeoMiniForConditionalGeneration.from_pretrained(
+        tiny_checkpoint, device_map="auto", max_memory={"cpu": cpu_memory}, offload_folder=str(tmp_path)).eval()
+    assert "disk" in offloaded.hf_device_map.values()
+    assert any(key.startswith("model.language_model") and device == "disk"
+               for key, device in offloaded.hf_device_map.items())
+    assert offloaded.generate(**inputs, max_new_tokens=6, do_sample=False).tolist() == expected.tolist()

@@ -386,3 +386,30 @@ def test_an_image_that_breaks_at_training_time_names_its_record(tmp_path, tiny_p
     dataset = LlavaConversationDataset(tmp_path / "data.json")
     with pytest.raises(ValueError, match=r"truncated.png.*in a batch of records \['the-bad-one'\]"):
         LeoMiniDataCollator(tiny_processor)([dataset[0]])
+
+
+def test_fsdp2_sharded_training_matches_one_process():
+    """FSDP2 (`fully_shard` per decoder layer and on the whole model) over 2 CPU processes with gloo: the same losses
+    and, after two SGD steps, the same parameters as one process on the whole batch."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29513",
+               str(TESTS / "helpers" / "fsdp_train.py"), str(TESTS)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("{")))
+    assert report["world_size"] == 2 and report["sharded_parameter_type"] == "DTensor"
+    torch.testing.assert_close(torch.tensor(report["sharded_losses"]), torch.tensor(report["losses"]),
+                               rtol=1e-5, atol=1e-5)
+    assert report["max_parameter_change"] > 1e-2  # the steps did train
+    assert report["max_parameter_difference"] < 1e-5
+
+
+def test_fsdp_requested_on_cpu_warns_that_it_replicates(tiny_checkpoint, tmp_path):
+    """The Trainer on CPU falls back to data parallelism when asked for FSDP; LeoMiniTrainer says so."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29514",
+               str(TESTS / "helpers" / "ddp_train.py"), str(tiny_checkpoint), str(tmp_path), "2", str(TESTS), "fsdp"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "FSDP was requested but accelerate runs MULTI_CPU" in result.stderr
+    assert "replicates the model on every process instead of sharding it" in result.stderr

@@ -16,13 +16,15 @@ sys.path.insert(0, sys.argv[4])
 from helpers.training_data import colour_sample  # noqa: E402
 
 checkpoint, output_dir, per_device_batch = sys.argv[1], sys.argv[2], int(sys.argv[3])
+extra_arguments = {"fsdp": True} if sys.argv[5:] == ["fsdp"] else {}  # FSDP asked for, on CPU
 torch.manual_seed(0)
 model = LeoMiniForConditionalGeneration.from_pretrained(checkpoint)
 processor = LeoMiniProcessor.from_pretrained(checkpoint)
 apply_training_stage(model, "finetune")
 args = default_training_arguments(output_dir=output_dir, per_device_train_batch_size=per_device_batch, max_steps=4,
                                   learning_rate=5e-3, logging_steps=1, save_strategy="no", seed=0,
-                                  ddp_backend="gloo", use_cpu=True, train_sampling_strategy="sequential")
+                                  ddp_backend="gloo", use_cpu=True, train_sampling_strategy="sequential",
+                                  **extra_arguments)
 trainer = LeoMiniTrainer(model=model, args=args, train_dataset=[colour_sample("red")] * 16,
                          data_collator=LeoMiniDataCollator(processor), processing_class=processor)
 trainer.train()

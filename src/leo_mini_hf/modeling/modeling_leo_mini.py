@@ -92,7 +92,9 @@ class LeoMiniPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
-    _no_split_modules = ["ConditionalTokenReduction", "VisionExpert"]
+    # device_map="auto": each keeps its parameters on one device (MMoE layers: base weight, LoRA and router together);
+    # the LLM's own decoder layers are its `_no_split_modules`
+    _no_split_modules = ["ConditionalTokenReduction", "VisionExpert", "MMoELinear"]
     _skip_keys_device_placement = [CACHE_NAME]
     # checkpoints before 0.2 carried unused text projections when `cotr_text_conditioning=False`
     _keys_to_ignore_on_load_unexpected = [r"token_reducer\.text_projections\."]

@@ -1,5 +1,7 @@
 """`LeoMiniTrainer`: the HF Trainer, logging the MMoE balance loss on its own line, saving loadable checkpoints."""
 
+import warnings
+
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -28,6 +30,12 @@ class LeoMiniTrainer(Trainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        if self.args.fsdp and not self.is_fsdp_enabled:
+            warnings.warn(
+                f"FSDP was requested but accelerate runs {self.accelerator.distributed_type.value} here (FSDP needs "
+                "GPUs or other accelerators; on CPU it falls back to data parallelism), which replicates the model on "
+                "every process instead of sharding it", UserWarning, stacklevel=2,
+            )
         self.add_callback(SaveRemoteCodeCallback())
         self._aux_loss_sum, self._aux_loss_count = 0.0, 0
 
