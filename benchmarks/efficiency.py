@@ -403,8 +403,9 @@ def measure_billion(out: Path, repeats: int) -> None:
     reference = next(r for r in rows if r["model"] == "llava-next-2880")
     lines = ["# Efficiency where the LLM dominates: Llama-3.2-1B shape + CLIP-L/336 shape, random weights, fp32\n",
              f"Command: `{command}` ({(time.perf_counter() - started) / 60:.1f} min)  \nMachine: {machine}; batch 1, "
-             f"{TEXT_TOKENS} text tokens; prefill = median of {repeats} after a warm-up; FLOPs counted on the meta "
-             "device with eager attention; peak RSS of the measuring process (weights included).\n",
+             f"{TEXT_TOKENS} text tokens; prefill = median of {repeats} after a warm-up; FLOPs counted in one extra "
+             "forward with eager attention (FlopCounterMode does not see SDPA on CPU); peak RSS of the measuring "
+             "process (weights included).\n",
              "| model | images | sequence | prefill TFLOPs | FLOPs vs LLaVA-NeXT | prefill s | time vs LLaVA-NeXT | "
              "peak RSS |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -191,9 +191,11 @@ class LeoMiniModel(LeoMiniPreTrainedModel):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds")
         if input_ids is not None:
             if not isinstance(input_ids, torch.Tensor) or input_ids.is_floating_point() or input_ids.is_complex():
-                raise TypeError(f"input_ids must be an integer torch.Tensor, got {getattr(input_ids, 'dtype', type(input_ids))}")
+                got = getattr(input_ids, "dtype", type(input_ids).__name__)
+                raise TypeError(f"input_ids must be an integer torch.Tensor, got {got}")
             if input_ids.dim() != 2 or 0 in input_ids.shape:
-                raise ValueError(f"input_ids must have shape (batch, tokens) with both > 0, got {tuple(input_ids.shape)}")
+                raise ValueError(f"input_ids must have shape (batch, tokens) with both > 0, got "
+                                 f"{tuple(input_ids.shape)}")
             batch, num_tokens = input_ids.shape
         else:
             hidden_size = self.config.text_config.hidden_size
@@ -207,7 +209,8 @@ class LeoMiniModel(LeoMiniPreTrainedModel):
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected ({batch}, "
                              f"{past + num_tokens}): the cached and the new tokens")
         if labels is not None and tuple(labels.shape) != (batch, num_tokens):
-            raise ValueError(f"labels have shape {tuple(labels.shape)}; expected ({batch}, {num_tokens}) like input_ids")
+            raise ValueError(f"labels have shape {tuple(labels.shape)}; expected ({batch}, {num_tokens}), like "
+                             "input_ids")
         if pixel_values is not None and image_features is not None:
             raise ValueError("Pass pixel_values or image_features, not both")
         images = pixel_values if pixel_values is not None else image_features
@@ -228,7 +231,8 @@ class LeoMiniModel(LeoMiniPreTrainedModel):
         if not isinstance(pixel_values, torch.Tensor):
             raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
         if not pixel_values.is_floating_point():
-            raise ValueError(f"pixel_values must be a floating-point tensor (normalised pixels), got {pixel_values.dtype}")
+            raise ValueError(f"pixel_values must be a floating-point tensor (normalised pixels), got "
+                             f"{pixel_values.dtype}")
         size = self.config.image_size
         if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != (3, size, size) or not len(pixel_values):
             raise ValueError(
