@@ -357,3 +357,18 @@ def test_device_map_auto_with_disk_offload_generates_the_same_tokens(tiny_checkp
     assert any(key.startswith("model.language_model") and device == "disk"
                for key, device in offloaded.hf_device_map.items())
     assert offloaded.generate(**inputs, max_new_tokens=6, do_sample=False).tolist() == expected.tolist()
+
+
+def test_a_cached_decoding_step_compiles_without_graph_breaks(model):
+    """What `torch.compile` (and transformers' compiled decoding on accelerators) sees after the prefill: one graph.
+    MMoE's routing, the carried routing context and the cache-name shim must not break it."""
+    from leo_mini_hf.modeling.modeling_leo_mini import CACHE_NAME
+
+    config = model.config
+    prefill = model(input_ids=torch.tensor([image_prompt(config)]), pixel_values=random_pixels(config), use_cache=True)
+    step = {"input_ids": torch.tensor([[17]]), "routing_context": prefill.routing_context, "use_cache": True,
+            CACHE_NAME: getattr(prefill, CACHE_NAME)}
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(model)(**step)
+    assert explanation.graph_break_count == 0, [str(reason.reason) for reason in explanation.break_reasons]
+    assert explanation.graph_count == 1

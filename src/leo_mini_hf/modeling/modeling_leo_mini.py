@@ -101,6 +101,8 @@ class LeoMiniPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_attention_backend = True
+    # A cached decoding step compiles as one graph (tested); a prefill does not: it checks input values once per prompt
+    _can_compile_fullgraph = False
 
     def _init_weights(self, module):
         super()._init_weights(module)
