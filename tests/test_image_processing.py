@@ -177,3 +177,9 @@ def test_thin_image_is_refused_before_padding_to_a_square(processor):
     thin = Image.new("RGB", (30_000, 1))
     with pytest.raises(ValueError, match=r"padded to 30000x30000 .* over the limit"):
         processor(thin)
+
+
+def test_numpy_statistics_are_accepted():
+    processor = LeoMiniImageProcessor(size={"height": SIZE, "width": SIZE},
+                                      image_mean=np.array(CLIP_MEAN, np.float32), image_std=np.array(CLIP_STD, np.float32))
+    assert processor(colour_image(), return_tensors="pt")["pixel_values"].shape == (1, 3, SIZE, SIZE)

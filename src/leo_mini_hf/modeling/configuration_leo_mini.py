@@ -3,6 +3,7 @@
 import copy
 import dataclasses
 import math
+import numbers
 import types
 from typing import Literal, get_args
 
@@ -196,7 +197,7 @@ class LeoMiniConfig(PreTrainedConfig):
                              f"(vocab_size={vocab_size})")
         for name in ("image_mean", "image_std"):
             values = getattr(self, name)
-            if len(values) != 3 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+            if len(values) != 3 or not all(isinstance(v, numbers.Real) and math.isfinite(v) for v in values):
                 raise ValueError(f"`{name}` must have 3 finite values (RGB), got {values!r}")
         if min(self.image_std) <= 0:
             raise ValueError(f"`image_std` must be positive, got {self.image_std!r}")

@@ -4,6 +4,7 @@ Runs on transformers' PIL backend (PIL + numpy; no torchvision). The output is t
 model's vision experts each resize and re-normalise from.
 """
 
+import numbers
 import os
 import warnings
 
@@ -210,7 +211,7 @@ class LeoMiniImageProcessor(PilBackend):
     @staticmethod
     def _check_statistics(image_mean, image_std) -> None:
         for name, values in (("image_mean", image_mean), ("image_std", image_std)):
-            if len(values) != 3 or not all(isinstance(v, (int, float)) and np.isfinite(v) for v in values):
+            if len(values) != 3 or not all(isinstance(v, numbers.Real) and np.isfinite(v) for v in values):
                 raise ValueError(f"{name} must hold 3 finite numbers (R, G, B), got {values!r}")
         if min(image_std) <= 0:
             raise ValueError(f"image_std must be positive, got {image_std!r}")
