@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-import leo_mini_hf
+import leo_mini_hf  # no `common` import: this script must also run against older checkouts' `src`
 from leo_mini_hf import LeoMiniForConditionalGeneration
 from leo_mini_hf.cli import main as cli
 

@@ -16,6 +16,14 @@ from leo_mini_hf.training.adapter_weights import load_adapter_weights, trained_p
 
 ROOT = Path(__file__).resolve().parents[1]
 
+
+def write_results(out: Path, data: dict, lines: list[str]) -> None:
+    """OUT.json (the data) and OUT.md (the table `lines`), then the table on stdout."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(data, indent=2))
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
 # The rows of accuracy_at_budget.py: LEO-MINI-Smol config overrides, by name (cotr_cell_attention.py and
 # cotr_steering_probe.py read the same rows).
 CONFIGS = {

@@ -6,7 +6,6 @@ from `torch._dynamo.explain`.
 """
 
 import argparse
-import json
 import platform
 import shlex
 import sys
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from common import write_results
 from leo_mini_hf import LeoMiniForConditionalGeneration, LeoMiniProcessor
 from leo_mini_hf.demo import bundled_questions, demo_checkpoint
 from leo_mini_hf.modeling.modeling_leo_mini import CACHE_NAME
@@ -86,9 +86,6 @@ def main() -> None:
         print(rows[-1], flush=True)
     command = shlex.join(["python", "benchmarks/compile_decode.py", *sys.argv[1:]])
     machine = f"{platform.machine()}, {args.threads} threads, torch {torch.__version__}"
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps({"command": command, "machine": machine,
-                                                         "decode_step": breaks, "rows": rows}, indent=2))
     lines = [f"# torch.compile and decoding, LEO-MINI-Smol, static cache, greedy, {args.new_tokens} new tokens", "",
              f"`{command}` ({machine}); the LLM's forward compiled with inductor (`dynamic=False`).", "",
              f"One decode step under `torch._dynamo.explain`: {breaks['graphs']} graph(s), {breaks['graph_breaks']} "
@@ -98,8 +95,7 @@ def main() -> None:
     lines += [f"| {r['batch']} | {r['eager_decode_tokens_per_second']:.1f} | "
               f"{r['compiled_decode_tokens_per_second']:.1f} | {r['speedup']:.2f}x | {r['compile_seconds']:.0f} | "
               f"{r['identical_tokens']} |" for r in rows]
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(args.out, {"command": command, "machine": machine, "decode_step": breaks, "rows": rows}, lines)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from common import (CONFIGS, ROOT, cell_questions, cell_share, display_path, load_trained_weights,
-                    steering_of, token_cells)
+                    steering_of, token_cells, write_results)
 from leo_mini_hf.conversion.smol import assemble_leo_mini_smol
 from leo_mini_hf.easyvqa.mosaic import EasyVQAMosaicDataset
 from leo_mini_hf.modeling.token_reduction import ConditionalTokenReduction
@@ -126,10 +126,7 @@ def write_report(new_rows: list[dict], out: Path) -> None:
                          f"{r['uniform_share']:.4f} | "
                          f"{r['largest_cell_share']:.4f} | {r['relative_entropy']:.3f} | "
                          f"{r['logit_spread_over_tokens']:.2f} / {r['logit_spread_over_questions']:.4f} |")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    out.with_suffix(".json").write_text(json.dumps({"results": results}, indent=2))
-    print("\n".join(lines))
+    write_results(out, {"results": results}, lines)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ measured on test mosaics exactly as cotr_cell_attention.py does, during training
 
 import argparse
 import copy
-import json
 import shlex
 import sys
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from common import CONFIGS, ROOT, cell_questions, cell_share, steering_of, token_cells
+from common import CONFIGS, ROOT, cell_questions, cell_share, steering_of, token_cells, write_results
 from leo_mini_hf.conversion.smol import assemble_leo_mini_smol
 from leo_mini_hf.easyvqa.mosaic import EasyVQAMosaicDataset
 from leo_mini_hf.modeling.token_reduction import ConditionalTokenReduction
@@ -115,10 +114,7 @@ def main() -> None:
                          f"{point['share_when_other_cell_asked']:.3f} | "
                          f"{point['steering']:+.3f} ± {point['steering_std_error']:.3f} | "
                          f"{point['largest_cell_share']:.3f} |")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    args.out.with_suffix(".json").write_text(json.dumps({"command": command, "results": results}, indent=2))
-    print("\n".join(lines))
+    write_results(args.out, {"command": command, "results": results}, lines)
 
 
 if __name__ == "__main__":

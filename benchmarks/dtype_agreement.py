@@ -6,7 +6,6 @@ processor's float32 pixels (cast inside the model).
 """
 
 import argparse
-import json
 import platform
 import shlex
 import sys
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from common import write_results
 from leo_mini_hf import LeoMiniForConditionalGeneration, LeoMiniProcessor
 from leo_mini_hf.demo import demo_checkpoint
 from leo_mini_hf.easyvqa.dataset import EasyVQADataset
@@ -73,9 +73,6 @@ def main() -> None:
         })
     command = shlex.join(["python", "benchmarks/dtype_agreement.py", *sys.argv[1:]])
     machine = f"{platform.machine()}, {args.threads} threads, torch {torch.__version__}"
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps({"command": command, "machine": machine,
-                                                         "questions": len(samples), "rows": rows}, indent=2))
     lines = [f"# LEO-MINI-Smol in half precision vs float32 ({len(samples)} easy-vqa test questions)", "",
              f"`{command}` ({machine})", "",
              "| dtype | max abs logit diff | mean abs logit diff | first-token top-1 agreement | answer agreement | "
@@ -83,8 +80,7 @@ def main() -> None:
     lines += [f"| {r['dtype']} | {r['max_abs_logit_difference']:.3f} | {r['mean_abs_logit_difference']:.4f} | "
               f"{r['top1_first_token_agreement']:.3f} | {r['answer_agreement']:.3f} | {r['accuracy']:.3f} | "
               f"{r['seconds']:.1f} |" for r in rows]
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(args.out, {"command": command, "machine": machine, "questions": len(samples), "rows": rows}, lines)
 
 
 if __name__ == "__main__":
