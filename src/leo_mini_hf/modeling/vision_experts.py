@@ -17,16 +17,12 @@ class VisionExpert(nn.Module):
     def __init__(self, expert: dict, canonical_mean: list, canonical_std: list, attn_implementation: str | None = None):
         super().__init__()
         tower_config = dict(expert["config"])
-        model_type = tower_config.pop("model_type")
-
-        def build_tower(implementation):  # a fresh config each time: building a model records its implementation
-            return AutoModel.from_config(AutoConfig.for_model(model_type, **tower_config),
-                                         attn_implementation=implementation)
-
-        try:  # the attention implementation the whole model was asked for
-            self.model = build_tower(attn_implementation)
-        except ValueError:  # a tower without it (a CNN has no attention at all) keeps its own default
-            self.model = build_tower(None)
+        self.model = AutoModel.from_config(AutoConfig.for_model(tower_config.pop("model_type"), **tower_config))
+        if attn_implementation is not None and attn_implementation != self.model.config._attn_implementation:
+            try:  # the attention implementation the whole model was asked for
+                self.model.set_attn_implementation(attn_implementation)
+            except ValueError:  # a tower without it (a CNN has no attention at all) keeps its own default
+                pass
         self.image_size = expert["image_size"]
         self.feature_layer = expert["feature_layer"]
         self.num_prefix_tokens = expert["num_prefix_tokens"]
