@@ -7,10 +7,8 @@ import time
 
 
 def parse_overrides(pairs: list[str]) -> dict:
-    """`--set key=value` pairs → config overrides; values are JSON where they parse, else strings. Names that are
-    not `LeoMiniConfig` options are refused (the config checks each value's type and range when it is built)."""
-    from .presets import check_option_names
-
+    """`--set key=value` pairs → config overrides; values are JSON where they parse, else strings. The builders
+    refuse names that are not `LeoMiniConfig` options, and the config checks each value's type and range."""
     overrides = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
@@ -20,7 +18,6 @@ def parse_overrides(pairs: list[str]) -> dict:
             overrides[key] = json.loads(value)
         except json.JSONDecodeError:
             overrides[key] = value
-    check_option_names(overrides)
     return overrides
 
 
