@@ -17,18 +17,16 @@ import torch
 from common import write_results
 from leo_mini_hf import LeoMiniForConditionalGeneration, LeoMiniProcessor
 from leo_mini_hf.demo import bundled_questions, demo_checkpoint
+from leo_mini_hf.easyvqa.evaluation import prompt_inputs
 from leo_mini_hf.modeling.modeling_leo_mini import CACHE_NAME
 
 
 def batch_inputs(processor, batch: int) -> dict:
     questions = bundled_questions()
-    conversations = [[{"role": "user", "content": [{"type": "image", "path": q["image"]},
-                                                   {"type": "text", "text": q["question"]}]}]
-                     for q in (questions * batch)[:batch]]
-    inputs = processor.apply_chat_template(conversations, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                           return_tensors="pt",
-                                           processor_kwargs={"padding": True, "padding_side": "left"})
-    return {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "pixel_values")}
+    samples = [{"messages": [{"role": "user", "content": [{"type": "image", "path": q["image"]},
+                                                          {"type": "text", "text": q["question"]}]}]}
+               for q in (questions * batch)[:batch]]
+    return prompt_inputs(processor, samples)
 
 
 @torch.no_grad()

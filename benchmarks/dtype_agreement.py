@@ -18,7 +18,7 @@ from common import write_results
 from leo_mini_hf import LeoMiniForConditionalGeneration, LeoMiniProcessor
 from leo_mini_hf.demo import demo_checkpoint
 from leo_mini_hf.easyvqa.dataset import EasyVQADataset
-from leo_mini_hf.easyvqa.evaluation import answer_questions, evaluation_subset, normalise_answer
+from leo_mini_hf.easyvqa.evaluation import answer_questions, evaluation_subset, normalise_answer, prompt_inputs
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -28,11 +28,7 @@ def last_logits(model, processor, samples) -> torch.Tensor:
     """(questions, vocab) float32 logits of the first answer token, one prompt at a time."""
     rows = []
     for sample in samples:
-        conversation = [m for m in sample["messages"] if m["role"] != "assistant"]
-        inputs = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True,
-                                               return_dict=True, return_tensors="pt")
-        inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "pixel_values")}
-        rows.append(model(**inputs, logits_to_keep=1).logits[0, -1].float())
+        rows.append(model(**prompt_inputs(processor, [sample]), logits_to_keep=1).logits[0, -1].float())
     return torch.stack(rows)
 
 

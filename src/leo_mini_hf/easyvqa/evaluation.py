@@ -21,16 +21,22 @@ def evaluation_subset(dataset, limit: int | None, seed: int = 0) -> list[int]:
     return indices
 
 
+def prompt_inputs(processor, samples: list[dict]) -> dict:
+    """Model inputs (input_ids, attention_mask, pixel_values) for chat samples' prompts: assistant turns dropped, the
+    generation prompt added, padded on the left."""
+    conversations = [[m for m in s["messages"] if m["role"] != "assistant"] for s in samples]
+    inputs = processor.apply_chat_template(conversations, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           return_tensors="pt",
+                                           processor_kwargs={"padding": True, "padding_side": "left"})
+    return {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "pixel_values")}
+
+
 @torch.no_grad()
 def answer_questions(model, processor, samples: list[dict], batch_size: int = 16, max_new_tokens: int = 5) -> list[str]:
     """Greedy answers for chat samples (the assistant turn, if any, is dropped)."""
     answers = []
     for start in range(0, len(samples), batch_size):
-        conversations = [[m for m in s["messages"] if m["role"] != "assistant"] for s in samples[start:start + batch_size]]
-        inputs = processor.apply_chat_template(conversations, add_generation_prompt=True, tokenize=True,
-                                               return_dict=True, return_tensors="pt",
-                                               processor_kwargs={"padding": True, "padding_side": "left"})
-        inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "pixel_values")}
+        inputs = prompt_inputs(processor, samples[start:start + batch_size])
         generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         answers += processor.batch_decode(generated[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     return answers
@@ -97,10 +103,7 @@ def evaluate_vqa(model, processor, dataset, limit: int | None = None, batch_size
 @torch.no_grad()
 def prefill_seconds(model, processor, sample: dict, repeats: int = 10) -> float:
     """Median time of one prefill forward (batch 1) of `sample`'s prompt, after a warm-up."""
-    conversation = [m for m in sample["messages"] if m["role"] != "assistant"]
-    inputs = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                           return_tensors="pt")
-    inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "pixel_values")}
+    inputs = prompt_inputs(processor, [sample])
     model.eval()
     model(**inputs, logits_to_keep=1)
     times = []
