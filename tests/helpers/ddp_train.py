@@ -35,3 +35,8 @@ for name, param in sorted(model.named_parameters()):
 losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
 with open(f"{output_dir}/rank{trainer.args.process_index}.json", "w") as handle:
     json.dump({"losses": losses, "digest": digest.hexdigest(), "world_size": trainer.args.world_size}, handle)
+# Tear the gloo process group down before the interpreter exits: left to interpreter shutdown, a rank can abort
+# ("terminate called without an active exception") after its work is done.
+if torch.distributed.is_initialized():
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
