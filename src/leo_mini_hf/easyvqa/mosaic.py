@@ -68,9 +68,15 @@ class EasyVQAMosaicDataset(Dataset):
     """`size` chat samples, each a `grid`×`grid` mosaic of one split's easy-vqa images and one question about it.
 
     Each sample holds its `tiles` (row-major path, shape, colour), `answer` and `question_type`.
-    Question types cycle through `QUESTION_TYPES` (index % 4) and answers through each type's answer set
-    (index // 4); everything else (cells, other tiles, the colour counted) is drawn from a per-sample seeded RNG.
+    Question types cycle through `question_types` (index % types) and answers through each type's answer set
+    (index // types); everything else (cells, other tiles, the colour counted) is drawn from a per-sample seeded RNG.
+    Subclasses ask other questions: they set `question_types`, `type_prefix` and their own `generator`, and define a
+    `_<type>(rng, answer_index)` method per type returning (tiles, question, answer, named cell or None).
     """
+
+    question_types = QUESTION_TYPES
+    type_prefix = "mosaic"
+    generator = GENERATOR
 
     def __init__(self, split: str = "train", grid: int = 2, size: int = 1000, seed: int = 0):
         if grid not in CELL_NAMES:
@@ -83,23 +89,28 @@ class EasyVQAMosaicDataset(Dataset):
 
     def description(self) -> dict:
         """What regenerates this dataset exactly (recorded with results)."""
-        return {"generator": GENERATOR, "split": self.split, "grid": self.grid, "size": self.size, "seed": self.seed}
+        return {"generator": self.generator, "split": self.split, "grid": self.grid, "size": self.size, "seed": self.seed}
 
     def __len__(self) -> int:
         return self.size
 
     def draw(self, index: int) -> tuple[list[LabelledImage], str, str, str]:
         """Sample `index` without its picture: (tiles in row-major order, question, answer, question type)."""
+        return self.draw_with_named_cell(index)[:4]
+
+    def draw_with_named_cell(self, index: int) -> tuple[list[LabelledImage], str, str, str, int | None]:
+        """`draw`, plus the cell (row-major) holding the one object the question is about, or None if there is none
+        (counting, a "no" answer)."""
         if not 0 <= index < self.size:
             raise IndexError(f"mosaic index {index} out of range for {self.size} samples")
-        rng = random.Random(f"{GENERATOR}/{self.split}/{self.grid}/{self.seed}/{index}")
-        question_type = QUESTION_TYPES[index % len(QUESTION_TYPES)]
-        answer_index = index // len(QUESTION_TYPES)  # answers cycle: balanced to within one per type
-        tiles, question, answer = getattr(self, "_" + question_type.replace(" ", "_"))(rng, answer_index)
-        return tiles, question, answer, f"mosaic {question_type}"
+        rng = random.Random(f"{self.generator}/{self.split}/{self.grid}/{self.seed}/{index}")
+        question_type = self.question_types[index % len(self.question_types)]
+        answer_index = index // len(self.question_types)  # answers cycle: balanced to within one per type
+        tiles, question, answer, named_cell = getattr(self, "_" + question_type.replace(" ", "_"))(rng, answer_index)
+        return tiles, question, answer, f"{self.type_prefix} {question_type}", named_cell
 
     def __getitem__(self, index: int) -> dict:
-        tiles, question, answer, question_type = self.draw(index)
+        tiles, question, answer, question_type, named_cell = self.draw_with_named_cell(index)
         return {
             "messages": [
                 {"role": "user", "content": [{"type": "image", "image": self._compose(tiles)},
@@ -109,6 +120,7 @@ class EasyVQAMosaicDataset(Dataset):
             "answer": answer,
             "question_type": question_type,
             "tiles": [asdict(tile) for tile in tiles],  # row-major: path, shape, colour
+            "named_cell": named_cell,
         }
 
     def _pick(self, rng: random.Random, keep) -> LabelledImage:
@@ -120,26 +132,26 @@ class EasyVQAMosaicDataset(Dataset):
     def _colour_at_cell(self, rng, answer_index):
         colour, cell = COLOURS[answer_index % len(COLOURS)], rng.randrange(len(self.cells))
         tiles = self._fill(rng, {cell: self._pick(rng, lambda image: image.colour == colour)})
-        return tiles, f"What colour is the shape in the {self.cells[cell]}?", colour
+        return tiles, f"What colour is the shape in the {self.cells[cell]}?", colour, cell
 
     def _shape_at_cell(self, rng, answer_index):
         shape, cell = SHAPES[answer_index % len(SHAPES)], rng.randrange(len(self.cells))
         tiles = self._fill(rng, {cell: self._pick(rng, lambda image: image.shape == shape)})
-        return tiles, f"What shape is in the {self.cells[cell]}?", shape
+        return tiles, f"What shape is in the {self.cells[cell]}?", shape, cell
 
     def _where(self, rng, answer_index):
         cell = answer_index % len(self.cells)
         target = self._pick(rng, lambda image: True)
         tiles = self._fill(rng, {cell: target},
                            keep=lambda image: (image.shape, image.colour) != (target.shape, target.colour))
-        return tiles, f"Where is the {target.colour} {target.shape}?", self.cells[cell]
+        return tiles, f"Where is the {target.colour} {target.shape}?", self.cells[cell], cell
 
     def _count(self, rng, answer_index):
         colour, count = rng.choice(COLOURS), answer_index % (min(MAX_COUNT, len(self.cells)) + 1)
         chosen = set(rng.sample(range(len(self.cells)), count))
         tiles = self._fill(rng, {cell: self._pick(rng, lambda image: image.colour == colour) for cell in chosen},
                            keep=lambda image: image.colour != colour)
-        return tiles, f"How many {colour} shapes are there?", str(count)
+        return tiles, f"How many {colour} shapes are there?", str(count), None
 
     def _compose(self, tiles: list[LabelledImage]) -> Image.Image:
         first = _load_tile(tiles[0].path)
@@ -155,10 +167,17 @@ def location_blind_accuracy(dataset: EasyVQAMosaicDataset) -> dict[str, float]:
     """The "at cell" questions' score without knowing where the cell is: answer with the attribute most frequent in
     the whole mosaic (ties split evenly). A mosaic always holds its answer, so this beats uniform chance; a model
     that reads attributes but not locations scores about this. Returns question type → expected accuracy."""
+    return commonest_attribute_accuracy(dataset, {"mosaic colour at cell": "colour", "mosaic shape at cell": "shape"})
+
+
+def commonest_attribute_accuracy(dataset: EasyVQAMosaicDataset, attribute_of_type: dict[str, str]) -> dict[str, float]:
+    """Expected accuracy of answering each question whose type is in `attribute_of_type` with that attribute
+    ("shape" or "colour") most frequent in the whole mosaic, ties split evenly: what a model scores that reads the
+    mosaic's attributes but not which tile the question is about. Returns question type → expected accuracy."""
     scores = defaultdict(list)
     for index in range(len(dataset)):
         tiles, _, answer, question_type = dataset.draw(index)
-        attribute = {"mosaic colour at cell": "colour", "mosaic shape at cell": "shape"}.get(question_type)
+        attribute = attribute_of_type.get(question_type)
         if attribute is None:
             continue
         counts = Counter(getattr(tile, attribute) for tile in tiles)

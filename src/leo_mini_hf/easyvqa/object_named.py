@@ -1,0 +1,101 @@
+"""Object-named mosaics: easy-vqa mosaics whose question names one object by its content, not by its place.
+
+"What colour is the circle?" (exactly one cell holds a circle), "What shape is the red one?" (exactly one cell is
+red), "Is there a red circle?" (the mosaic holds a red shape that is not a circle and a circle that is not red, and
+a red circle or not: the question binds colour to shape). The answer depends on one tile that the question
+identifies by what it shows, so a reducer that keeps what the question names can answer from few tokens, and one
+that pools the whole picture mixes the named tile with the others. Seeded and deterministic like every mosaic; test
+mosaics are tiled from test images only; answers are balanced within each type.
+"""
+
+import random
+
+from torch.utils.data import ConcatDataset, Subset
+
+from .dataset import COLOURS, SHAPES, YES_NO, EasyVQADataset
+from .evaluation import evaluation_subset
+from .mosaic import EasyVQAMosaicDataset, commonest_attribute_accuracy
+
+OBJECT_QUESTION_TYPES = ("colour of shape", "shape of colour", "colour and shape")
+ANSWERS = {"object colour of shape": COLOURS, "object shape of colour": SHAPES, "object colour and shape": YES_NO}
+OBJECT_GENERATOR = "leo_mini_hf.easyvqa.object_named v1"  # recorded with results; the samples it names are unchanged
+
+
+class ObjectNamedMosaicDataset(EasyVQAMosaicDataset):
+    """`size` chat samples, each a `grid`×`grid` mosaic with one question that names an object by its shape, its
+    colour or both. Samples also hold `named_cell`: the cell of the object asked about (None for a "no")."""
+
+    question_types = OBJECT_QUESTION_TYPES
+    type_prefix = "object"
+    generator = OBJECT_GENERATOR
+
+    def _colour_of_shape(self, rng: random.Random, answer_index: int):
+        colour, shape = COLOURS[answer_index % len(COLOURS)], rng.choice(SHAPES)
+        colours = balanced_values(rng, COLOURS, colour, len(self.cells))
+        cell = rng.choice([i for i, value in enumerate(colours) if value == colour])
+        other_shapes = [value for value in SHAPES if value != shape]
+        shapes = [shape if i == cell else rng.choice(other_shapes) for i in range(len(self.cells))]
+        return self._tiles(rng, shapes, colours), f"What colour is the {shape}?", colour, cell
+
+    def _shape_of_colour(self, rng: random.Random, answer_index: int):
+        shape, colour = SHAPES[answer_index % len(SHAPES)], rng.choice(COLOURS)
+        shapes = balanced_values(rng, SHAPES, shape, len(self.cells))
+        cell = rng.choice([i for i, value in enumerate(shapes) if value == shape])
+        other_colours = [value for value in COLOURS if value != colour]
+        colours = [colour if i == cell else rng.choice(other_colours) for i in range(len(self.cells))]
+        return self._tiles(rng, shapes, colours), f"What shape is the {colour} one?", shape, cell
+
+    def _tiles(self, rng: random.Random, shapes: list[str], colours: list[str]) -> list:
+        return [self._pick(rng, lambda image, s=s, c=c: (image.shape, image.colour) == (s, c))
+                for s, c in zip(shapes, colours)]
+
+    def _colour_and_shape(self, rng: random.Random, answer_index: int):
+        """Both a yes and a no mosaic hold the colour (on another shape) and the shape (in another colour): only
+        binding the two tells the answers apart."""
+        answer = YES_NO[answer_index % len(YES_NO)]
+        colour, shape = rng.choice(COLOURS), rng.choice(SHAPES)
+        decoys = [self._pick(rng, lambda image: image.colour == colour and image.shape != shape),
+                  self._pick(rng, lambda image: image.shape == shape and image.colour != colour)]
+        if answer == "yes":
+            decoys.append(self._pick(rng, lambda image: (image.shape, image.colour) == (shape, colour)))
+        cells = rng.sample(range(len(self.cells)), len(decoys))
+        tiles = self._fill(rng, dict(zip(cells, decoys)),
+                           keep=lambda image: (image.shape, image.colour) != (shape, colour))
+        return tiles, f"Is there a {colour} {shape}?", answer, cells[2] if answer == "yes" else None
+
+
+def balanced_values(rng: random.Random, values: tuple[str, ...], answer: str, count: int) -> list[str]:
+    """`count` values in random order, holding `answer`, with a histogram as even as it can be and otherwise
+    independent of `answer`: fewer cells than values, `answer` and distinct others; else each value `count // len`
+    times plus `count % len` distinct values drawn uniformly (the answer among them or not). So how often each value
+    shows in the mosaic says nothing about which one is asked for."""
+    if count < len(values):
+        chosen = [answer, *rng.sample([value for value in values if value != answer], count - 1)]
+    else:
+        chosen = [*values] * (count // len(values)) + rng.sample(values, count % len(values))
+    rng.shuffle(chosen)
+    return chosen
+
+
+def named_blind_accuracy(dataset: ObjectNamedMosaicDataset) -> dict[str, float]:
+    """What a model scores that reads the mosaic's attributes but not which object the question names: the commonest
+    colour (shape) of the mosaic for "colour of shape" ("shape of colour"); "yes" for "colour and shape", since every
+    such mosaic holds the colour and the shape named. Returns question type → expected accuracy."""
+    blind = commonest_attribute_accuracy(dataset, {"object colour of shape": "colour",
+                                                   "object shape of colour": "shape"})
+    binding = [dataset.draw(i)[2] == "yes" for i in range(len(dataset))
+               if dataset.draw(i)[3] == "object colour and shape"]
+    if binding:
+        blind["object colour and shape"] = sum(binding) / len(binding)
+    return blind
+
+
+def object_named_training_mix(seed: int = 0, size: int = 4000) -> tuple[ConcatDataset, dict]:
+    """The object-named task's training set: a seeded sample of `size` easy-vqa train questions, then `size` 2×2 and
+    `size` 3×3 object-named train mosaics. Returns the dataset and what regenerates it (recorded with results)."""
+    plain = EasyVQADataset("train")
+    sample = Subset(plain, evaluation_subset(plain, size, seed))
+    mosaics = [ObjectNamedMosaicDataset("train", grid, size=size, seed=seed) for grid in (2, 3)]
+    description = {"easy-vqa": {"split": "train", "seeded_sample": size, "seed": seed},
+                   "mosaics": [m.description() for m in mosaics]}
+    return ConcatDataset([sample, *mosaics]), description
