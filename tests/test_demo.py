@@ -64,6 +64,14 @@ def test_eval_command_on_mosaics_with_swapped_images(tiny_checkpoint, capsys):
                                                 "mosaic where"]
 
 
+def test_eval_command_on_object_named_mosaics(tiny_checkpoint, capsys):
+    cli(["eval", "--model", str(tiny_checkpoint), "--dataset", "object-2x2", "--limit", "6", "--batch-size", "6"])
+    printed = capsys.readouterr().out
+    result = json.loads(printed[: printed.index("\n|")])
+    assert result["count_per_type"] == {"object colour and shape": 2, "object colour of shape": 2,
+                                        "object shape of colour": 2}
+
+
 def test_eval_refuses_an_empty_sample_and_a_missing_model(tiny_checkpoint, capsys):
     with pytest.raises(SystemExit):
         cli(["eval", "--model", str(tiny_checkpoint), "--limit", "0"])

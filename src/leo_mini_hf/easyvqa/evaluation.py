@@ -117,7 +117,8 @@ def prefill_seconds(model, processor, sample: dict, repeats: int = 10) -> float:
 def evaluate_checkpoint(model_dir, dataset_name: str = "easy-vqa", split: str = "test", limit: int | None = None,
                         seed: int = 0, batch_size: int = 16, swap_images: bool = False) -> dict:
     """`leo-mini eval`: exact-match accuracy of a checkpoint on easy-vqa or a seeded mosaic set ("mosaic-2x2",
-    "mosaic-3x3": `limit` questions, default 400); prints the JSON result and a per-type table."""
+    "mosaic-3x3": questions about a cell; "object-2x2", "object-3x3": questions naming a tile by its content;
+    `limit` questions, default 400); prints the JSON result and a per-type table."""
     import json
 
     from ..hub.checkpoint_folder import require_path
@@ -125,6 +126,7 @@ def evaluate_checkpoint(model_dir, dataset_name: str = "easy-vqa", split: str = 
     from ..processor import LeoMiniProcessor
     from .dataset import EasyVQADataset
     from .mosaic import EasyVQAMosaicDataset
+    from .object_named import ObjectNamedMosaicDataset
 
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be a positive number of questions, got {limit}")
@@ -134,7 +136,8 @@ def evaluate_checkpoint(model_dir, dataset_name: str = "easy-vqa", split: str = 
     if dataset_name == "easy-vqa":
         dataset = EasyVQADataset(split)
     else:
-        dataset = EasyVQAMosaicDataset(split, int(dataset_name[-1]), size=limit or 400, seed=seed)
+        mosaics = {"mosaic": EasyVQAMosaicDataset, "object": ObjectNamedMosaicDataset}[dataset_name.split("-")[0]]
+        dataset = mosaics(split, int(dataset_name[-1]), size=limit or 400, seed=seed)
         limit = None  # the seeded mosaic set is the sample
     result = evaluate_vqa(model, processor, dataset, limit=limit, batch_size=batch_size, seed=seed,
                           swap_images=swap_images)
