@@ -16,21 +16,18 @@ import argparse
 import json
 import os
 import platform
-import shutil
 from pathlib import Path
 
 import torch
 
-from common import CONFIGS, ROOT, TrainingTimer, display_path
+from common import CONFIGS, ROOT, display_path, train_resumably
 from leo_mini_hf.conversion.smol import assemble_leo_mini_smol
 from leo_mini_hf.easyvqa.dataset import EasyVQADataset
 from leo_mini_hf.easyvqa.evaluation import evaluate_vqa, prefill_seconds
 from leo_mini_hf.easyvqa.mosaic import EasyVQAMosaicDataset, location_blind_accuracy, mosaic_training_mix
 from leo_mini_hf.training.adapter_weights import save_adapter_weights
-from leo_mini_hf.training.collator import LeoMiniDataCollator
 from leo_mini_hf.training.feature_cache import VisionFeatureCache
 from leo_mini_hf.training.stages import apply_training_stage
-from leo_mini_hf.training.trainer import LeoMiniTrainer, default_training_arguments
 
 VARIANT = {"no-mmoe": ", general LoRA only (no routed experts)", "sum": ", summed pooled terms (cotr_pooling='sum')",
            "pos": ", learned position embeddings in the scores",
@@ -76,25 +73,7 @@ def run_config(name: str, args) -> dict:
         cache.attach(model)
     train_set, data_description = training_set(args)
     run_dir = args.work_dir / "runs" / args.task / args.out.name / name
-    checkpointing = ({"save_strategy": "steps", "save_steps": args.checkpoint_steps, "save_total_limit": 1}
-                     if args.checkpoint_steps else {"save_strategy": "no"})
-    training = default_training_arguments(
-        output_dir=str(run_dir), per_device_train_batch_size=args.batch_size,
-        max_steps=args.steps, learning_rate=args.learning_rate, warmup_steps=max(1, args.steps // 10),
-        lr_scheduler_type="cosine", logging_steps=max(1, args.steps // 20), seed=args.seed, data_seed=args.seed,
-        use_cpu=True, disable_tqdm=True, **checkpointing,
-    )
-    timer = TrainingTimer()
-    trainer = LeoMiniTrainer(model=model, args=training, train_dataset=train_set, callbacks=[timer],
-                             data_collator=LeoMiniDataCollator(processor), processing_class=processor)
-    checkpoint = TrainingTimer.last_complete_checkpoint(run_dir)
-    if checkpoint is not None:
-        timer.resume_from(checkpoint)
-        print(f"{name}: resuming from {checkpoint} ({timer.previous_seconds:.0f} s of training so far)", flush=True)
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    train_seconds = timer.total_seconds()
-    for finished in run_dir.glob("checkpoint-*"):  # the row is resumable from its result JSON from here on
-        shutil.rmtree(finished)
+    trainer, train_seconds = train_resumably(model, processor, train_set, run_dir, args, label=name)
     evaluations, sets = {}, test_sets(args)
     for set_name, (dataset, limit) in sets.items():
         evaluations[set_name] = evaluate_vqa(model, processor, dataset, limit=limit, batch_size=16, seed=args.seed)

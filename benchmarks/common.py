@@ -3,6 +3,7 @@ weights on disk, and the mosaic cell measurements. Each script imports from here
 
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -77,6 +78,35 @@ class TrainingTimer(TrainerCallback):
         if checkpoint.is_dir():
             (checkpoint / self.FILE).write_text(json.dumps({"step": state.global_step,
                                                             "seconds": self.total_seconds()}))
+
+
+def train_resumably(model, processor, train_set, run_dir: Path, args, label: str, callbacks=()) -> tuple:
+    """Stage-3 training of one row (`args`: steps, batch_size, learning_rate, seed, checkpoint_steps): cosine
+    schedule, 10% warm-up, a resumable checkpoint every `checkpoint_steps` (resumed from the last complete one), and
+    the checkpoints removed once done. Returns (trainer, training seconds summed over resumed runs)."""
+    from leo_mini_hf.training.collator import LeoMiniDataCollator
+    from leo_mini_hf.training.trainer import LeoMiniTrainer, default_training_arguments
+
+    checkpointing = ({"save_strategy": "steps", "save_steps": args.checkpoint_steps, "save_total_limit": 1}
+                     if args.checkpoint_steps else {"save_strategy": "no"})
+    training = default_training_arguments(
+        output_dir=str(run_dir), per_device_train_batch_size=args.batch_size,
+        max_steps=args.steps, learning_rate=args.learning_rate, warmup_steps=max(1, args.steps // 10),
+        lr_scheduler_type="cosine", logging_steps=max(1, args.steps // 20), seed=args.seed, data_seed=args.seed,
+        use_cpu=True, disable_tqdm=True, **checkpointing,
+    )
+    timer = TrainingTimer()
+    trainer = LeoMiniTrainer(model=model, args=training, train_dataset=train_set, callbacks=[timer, *callbacks],
+                             data_collator=LeoMiniDataCollator(processor), processing_class=processor)
+    checkpoint = TrainingTimer.last_complete_checkpoint(run_dir)
+    if checkpoint is not None:
+        timer.resume_from(checkpoint)
+        print(f"{label}: resuming from {checkpoint} ({timer.previous_seconds:.0f} s of training so far)", flush=True)
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    train_seconds = timer.total_seconds()
+    for finished in run_dir.glob("checkpoint-*"):  # the row is resumable from its result JSON from here on
+        shutil.rmtree(finished)
+    return trainer, train_seconds
 
 
 def load_trained_weights(model, run_dir: Path) -> Path | None:

@@ -1,0 +1,344 @@
+"""Does CoTR keep what the question names? LEO-MINI-Smol on object-named mosaics at 1 and 4 visual tokens.
+
+The question names one tile of a 2×2 or 3×3 easy-vqa mosaic by its content ("What colour is the circle?", "What
+shape is the red one?", "Is there a red circle?"); see `leo_mini_hf.easyvqa.object_named`. Same LLM, expert, data,
+steps and seed for every row; only the visual-token path differs. Stage-3 recipe (reducer + projector + MMoE train,
+LLM and expert frozen), warm-started from the shipped easy-vqa demo weights: projector and MMoE for every row, and
+CoTR's projections and first k queries for CoTR rows (`-cold` rows: CoTR fresh). Parameters the demo weights lack
+(cosine rows' score scales) start fresh; each result lists what started warm.
+
+Per row: exact-match accuracy per question type with standard errors on seeded 2×2 and 3×3 test mosaics and on
+easy-vqa test, the same mosaic questions with images swapped (the question-only control), and for CoTR rows the
+share of CoTR's attention on the named tile's cell against that cell's share of the expert's tokens, measured also
+every `--checkpoint-steps` during training (is the reduction still moving?). Resumable: a row's JSON is skipped when
+present; a row interrupted while training resumes from its last checkpoint.
+
+    python benchmarks/object_named.py                         # every row at seed 0, then table and plot
+    python benchmarks/object_named.py --seed 1 --only cotr-1 cotr-4 avgpool-1 avgpool-4
+    python benchmarks/object_named.py --report-only
+"""
+
+import argparse
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from common import ROOT, TrainingTimer, cell_share, display_path, token_cells, train_resumably, write_results
+from leo_mini_hf.conversion.smol import assemble_leo_mini_smol
+from leo_mini_hf.easyvqa.dataset import EasyVQADataset
+from leo_mini_hf.easyvqa.evaluation import evaluate_vqa, prefill_seconds, prompt_inputs
+from leo_mini_hf.easyvqa.object_named import ANSWERS, ObjectNamedMosaicDataset, named_blind_accuracy, \
+    object_named_training_mix
+from leo_mini_hf.modeling.token_reduction import ConditionalTokenReduction, prompt_text_mask, prompt_text_sum
+from leo_mini_hf.training.adapter_weights import save_adapter_weights, sha256_of
+from leo_mini_hf.training.feature_cache import VisionFeatureCache
+from leo_mini_hf.training.stages import apply_training_stage
+
+DEMO_WEIGHTS = ROOT / "src" / "leo_mini_hf" / "assets" / "leo-mini-smol-easyvqa.safetensors"
+# row name → (config overrides, which demo-weight parts start warm); run in this order
+ROWS = {
+    "cotr-1": ({"num_visual_tokens": 1}, "reducer"),
+    "avgpool-1": ({"token_reduction": "avg_pool", "num_visual_tokens": 1}, "projector+mmoe"),
+    "queries-1": ({"num_visual_tokens": 1, "cotr_text_conditioning": False}, "projector+mmoe"),
+    "cotr-4": ({"num_visual_tokens": 4}, "reducer"),
+    "avgpool-4": ({"token_reduction": "avg_pool", "num_visual_tokens": 4}, "projector+mmoe"),
+    "queries-4": ({"num_visual_tokens": 4, "cotr_text_conditioning": False}, "projector+mmoe"),
+    "cotr-cos-1": ({"num_visual_tokens": 1, "cotr_score_scaling": "cosine"}, "reducer"),
+    "cotr-cos-4": ({"num_visual_tokens": 4, "cotr_score_scaling": "cosine"}, "reducer"),
+    "cotr-1-cold": ({"num_visual_tokens": 1}, "projector+mmoe"),
+    "full-196": ({"token_reduction": "none"}, "projector+mmoe"),
+}
+METHOD = {"cotr": "CoTR", "cotr-cos": "CoTR, cosine scores", "avgpool": "average pooling",
+          "queries": "learned queries, no text", "full": "full tokens"}
+WARM_PARTS = {"projector+mmoe": {"projector", "mmoe_general_lora", "mmoe_routed_lora", "mmoe_routers"}}
+WARM_PARTS["reducer"] = WARM_PARTS["projector+mmoe"] | {"token_reducer"}
+GRIDS = (2, 3)
+
+
+def warm_start(model, parts: set[str]) -> dict:
+    """Copy the demo weights of `parts` into the model (CoTR queries: the first k of the demo's 16). Returns which
+    trained parameters started warm and which fresh."""
+    expected = DEMO_WEIGHTS.with_suffix(".sha256").read_text().split()[0]
+    if sha256_of(DEMO_WEIGHTS) != expected:
+        raise ValueError(f"{DEMO_WEIGHTS} does not match its checksum")
+    demo = load_file(str(DEMO_WEIGHTS))
+    model_parts, model_state = model.parameter_parts(), model.state_dict()
+    warm = {}
+    for name, part in model_parts.items():
+        if part not in parts or name not in demo:
+            continue
+        tensor = demo[name]
+        if name.endswith("token_reducer.queries"):
+            tensor = tensor[:, : model_state[name].shape[1]]  # nested: the first k queries
+        if tensor.shape != model_state[name].shape:
+            raise ValueError(f"demo weight {name} {tuple(tensor.shape)} does not fit {tuple(model_state[name].shape)}")
+        warm[name] = tensor.to(model_state[name].dtype)
+    model.load_state_dict(warm, strict=False)
+    trained = {name for name, part in model_parts.items() if part in WARM_PARTS["reducer"]}
+    fresh = sorted(trained - set(warm))
+    return {"warm_parts": sorted(parts), "warm_parameters": len(warm), "fresh_parameters": fresh}
+
+
+@torch.no_grad()
+def named_cell_shares(model, samples: list[dict], processor, grid: int) -> dict:
+    """CoTR's attention share (first expert, mean over the queries) on the named tile's cell, per question type,
+    for samples that name a tile; with the cell's share of the expert's tokens (what uniform attention gives it)."""
+    samples = [sample for sample in samples if sample["named_cell"] is not None]
+    inner = model.model
+    cells = token_cells(inner.vision_experts[0].num_tokens, grid)
+    token_share = torch.bincount(cells, minlength=grid**2).float() / len(cells)
+    by_type: dict[str, list[tuple[float, float]]] = {}
+    for start in range(0, len(samples), 16):
+        batch = samples[start:start + 16]
+        inputs = prompt_inputs(processor, batch)
+        embeds = model.get_input_embeddings()(inputs["input_ids"])
+        text_mask = prompt_text_mask(inputs["input_ids"], embeds, inputs["attention_mask"], None,
+                                     model.config.image_token_id)
+        features = [expert(inputs["pixel_values"]) for expert in inner.vision_experts]
+        weights = inner.token_reducer.expert_attention(features, prompt_text_sum(embeds, text_mask))[0]
+        shares = cell_share(weights, cells, grid)
+        for sample, share in zip(batch, shares):
+            cell = sample["named_cell"]
+            by_type.setdefault(sample["question_type"], []).append((share[cell].item(), token_share[cell].item()))
+    result = {}
+    for kind, pairs in sorted(by_type.items()):
+        named = torch.tensor([named for named, _ in pairs])
+        result[kind] = {"named_cell_share": named.mean().item(),
+                        "named_cell_share_std_error": (named.std() / len(named) ** 0.5).item(),
+                        "uniform_share": sum(uniform for _, uniform in pairs) / len(pairs), "count": len(pairs)}
+    return result
+
+
+class AttentionShareProbe(TrainerCallback):
+    """At every checkpoint, the named-cell share on a few test mosaics per grid, appended to `log_path` (JSON lines;
+    a resumed row keeps the earlier lines)."""
+
+    def __init__(self, model, processor, log_path: Path, mosaics: int):
+        self.model, self.processor, self.log_path = model, processor, log_path
+        self.samples = {grid: [ObjectNamedMosaicDataset("test", grid, size=mosaics, seed=0)[i] for i in range(mosaics)]
+                        for grid in GRIDS}
+
+    def on_save(self, args, state, control, **kwargs):
+        was_training = self.model.training
+        self.model.eval()
+        entry = {"step": state.global_step,
+                 **{f"{grid}x{grid}": named_cell_shares(self.model, samples, self.processor, grid)
+                    for grid, samples in self.samples.items()}}
+        self.model.train(was_training)
+        with self.log_path.open("a") as log:
+            log.write(json.dumps(entry) + "\n")
+
+
+def with_std_errors(evaluation: dict) -> dict:
+    """Binomial standard error of each accuracy: sqrt(p (1 − p) / n)."""
+    errors = {kind: math.sqrt(p * (1 - p) / evaluation["count_per_type"][kind])
+              for kind, p in evaluation["per_type"].items()}
+    overall = evaluation["accuracy"]
+    return {**evaluation, "std_error": math.sqrt(overall * (1 - overall) / evaluation["count"]),
+            "per_type_std_error": errors}
+
+
+def run_row(name: str, args) -> dict:
+    overrides, warm = ROWS[name]
+    torch.manual_seed(args.seed)
+    model, processor = assemble_leo_mini_smol(args.work_dir / "parts", **overrides)
+    warm_start_record = warm_start(model, WARM_PARTS[warm])
+    apply_training_stage(model, "finetune")
+    cache = VisionFeatureCache(args.feature_cache) if args.feature_cache else None
+    if cache is not None:
+        cache.attach(model)
+    train_set, data_description = object_named_training_mix(args.seed, args.train_size)
+    run_dir = args.work_dir / "runs" / "object-named" / f"seed-{args.seed}" / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    is_cotr = isinstance(model.model.token_reducer, ConditionalTokenReduction) and overrides.get(
+        "cotr_text_conditioning", True)
+    probe_log = run_dir / "attention_share.jsonl"
+    if TrainingTimer.last_complete_checkpoint(run_dir) is None:
+        probe_log.unlink(missing_ok=True)  # a row starting over starts its log over
+    callbacks = [AttentionShareProbe(model, processor, probe_log, args.probe_mosaics)] if is_cotr else []
+    trainer, train_seconds = train_resumably(model, processor, train_set, run_dir, args, label=name,
+                                             callbacks=callbacks)
+    model.eval()
+    tests = {f"object-{grid}x{grid}": ObjectNamedMosaicDataset("test", grid, size=args.eval_size, seed=args.seed)
+             for grid in GRIDS}
+    result = {
+        "name": name, "overrides": overrides, "warm_start": warm_start_record,
+        "visual_tokens": model.config.num_image_tokens, "expert_tokens": model.model.vision_experts[0].num_tokens,
+        "probe_mosaics": args.probe_mosaics, "steps": args.steps, "batch_size": args.batch_size, "learning_rate": args.learning_rate, "seed": args.seed,
+        "threads": torch.get_num_threads(), "data": data_description,
+        "train_seconds": round(train_seconds, 1), "seconds_per_step": round(train_seconds / args.steps, 3),
+        "loss_curve": [log["loss"] for log in trainer.state.log_history if "loss" in log],
+        "aux_loss_curve": [log["aux_loss"] for log in trainer.state.log_history if "aux_loss" in log],
+        "test_data": {set_name: dataset.description() for set_name, dataset in tests.items()},
+        "test": {}, "test_images_swapped": {}, "named_cell_share": {},
+    }
+    for set_name, dataset in tests.items():
+        result["test"][set_name] = with_std_errors(evaluate_vqa(model, processor, dataset, batch_size=16,
+                                                                seed=args.seed))
+        result["test_images_swapped"][set_name] = with_std_errors(evaluate_vqa(
+            model, processor, dataset, batch_size=16, seed=args.seed, swap_images=True))
+        if is_cotr:
+            samples = [dataset[i] for i in range(min(len(dataset), args.share_mosaics))]
+            result["named_cell_share"][set_name] = named_cell_shares(model, samples, processor, dataset.grid)
+    easy = EasyVQADataset("test")
+    result["test"]["easy-vqa"] = with_std_errors(evaluate_vqa(model, processor, easy, limit=args.easy_vqa_limit,
+                                                              batch_size=16, seed=args.seed))
+    if probe_log.exists():
+        result["named_cell_share_during_training"] = [json.loads(line) for line in probe_log.read_text().splitlines()]
+    if cache is not None:
+        result["feature_cache_stats"] = cache.stats()
+        cache.detach(model)  # prefill is timed on the plain path: the expert runs, as at inference
+    result["prefill_seconds"] = prefill_seconds(model, processor, tests["object-3x3"][0])
+    save_adapter_weights(model, run_dir / "trained.safetensors",
+                         metadata={"config": json.dumps(overrides), "steps": str(args.steps), "seed": str(args.seed)})
+    return result
+
+
+def family(name: str) -> str:
+    """"cotr-cos-4" → "cotr-cos"; "avgpool-1" → "avgpool"."""
+    return name.rsplit("-", 1)[0] if name.rsplit("-", 1)[1].isdigit() else family(name.rsplit("-", 1)[0])
+
+
+def accuracy_cell(evaluation: dict, kind: str | None = None) -> str:
+    if kind is None:
+        return f"{evaluation['accuracy']:.3f} ± {evaluation['std_error']:.3f}"
+    return f"{evaluation['per_type'][kind]:.2f} ± {evaluation['per_type_std_error'][kind]:.2f}"
+
+
+def share_cell(result: dict, set_name: str) -> str:
+    """Named-cell share over every question that names a tile, against uniform attention's share."""
+    shares = result["named_cell_share"].get(set_name)
+    if not shares:
+        return "–"
+    count = sum(s["count"] for s in shares.values())
+    named = sum(s["named_cell_share"] * s["count"] for s in shares.values()) / count
+    uniform = sum(s["uniform_share"] * s["count"] for s in shares.values()) / count
+    return f"{named:.3f} (uniform {uniform:.3f})"
+
+
+def write_report(results: list[dict], out: Path, command: str) -> None:
+    kinds = list(ANSWERS)
+    short = {"object colour of shape": "colour", "object shape of colour": "shape",
+             "object colour and shape": "binding"}
+    rows = sorted(results, key=lambda r: (r["seed"], list(ROWS).index(r["name"])))
+    first = rows[0]
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    lines = ["# Does CoTR keep what the question names? Object-named mosaics at 1 and 4 visual tokens", "",
+             f"Command: `{command}`  ", f"Machine: {machine}  ",
+             f"Trained on {first['data']['easy-vqa']['seeded_sample']} easy-vqa train questions + as many 2×2 and 3×3 "
+             f"object-named train mosaics; {first['steps']} steps, batch {first['batch_size']}, lr "
+             f"{first['learning_rate']}; warm start from the shipped easy-vqa demo weights (column *warm*). Test: "
+             f"{first['test']['object-2x2']['count']} questions per grid (a third per type) and "
+             f"{first['test']['easy-vqa']['count']} easy-vqa test questions; ± one standard error. *swapped*: the same "
+             "mosaic questions, each shown another test mosaic (the question-only control). *named-cell share*: "
+             "CoTR's attention (mean over queries) on the named tile's cell, against that cell's share of the "
+             "expert's tokens.", "",
+             "| row | seed | method | tokens | warm | "
+             + " | ".join(f"{g}×{g} {short[k]}" for g in GRIDS for k in kinds)
+             + " | swapped 2×2 / 3×3 | easy-vqa | named-cell share 2×2 | named-cell share 3×3 | train s/step |",
+             "|---" * (10 + len(GRIDS) * len(kinds)) + "|"]
+    chance = {"object colour of shape": 1 / 8, "object shape of colour": 1 / 3, "object colour and shape": 1 / 2}
+    lines.append("| chance | – | – | – | – | " + " | ".join(f"{chance[k]:.2f}" for g in GRIDS for k in kinds)
+                 + " | – | – | – | – | – |")
+    blind = {grid: named_blind_accuracy(ObjectNamedMosaicDataset(**{
+        k: v for k, v in first["test_data"][f"object-{grid}x{grid}"].items() if k != "generator"})) for grid in GRIDS}
+    lines.append("| commonest colour / shape in the mosaic, \"yes\" | – | – | – | – | "
+                 + " | ".join(f"{blind[g][k]:.2f}" for g in GRIDS for k in kinds) + " | – | – | – | – | – |")
+    for r in rows:
+        warm = "CoTR+proj+MMoE" if r["warm_start"]["warm_parts"] == sorted(WARM_PARTS["reducer"]) else "proj+MMoE"
+        cells = [accuracy_cell(r["test"][f"object-{g}x{g}"], k) for g in GRIDS for k in kinds]
+        swapped = " / ".join(f"{r['test_images_swapped'][f'object-{g}x{g}']['accuracy']:.2f}" for g in GRIDS)
+        lines.append(f"| {r['name']} | {r['seed']} | {METHOD[family(r['name'])]} | {r['visual_tokens']} | {warm} | "
+                     + " | ".join(cells) + f" | {swapped} | {accuracy_cell(r['test']['easy-vqa'])} | "
+                     f"{share_cell(r, 'object-2x2')} | {share_cell(r, 'object-3x3')} | {r['seconds_per_step']:.2f} |")
+    during = [r for r in rows if r.get("named_cell_share_during_training")]
+    if during:
+        lines += ["", f"Named-cell share during training (all types; {during[0]['probe_mosaics']} test mosaics per grid "
+                  "at each checkpoint):", "",
+                  "| row | seed | step | 2×2 | 3×3 |", "|---|---|---|---|---|"]
+        for r in during:
+            for entry in r["named_cell_share_during_training"]:
+                lines.append(f"| {r['name']} | {r['seed']} | {entry['step']} | "
+                             + " | ".join(share_cell({"named_cell_share": entry}, f"{g}x{g}") for g in GRIDS) + " |")
+    out.mkdir(parents=True, exist_ok=True)
+    write_results(out / "object_named", {"command": command, "machine": machine, "results": rows}, lines)
+    plot(rows, out / "object_named.png")
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    figure, axes = plt.subplots(1, len(GRIDS), figsize=(6.5 * len(GRIDS), 4.2), squeeze=False)
+    for axis, grid in zip(axes[0], GRIDS):
+        for method in METHOD:
+            points = sorted((r["visual_tokens"], r["test"][f"object-{grid}x{grid}"]["accuracy"]) for r in rows
+                            if family(r["name"]) == method and not r["name"].endswith("-cold"))
+            if points:
+                axis.plot(*zip(*points), marker="o", linestyle="", label=METHOD[method])
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("visual tokens per image in the LLM")
+        axis.set_ylabel("test accuracy, all three question types")
+        axis.set_title(f"object-named mosaics {grid}×{grid}", fontsize=10)
+        axis.grid(alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0), ncol=3, fontsize=8, frameon=False)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120, bbox_inches="tight")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="*", choices=list(ROWS), help="run only these rows (default: all, in order)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--train-size", type=int, default=4000,
+                        help="easy-vqa train questions, and as many 2×2 and as many 3×3 train mosaics")
+    parser.add_argument("--eval-size", type=int, default=600, help="test mosaics per grid")
+    parser.add_argument("--easy-vqa-limit", type=int, default=400)
+    parser.add_argument("--share-mosaics", type=int, default=300, help="test mosaics per grid for the named-cell share")
+    parser.add_argument("--probe-mosaics", type=int, default=40, help="the same, at each checkpoint during training")
+    parser.add_argument("--work-dir", type=Path, default=ROOT / "benchmarks" / ".work")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "object-named")
+    parser.add_argument("--feature-cache", type=Path, default=ROOT / "benchmarks" / ".work" / "feature-cache")
+    parser.add_argument("--no-feature-cache", dest="feature_cache", action="store_const", const=None)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--checkpoint-steps", type=int, default=250)
+    parser.add_argument("--report-only", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    for name in [] if args.report_only else args.only or ROWS:
+        path = args.out / f"seed-{args.seed}" / f"{name}.json"
+        if path.exists():
+            print(f"{name} (seed {args.seed}): done already ({display_path(path)})")
+            continue
+        print(f"{name} (seed {args.seed}): training {args.steps} steps ...", flush=True)
+        result = run_row(name, args)
+        result["command"] = shlex.join(["python", "benchmarks/object_named.py", *sys.argv[1:]])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2))
+        print(f"{name}: 2×2 {result['test']['object-2x2']['accuracy']:.3f}, "
+              f"3×3 {result['test']['object-3x3']['accuracy']:.3f}, {result['train_seconds']:.0f} s", flush=True)
+    results = [json.loads(p.read_text()) for p in sorted(args.out.glob("seed-*/*.json"))]
+    if results:
+        write_report(results, args.out, "python benchmarks/object_named.py [--seed S] [--only ROWS]  "
+                                         "(each row's JSON keeps its exact command)")
+
+
+if __name__ == "__main__":
+    main()
