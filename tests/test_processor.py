@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 IMAGE = Image.fromarray(np.random.RandomState(0).randint(0, 256, (24, 40, 3), dtype=np.uint8))
@@ -64,8 +65,19 @@ def test_truncation_that_cuts_an_image_raises(tiny_processor):
 def test_unknown_arguments_raise(tiny_processor):
     with pytest.raises(TypeError, match="unexpected arguments"):
         tiny_processor(text="hi", bogus=1)
-    with pytest.raises(ValueError, match="not videos or audio"):
-        tiny_processor(text="hi", videos=[np.zeros((2, 4, 4, 3))])
+
+
+@pytest.mark.parametrize("name", ["videos", "audio", "audios"])
+def test_empty_videos_and_audio_are_accepted_and_real_ones_refused(tiny_processor, name):
+    """Generic callers (lmms-eval's `huggingface` model, pipelines) pass videos=[] and audios=[]."""
+    plain = tiny_processor(images=IMAGE, text="<image> hi", return_tensors="pt")
+    for empty in (None, [], (), [[]], [[], []]):
+        same = tiny_processor(images=IMAGE, text="<image> hi", return_tensors="pt", **{name: empty})
+        assert same.keys() == plain.keys() and all(torch.equal(same[k], plain[k]) for k in plain)
+    with pytest.raises(ValueError, match=f"images and text only: got non-empty {name}"):
+        tiny_processor(text="hi", **{name: [np.zeros((2, 4, 4, 3))]})
+    with pytest.raises(ValueError, match=f"non-empty {name}"):
+        tiny_processor(text="hi", **{name: [[], [np.zeros(16000)]]})
 
 
 def test_chat_template_renders_images_and_marks_answers(tiny_processor):

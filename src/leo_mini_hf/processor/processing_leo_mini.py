@@ -32,6 +32,11 @@ IMAGE_KWARGS = ("max_image_pixels", "do_pad", "do_resize", "size", "resample", "
                 "do_normalize", "image_mean", "image_std")
 
 
+def _is_empty_media(media) -> bool:
+    """None or an empty list/tuple, also nested (lmms-eval passes one empty list per sample)."""
+    return media is None or (isinstance(media, (list, tuple)) and all(_is_empty_media(item) for item in media))
+
+
 class LeoMiniProcessor(ProcessorMixin):
     r"""
     Args:
@@ -65,11 +70,13 @@ class LeoMiniProcessor(ProcessorMixin):
     def __call__(self, images=None, text=None, videos=None, audio=None, return_tensors=None, **kwargs) -> BatchFeature:
         """
         text: str or list of str, with one `image_token` per image; images: one image, a list (assigned to the
-        placeholders in order), or one list per text. Returns input_ids, attention_mask and, with images,
-        pixel_values (n_images, 3, S, S).
+        placeholders in order), or one list per text. videos / audio (or audios): None or empty, as generic callers
+        pass them. Returns input_ids, attention_mask and, with images, pixel_values (n_images, 3, S, S).
         """
-        if videos is not None or audio is not None:
-            raise ValueError("LEO-MINI takes images and text only, not videos or audio")
+        for name, media in (("videos", videos), ("audio", audio), ("audios", kwargs.pop("audios", None))):
+            if not _is_empty_media(media):
+                raise ValueError(f"LEO-MINI takes images and text only: got non-empty {name}. Pass images=... "
+                                 f"(e.g. video frames as images) and leave {name} out, None or empty.")
         if text is None:
             raise ValueError("LeoMiniProcessor needs text (with one image placeholder per image)")
         texts = [text] if isinstance(text, str) else list(text) if isinstance(text, (list, tuple)) else None
