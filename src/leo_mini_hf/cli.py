@@ -1,4 +1,5 @@
-"""`leo-mini` command line: argument parsing and dispatch (demo, eval, build, convert, export, push, train)."""
+"""`leo-mini` command line: argument parsing and dispatch (demo, eval, serve, space, build, convert, export, push,
+train)."""
 
 import argparse
 import json
@@ -35,6 +36,18 @@ def run_eval(args: argparse.Namespace) -> None:
 
     evaluate_checkpoint(args.model, args.dataset, args.split, limit=args.limit, seed=args.seed,
                         batch_size=args.batch_size, swap_images=args.swap_images)
+
+
+def run_serve(args: argparse.Namespace) -> None:
+    from .app.serve import serve
+
+    serve(args.model, args.host, args.port, args.max_new_tokens)
+
+
+def run_space(args: argparse.Namespace) -> None:
+    from .app.serve import write_space
+
+    print(f"wrote {write_space(args.out, args.model)}: a Gradio Space for {args.model}")
 
 
 def run_build(args: argparse.Namespace) -> None:
@@ -106,6 +119,18 @@ def main(argv: list[str] | None = None) -> None:
                           help="control: show each question another sample's image (what the question alone gives)")
     evaluate.add_argument("--batch-size", type=int, default=16)
     evaluate.set_defaults(handler=run_eval)
+
+    serve = commands.add_parser("serve", help="the web demo (Gradio): ask about an image, see where CoTR looked")
+    serve.add_argument("--model", help="a LEO-MINI checkpoint folder (default: LEO-MINI-Smol, assembled offline)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=7860)
+    serve.add_argument("--max-new-tokens", type=int, default=32)
+    serve.set_defaults(handler=run_serve)
+
+    space = commands.add_parser("space", help="write a folder that runs the web demo as a Hugging Face Space")
+    space.add_argument("--out", required=True)
+    space.add_argument("--model", required=True, help="Hub repo id (ORG/NAME) or local checkpoint folder")
+    space.set_defaults(handler=run_space)
 
     build = commands.add_parser("build", help="write a complete LEO-MINI checkpoint folder")
     build.add_argument("--preset", default="tiny", help="tiny (with --random-init) or leo-mini-smol")

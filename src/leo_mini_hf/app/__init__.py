@@ -1,0 +1,1 @@
+"""The web demo (`leo-mini serve`) and the Hugging Face Space it becomes (`leo-mini space`)."""

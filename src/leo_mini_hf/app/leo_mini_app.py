@@ -1,0 +1,194 @@
+"""LEO-MINI web demo: ask about an image, watch the answer stream in, and see where CoTR looked.
+
+Self-contained (gradio, torch, numpy, PIL and transformers only), so `leo-mini space` copies this file into a Hugging
+Face Space unchanged; `leo-mini serve` runs the same app locally. Private by construction: Gradio analytics off,
+system fonts only (no font CDN), no share link; the model loads from a local folder or a Hub repo id, as given.
+"""
+
+import math
+import os
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # must be set before gradio is imported
+
+import gradio as gr  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from transformers import AutoModelForImageTextToText, AutoProcessor, TextIteratorStreamer  # noqa: E402
+
+MAX_QUESTION_CHARACTERS = 1000
+REDUCTIONS = {"cotr": "CoTR", "avg_pool": "average pooling", "none": "no reduction"}
+THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],  # local fonts: nothing from a CDN
+                          font_mono=["ui-monospace", "SFMono-Regular", "monospace"])
+
+
+def load_model(model_id_or_folder: str):
+    """(model, processor) from a LEO-MINI checkpoint folder or Hub repo id, with its remote code."""
+    processor = AutoProcessor.from_pretrained(model_id_or_folder, trust_remote_code=True)
+    model = AutoModelForImageTextToText.from_pretrained(model_id_or_folder, trust_remote_code=True).eval()
+    return model, processor
+
+
+class LeoMiniChat:
+    """Answers one question about one image as a stream of (answer so far, statistics, CoTR heat map)."""
+
+    def __init__(self, model, processor, max_new_tokens: int = 32):
+        self.model, self.processor, self.max_new_tokens = model, processor, max_new_tokens
+        experts = model.model.vision_experts
+        self.tokens_before = sum(expert.num_tokens for expert in experts)
+        self.tokens_after = model.config.num_image_tokens
+        self.reduction = REDUCTIONS.get(model.config.token_reduction, model.config.token_reduction)
+
+    def answer(self, image, question):
+        """Gradio event handler (unprocessed inputs: the image's upload record or path, the question text)."""
+        started = time.perf_counter()
+        inputs = self._inputs(image, question)
+        attention: list[torch.Tensor] = []
+        reducer = self.model.model.token_reducer
+        hook = (reducer.register_forward_hook(lambda module, args, kwargs, output: attention.append(
+            [weights.detach() for weights in module.expert_attention(*args, **kwargs)]), with_kwargs=True)
+            if hasattr(reducer, "expert_attention") else None)  # CoTR's weights, at the prefill
+        streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True,
+                                        timeout=300)
+        failure: list[BaseException] = []
+
+        def generate():
+            try:
+                with torch.inference_mode():
+                    self.model.generate(**inputs, streamer=streamer, max_new_tokens=self.max_new_tokens,
+                                        do_sample=False)
+            except BaseException as error:  # reported in the page; the stream must still end
+                failure.append(error)
+                streamer.end()
+
+        worker = threading.Thread(target=generate, daemon=True)
+        worker.start()
+        text, first_token_seconds, heat_map = "", None, None
+        try:
+            for piece in streamer:
+                if first_token_seconds is None:
+                    first_token_seconds = time.perf_counter() - started
+                    if attention:
+                        heat_map = self.heat_map(inputs["pixel_values"][0], attention[0])
+                text += piece
+                yield text, self._statistics(first_token_seconds, None), heat_map
+            worker.join()
+        finally:
+            if hook is not None:
+                hook.remove()
+        if failure:
+            raise gr.Error(f"Generation failed: {failure[0]}")
+        if heat_map is None and attention:
+            heat_map = self.heat_map(inputs["pixel_values"][0], attention[0])
+        yield text, self._statistics(first_token_seconds, time.perf_counter() - started), heat_map
+
+    def _inputs(self, image, question) -> dict:
+        """Model inputs, or a gr.Error with a readable reason (no image, an empty question, an unreadable file)."""
+        if isinstance(image, dict):
+            image = image.get("path")
+        if not image:
+            raise gr.Error("Upload an image first (PNG, JPEG, WebP, ...).")
+        if not isinstance(question, str) or not question.strip():
+            raise gr.Error("Type a question about the image.")
+        if len(question) > MAX_QUESTION_CHARACTERS:
+            raise gr.Error(f"The question is too long ({len(question)} characters; at most "
+                           f"{MAX_QUESTION_CHARACTERS}).")
+        try:
+            with Image.open(image) as opened:
+                opened.verify()  # reads the whole file: truncated and non-image files fail here
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+            raise gr.Error(f"This file is not an image LEO-MINI can read ({type(error).__name__}: {error}).")
+        chat = [{"role": "user", "content": [{"type": "image", "path": str(image)},
+                                             {"type": "text", "text": question.strip()}]}]
+        try:
+            return self.processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=True,
+                                                      return_dict=True, return_tensors="pt")
+        except (OSError, ValueError, TypeError, Image.DecompressionBombError) as error:
+            raise gr.Error(f"This image cannot be used: {error}")
+
+    def _statistics(self, first_token_seconds: float | None, answer_seconds: float | None) -> str:
+        parts = [f"**visual tokens: {self.tokens_before} → {self.tokens_after}** ({self.reduction})"]
+        if first_token_seconds is not None:
+            parts.append(f"first token after {first_token_seconds:.2f} s")
+        if answer_seconds is not None:
+            parts.append(f"answer in {answer_seconds:.2f} s")
+        return " · ".join(parts)
+
+    def heat_map(self, pixel_values: torch.Tensor, expert_weights: list[torch.Tensor]) -> Image.Image:
+        """The image as the experts saw it, tinted by CoTR's attention: each expert's softmax weights (1, N_V, N)
+        averaged over the queries, laid on its token grid, upsampled, averaged over the experts, scaled to its max (shown
+        as its square root). pixel_values: (3, S, S) as the processor made them."""
+        side = pixel_values.shape[-1]
+        grids = []
+        for weights in expert_weights:
+            per_token = weights[0].float().mean(dim=0)
+            grid_side = math.isqrt(per_token.numel())
+            if grid_side * grid_side != per_token.numel():
+                continue  # not a square grid of tokens: nothing to draw for this expert
+            grid = per_token.reshape(1, 1, grid_side, grid_side)
+            grids.append(torch.nn.functional.interpolate(grid, size=(side, side), mode="bilinear")[0, 0])
+        image_processor = self.processor.image_processor
+        mean = torch.tensor(image_processor.image_mean).view(3, 1, 1)
+        std = torch.tensor(image_processor.image_std).view(3, 1, 1)
+        picture = (pixel_values.float() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+        if not grids:
+            return Image.fromarray((picture * 255).astype(np.uint8))
+        heat = torch.stack(grids).mean(dim=0)
+        heat = (heat / heat.max().clamp(min=1e-12)).sqrt().numpy()[..., None]  # sqrt: weak attention stays visible
+        colour = np.concatenate([np.ones_like(heat), heat, np.zeros_like(heat)], axis=-1)  # red → yellow
+        blended = picture * (1 - 0.7 * heat) + colour * 0.7 * heat
+        return Image.fromarray((blended.clip(0, 1) * 255).astype(np.uint8))
+
+
+def build_app(chat: LeoMiniChat, examples: list[list[str]], title: str = "LEO-MINI") -> gr.Blocks:
+    """The page: image and question in, streamed answer, token counts and timings, and CoTR's heat map out."""
+    with gr.Blocks(analytics_enabled=False, title=title) as app:
+        gr.Markdown(f"# {title}\nAsk about an image. The answer streams in; beside it, how many visual tokens the "
+                    f"LLM read ({chat.tokens_before} from the vision experts, {chat.tokens_after} after "
+                    f"{chat.reduction}) and where the reduction looked.")
+        with gr.Row():
+            with gr.Column():
+                image = gr.Image(type="filepath", label="Image", sources=["upload", "clipboard"], elem_id="image")
+                question = gr.Textbox(label="Question", placeholder="What shape is in the image?", lines=1,
+                                      max_lines=3, elem_id="question")
+                ask = gr.Button("Ask", variant="primary", elem_id="ask")
+            with gr.Column():
+                answer = gr.Textbox(label="Answer", interactive=False, elem_id="answer")
+                statistics = gr.Markdown(elem_id="statistics")
+                heat_map = gr.Image(label=f"Where {chat.reduction} looked", type="pil", format="png",
+                                    interactive=False, elem_id="heat-map")
+        if examples:
+            gr.Examples(examples, inputs=[image, question], label="Examples (easy-vqa test images)")
+        handler = {"fn": chat.answer, "inputs": [image, question], "outputs": [answer, statistics, heat_map],
+                   "preprocess": False}  # the handler reads the upload itself and explains what it cannot use
+        ask.click(**handler, api_name="ask")
+        question.submit(**handler, api_visibility="private")
+    return app.queue(default_concurrency_limit=1)
+
+
+def bundled_examples(folder) -> list[list[str]]:
+    """[[image path, question], ...] from a folder holding questions.json ([{"image", "question"}, ...])."""
+    import json
+
+    folder = Path(folder)
+    questions = folder / "questions.json"
+    if not questions.is_file():
+        return []
+    return [[str(folder / item["image"]), item["question"]] for item in json.loads(questions.read_text())]
+
+
+def launch(app: gr.Blocks, host: str = "127.0.0.1", port: int | None = None, allowed_paths=(), block: bool = True):
+    """Serve the app (no share link, no server-side rendering, errors shown in the page)."""
+    return app.launch(server_name=host, server_port=port, share=False, ssr_mode=False, show_error=True,
+                      theme=THEME, allowed_paths=[str(path) for path in allowed_paths], prevent_thread_lock=not block,
+                      quiet=True, footer_links=["api"])
+
+
+def main(model: str, examples_dir: str = "examples", max_new_tokens: int = 32) -> None:
+    """A Space's entry point: the model from `model` (Hub repo id or folder), examples from `examples_dir`."""
+    chat = LeoMiniChat(*load_model(model), max_new_tokens=max_new_tokens)
+    launch(build_app(chat, bundled_examples(examples_dir)), host=os.environ.get("GRADIO_SERVER_NAME", "0.0.0.0"),
+           port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")), allowed_paths=[examples_dir])

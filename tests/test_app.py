@@ -1,0 +1,203 @@
+"""The web demo: `leo-mini serve`'s app on the real LEO-MINI-Smol through gradio_client and in headless Chromium (no
+request may leave localhost), bad input shown as a message, and the Space folder `leo-mini space` writes, started and
+asked once."""
+
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+gradio_client = pytest.importorskip("gradio_client", reason="Gradio is installed by `make test` (the [app] extra)")
+
+from leo_mini_hf.app.serve import DEMO_EXAMPLES, import_app, write_space  # noqa: E402
+from leo_mini_hf.cli import main as cli  # noqa: E402
+from leo_mini_hf.easyvqa.evaluation import normalise_answer  # noqa: E402
+
+QUESTIONS = json.loads((DEMO_EXAMPLES / "questions.json").read_text())
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync", "--no-first-run"]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def smol_app():
+    """The app on the real LEO-MINI-Smol, served on 127.0.0.1 for the module's tests."""
+    from leo_mini_hf.demo import demo_checkpoint
+
+    app_module = import_app()
+    chat = app_module.LeoMiniChat(*app_module.load_model(str(demo_checkpoint())), max_new_tokens=8)
+    app = app_module.build_app(chat, app_module.bundled_examples(DEMO_EXAMPLES))
+    _, url, _ = app_module.launch(app, port=free_port(), allowed_paths=[DEMO_EXAMPLES], block=False)
+    yield url
+    app.close()
+
+
+def ask(client, image, question):
+    return client.predict(gradio_client.handle_file(str(image)), question, api_name="/ask")
+
+
+@pytest.mark.slow
+def test_a_bundled_question_gets_the_right_answer_with_counts_timings_and_heat_map(smol_app):
+    client = gradio_client.Client(smol_app, verbose=False)
+    item = QUESTIONS[3]
+    answer, statistics, heat_map = ask(client, DEMO_EXAMPLES / item["image"], item["question"])
+    assert normalise_answer(answer) == item["answer"]
+    assert "visual tokens: 196 → 16** (CoTR)" in statistics
+    assert "first token after" in statistics and "answer in" in statistics
+    with Image.open(heat_map) as picture, Image.open(DEMO_EXAMPLES / item["image"]) as plain:
+        assert picture.size == (448, 448) and picture.mode == "RGB"
+        change = np.abs(np.asarray(picture).astype(int) - np.asarray(plain.convert("RGB").resize((448, 448))))
+    assert change.max() > 100  # tinted where CoTR looked, not a copy of the input
+
+
+def test_the_heat_map_tints_the_tokens_cotr_attended(tiny_checkpoint):
+    """One expert token gets all the attention: its patch of the picture turns red/yellow, far patches stay as they
+    were (the picture is the processor's input, de-normalised)."""
+    import torch
+
+    app_module = import_app()
+    chat = app_module.LeoMiniChat(*app_module.load_model(str(tiny_checkpoint)))
+    side = chat.model.config.image_size
+    grid = math.isqrt(chat.model.model.vision_experts[0].num_tokens)
+    pixel_values = chat.processor(images=Image.new("RGB", (side, side), (0, 0, 255)), text="<image>",
+                                  return_tensors="pt")["pixel_values"][0]
+    weights = torch.zeros(1, chat.tokens_after, grid * grid)
+    weights[..., 0] = 1.0  # the top-left token
+    picture = np.asarray(chat.heat_map(pixel_values, [weights])).astype(int)
+    cell = side // grid
+    assert picture[: cell // 2, : cell // 2, 0].min() > 150 and picture[: cell // 2, : cell // 2, 2].max() < 100
+    assert (np.abs(picture[-cell:, -cell:] - [0, 0, 255]) <= 2).all()
+
+
+@pytest.mark.slow
+def test_bad_input_gives_a_message_and_the_next_question_still_works(smol_app, tmp_path):
+    client = gradio_client.Client(smol_app, verbose=False)
+    corrupt = tmp_path / "photo.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n" + b"not an image" * 10)
+    with pytest.raises(gradio_client.exceptions.AppError, match="not an image LEO-MINI can read"):
+        ask(client, corrupt, "what shape is present?")
+    text_file = tmp_path / "notes.txt"
+    text_file.write_text("hello")
+    with pytest.raises(gradio_client.exceptions.AppError, match="not an image LEO-MINI can read"):
+        ask(client, text_file, "what shape is present?")
+    huge = tmp_path / "huge.png"
+    Image.new("1", (9000, 8000)).save(huge)  # 72 MP: over the processor's 64 MP bound, small on disk
+    with pytest.raises(gradio_client.exceptions.AppError, match="This image cannot be used: .*pixels"):
+        ask(client, huge, "what shape is present?")
+    with pytest.raises(gradio_client.exceptions.AppError, match="Type a question"):
+        ask(client, DEMO_EXAMPLES / QUESTIONS[0]["image"], "   ")
+    item = QUESTIONS[0]
+    assert normalise_answer(ask(client, DEMO_EXAMPLES / item["image"], item["question"])[0]) == item["answer"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (.ci/run installs it)")
+def test_in_a_real_browser_upload_ask_and_see_the_answer_and_heat_map(smol_app, tmp_path):
+    """Headless Chromium, kept off the network: every request is recorded, and any that is not to the app fails
+    the test (and is aborted)."""
+    from playwright.sync_api import sync_playwright
+
+    item = QUESTIONS[3]
+    outside = []
+
+    def only_localhost(route):
+        if route.request.url.startswith(smol_app.rstrip("/")):
+            route.continue_()
+        else:
+            outside.append(route.request.url)
+            route.abort()
+
+    screenshot = Path(os.environ.get("LEO_MINI_APP_SCREENSHOT", tmp_path / "app.png"))
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch_persistent_context(
+            str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS,
+            viewport={"width": 1280, "height": 900})
+        try:
+            browser.route("**/*", only_localhost)
+            page = browser.new_page()
+            page.goto(smol_app, wait_until="networkidle")
+            page.locator("#image input[type=file]").set_input_files(str(DEMO_EXAMPLES / item["image"]))
+            page.locator("#question textarea").fill(item["question"])
+            page.locator("#ask").click()
+            answer = page.locator("#answer textarea")
+            page.wait_for_function("element => element.value.trim().length > 0", arg=answer.element_handle(),
+                                   timeout=60_000)
+            page.wait_for_selector("#statistics :text('answer in')", timeout=60_000)
+            heat_map = page.locator("#heat-map img")
+            heat_map.wait_for(timeout=30_000)
+            assert normalise_answer(answer.input_value()) == item["answer"]
+            assert page.evaluate("image => image.naturalWidth", heat_map.element_handle()) == 448
+            page.screenshot(path=str(screenshot), full_page=True)
+        finally:
+            browser.close()
+    assert screenshot.stat().st_size > 10_000
+    assert outside == [], f"requests left localhost: {outside}"
+
+
+def test_the_space_folder_starts_and_answers_once(tiny_checkpoint, tmp_path):
+    space = write_space(tmp_path / "space", str(tiny_checkpoint))
+    assert sorted(path.name for path in space.iterdir()) == ["README.md", "app.py", "examples", "leo_mini_app.py",
+                                                             "requirements.txt"]
+    readme = (space / "README.md").read_text()
+    assert readme.startswith("---\ntitle: LEO-MINI\n") and "sdk: gradio\n" in readme and "app_file: app.py" in readme
+    import gradio
+
+    requirements = (space / "requirements.txt").read_text().split()
+    assert f"gradio=={gradio.__version__}" in requirements and any(r.startswith("torch==") for r in requirements)
+    assert str(tiny_checkpoint.resolve()) in (space / "app.py").read_text()
+    port = free_port()
+    env = {**os.environ, "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port), "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": ""}
+    process = subprocess.Popen([sys.executable, "app.py"], cwd=space, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    try:
+        client = None
+        for _ in range(120):
+            if process.poll() is not None:
+                pytest.fail(f"app.py exited: {process.stdout.read()[-2000:]}")
+            try:
+                client = gradio_client.Client(f"http://127.0.0.1:{port}/", verbose=False)
+                break
+            except Exception:
+                time.sleep(1)
+        assert client is not None, "the Space app did not come up in 2 minutes"
+        item = QUESTIONS[0]
+        answer, statistics, _ = ask(client, space / "examples" / item["image"], item["question"])
+        assert isinstance(answer, str) and "visual tokens: 20 → 4" in statistics
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_space_refuses_a_model_that_is_neither_a_folder_nor_a_repo_id(tmp_path, capsys):
+    for model in ("not-a-repo-id", "a/b/c", str(tmp_path)):
+        with pytest.raises(SystemExit):
+            cli(["space", "--out", str(tmp_path / "space"), "--model", model])
+        assert "checkpoint folder" in capsys.readouterr().err
+    assert not (tmp_path / "space").exists()
+
+
+def test_serve_without_gradio_says_how_to_install_it(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "gradio", None)  # `import gradio` now fails as if it were not installed
+    monkeypatch.delitem(sys.modules, "leo_mini_hf.app.leo_mini_app", raising=False)
+    import leo_mini_hf.app
+
+    monkeypatch.delattr(leo_mini_hf.app, "leo_mini_app", raising=False)
+    with pytest.raises(SystemExit):
+        cli(["serve", "--model", "anything"])
+    assert "pip install 'leo-mini-hf[app]'" in capsys.readouterr().err
