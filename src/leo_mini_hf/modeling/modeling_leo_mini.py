@@ -1,6 +1,7 @@
 """LEO-MINI: vision experts → token reduction (CoTR) → MLP projector → LLM with MMoE LoRA experts (arXiv 2504.04653)."""
 
 import functools
+import re
 from dataclasses import dataclass
 
 import torch
@@ -71,7 +72,8 @@ class LeoMiniMultiModalProjector(nn.Module):
         self.linear_2 = nn.Linear(hidden_size, hidden_size)
 
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(self.act(self.linear_1(image_features)))
+        """(n, N_V, Σ d_i) → (n, N_V, d), in the projector's own dtype (float32 in a float16 load)."""
+        return self.linear_2(self.act(self.linear_1(image_features.to(self.linear_1.weight.dtype))))
 
 
 # The part of LEO-MINI each parameter belongs to, decided by the class of the module that holds it (never by its
@@ -129,6 +131,20 @@ class LeoMiniPreTrainedModel(PreTrainedModel):
         return parts
 
 
+def trained_module_patterns(config: LeoMiniConfig) -> list[str]:
+    """Name patterns of LEO-MINI's own modules: CoTR, the projector, and the MMoE layers (their base linear too).
+
+    Declared as transformers' `_keep_in_fp32_modules`, which every quantizer leaves unquantized (and a float16 load
+    keeps in float32; each module casts its inputs to its own dtype). Whole MMoE layers are excluded because some
+    backends (bitsandbytes, quanto) replace a quantized linear by their own module, which would drop the adapters.
+    The LLM's other linears and the vision experts follow the requested dtype and quantization. Patterns match with
+    or without the top model's `model.` prefix.
+    """
+    targets = "|".join(re.escape(name) for name in config.mmoe_target_modules)
+    return [r"(model\.)?token_reducer", r"(model\.)?multi_modal_projector",
+            rf"(model\.)?language_model\..+\.({targets})"]
+
+
 class LeoMiniModel(LeoMiniPreTrainedModel):
     """The LEO-MINI backbone without the LM head."""
 
@@ -147,6 +163,7 @@ class LeoMiniModel(LeoMiniPreTrainedModel):
         self.multi_modal_projector = LeoMiniMultiModalProjector(config, sum(expert_hidden_sizes))
         self.language_model = AutoModel.from_config(config.text_config, attn_implementation=attn_implementation)
         self.mmoe = MMoE(self.language_model, config, context_dim=2 * config.text_config.hidden_size)
+        self._keep_in_fp32_modules = trained_module_patterns(config)
         self.post_init()
 
     def get_input_embeddings(self):

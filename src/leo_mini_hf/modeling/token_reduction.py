@@ -172,9 +172,12 @@ class ConditionalTokenReduction(nn.Module):
         """
         expert_features: per expert (n_images, N_i, d_i); text_sum: (n_images, d_text), the sum of the text-token
         embeddings of each image's prompt (`prompt_text_sum`).
-        Returns (n_images, N_V, Σ d_i), experts concatenated channel-wise.
+        Returns (n_images, N_V, Σ d_i), experts concatenated channel-wise, in CoTR's own dtype (float32 in a float16
+        load, where the inputs are upcast).
         """
-        weights = self.expert_attention(expert_features, text_sum)
+        dtype = self.queries.dtype
+        expert_features = [features.to(dtype) for features in expert_features]
+        weights = self.expert_attention(expert_features, text_sum.to(dtype))
         reduced = [torch.bmm(alpha, features) for alpha, features in zip(weights, expert_features)]
         return torch.cat(reduced, dim=-1)
 
