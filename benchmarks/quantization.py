@@ -1,4 +1,4 @@
-"""Quantized LEO-MINI-Smol on CPU: memory, answers and prefill time per backend, against the float32 model.
+"""Quantized LEO-MINI-Smol on CPU: memory and answers per backend, against the float32 model.
 
 LEO-MINI's own modules (CoTR, projector, whole MMoE layers) stay unquantized under every backend
 (`trained_module_patterns`); the LLM's other linears (and the expert's, where it has any) are quantized.
@@ -17,7 +17,7 @@ from common import ROOT, write_results
 from leo_mini_hf import LeoMiniForConditionalGeneration, LeoMiniProcessor
 from leo_mini_hf.demo import bundled_questions, demo_checkpoint
 from leo_mini_hf.easyvqa.dataset import EasyVQADataset
-from leo_mini_hf.easyvqa.evaluation import answer_questions, evaluation_subset, normalise_answer, prefill_seconds
+from leo_mini_hf.easyvqa.evaluation import answer_questions, evaluation_subset, normalise_answer
 
 
 def quantization_config(backend: str):
@@ -77,7 +77,6 @@ def main() -> None:
             "easy_vqa_accuracy": sum(a == s["answer"] for a, s in zip(answers, samples)) / len(samples),
             "demo_correct": sum(a == s["answer"] for a, s in zip(answers[len(samples):], demo)),
             "agreement_with_float32": sum(a == r for a, r in zip(answers, reference)) / len(answers),
-            "prefill_ms": round(1000 * prefill_seconds(model, processor, demo[0]), 1),
             "own_modules_dtype": str(model.model.token_reducer.queries.dtype),
         }
         rows.append(row)
@@ -87,13 +86,13 @@ def main() -> None:
     command = shlex.join(["python", "benchmarks/quantization.py", *sys.argv[1:]])
     lines = ["# Quantized LEO-MINI-Smol on CPU", "", f"Command: `{command}`  ",
              f"{args.questions} seeded easy-vqa test questions + the 6 bundled demo questions, greedy; memory: "
-             "the bytes parameters and buffers hold (quantized tensors: their int data and scales); prefill: batch 1, median of 10, "
-             f"{args.threads} threads. CoTR, projector and MMoE layers stay float32 in every row.", "",
-             "| backend | memory (MB) | easy-vqa accuracy | demo questions right | answers equal to float32 | "
-             "prefill (ms) |", "|---|---|---|---|---|---|"]
+             "the bytes parameters and buffers hold (quantized tensors: their int data and scales). CoTR, projector and MMoE "
+             "layers stay float32 in every row.", "",
+             "| backend | memory (MB) | easy-vqa accuracy | demo questions right | answers equal to float32 |",
+             "|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['backend']} | {r['memory_mb']} | {r['easy_vqa_accuracy']:.3f} | {r['demo_correct']}/6 | "
-                     f"{r['agreement_with_float32']:.3f} | {r['prefill_ms']} |")
+                     f"{r['agreement_with_float32']:.3f} |")
     from pathlib import Path
 
     write_results(Path(args.out), {"command": command, "results": rows}, lines)
