@@ -335,10 +335,11 @@ def test_half_precision_checkpoint_generates_from_the_processors_outputs(tiny_ch
     model = LeoMiniForConditionalGeneration.from_pretrained(tiny_checkpoint, dtype=dtype).eval()
     # float16 keeps LEO-MINI's own small modules (`trained_module_patterns`) in float32; bfloat16 needs no such care
     kept = torch.float32 if dtype == torch.float16 else dtype
-    down_proj = model.model.language_model.layers[0].mlp.down_proj
-    assert model.dtype == dtype and down_proj.weight.dtype == dtype
+    layer = model.model.language_model.layers[0]
+    down_proj = layer.mlp.down_proj  # an MMoE layer: base linear, adapters and router
+    assert model.dtype == dtype and layer.mlp.up_proj.weight.dtype == dtype
     assert {model.model.token_reducer.queries.dtype, model.model.multi_modal_projector.linear_1.weight.dtype,
-            down_proj.router.context_proj.weight.dtype, down_proj.general_lora_A.dtype,
+            down_proj.weight.dtype, down_proj.router.context_proj.weight.dtype, down_proj.general_lora_A.dtype,
             down_proj.experts_lora_B.dtype} == {kept}
     image = Image.new("RGB", (40, 30), "red")
     inputs = tiny_processor(images=image, text="<image> What colour?", return_tensors="pt")

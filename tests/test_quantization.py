@@ -18,10 +18,26 @@ def image_inputs(config, seed=0):
             "pixel_values": torch.randn(1, 3, config.image_size, config.image_size, generator=generator)}
 
 
-def test_patterns_name_the_mmoe_targets_from_the_config(tiny_checkpoint):
+def test_patterns_name_cotr_the_projector_and_the_mmoe_targets_only(tiny_checkpoint):
+    import re
+
     model = LeoMiniForConditionalGeneration.from_pretrained(tiny_checkpoint)
-    assert set(trained_module_patterns(model.config)) <= model._keep_in_fp32_modules
-    assert r"(model\.)?language_model\..+\.(down_proj)" in trained_module_patterns(model.config)
+    patterns = trained_module_patterns(model.config)
+    assert set(patterns) <= model._keep_in_fp32_modules
+
+    def kept(name):  # as transformers' quantizers match: from the start, up to a module boundary
+        return any(re.match(rf"(?:{pattern})(?:(?<=\.)|(?=\.|$))", name) for pattern in patterns)
+
+    for name in ("model.token_reducer.queries", "model.multi_modal_projector.linear_1.weight",
+                 "model.language_model.layers.3.mlp.down_proj.weight",
+                 "model.language_model.layers.0.mlp.down_proj.router.out_proj.bias"):
+        assert kept(name), name
+    for name in ("model.language_model.layers.0.mlp.up_proj.weight", "model.language_model.layers.0.self_attn.q_proj"
+                 ".weight", "model.vision_experts.0.model.encoder.layers.0.mlp.fc1.weight", "lm_head.weight"):
+        assert not kept(name), name
+    model.config.mmoe_target_modules = []  # no MMoE layers: nothing of the LLM is kept
+    assert not any(re.match(p, "model.language_model.layers.0.mlp.up_proj.weight")
+                   for p in trained_module_patterns(model.config))
 
 
 def test_torchao_int8_quantizes_the_llm_linears_and_leaves_leo_minis_modules_alone(tiny_checkpoint):

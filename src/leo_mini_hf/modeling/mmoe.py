@@ -109,23 +109,22 @@ class MMoELinear(nn.Linear):
         top_probs, top_experts = probs.topk(self.top_k, dim=-1)
         if self.expert_weighting == "renormalized":
             top_probs = top_probs / top_probs.sum(dim=-1, keepdim=True)
-        return torch.zeros_like(probs).scatter(-1, top_experts, top_probs).to(self.general_lora_A.dtype)
+        return torch.zeros_like(probs).scatter(-1, top_experts, top_probs).to(hidden_states.dtype)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """hidden_states (B, T, in_features) → (B, T, out_features). The base weight may be quantized; the adapters
-        run in their own dtype (float32 in a float16 load) and their terms are cast back to the output's."""
+        """hidden_states (B, T, in_features) → (B, T, out_features), in the input's dtype. The layer computes in its
+        own dtype: float32 in a float16 load (`_keep_in_fp32_modules`), never quantized."""
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(self.weight.dtype)
         output = F.linear(hidden_states, self.weight, self.bias)
-        adapter_dtype = self.general_lora_A.dtype
-        lora_input = self.dropout(hidden_states).to(adapter_dtype)
-        general = self.scaling * (lora_input @ self.general_lora_A.T) @ self.general_lora_B.T
-        output = output + general.to(output.dtype)
+        lora_input = self.dropout(hidden_states)
+        output = output + self.scaling * (lora_input @ self.general_lora_A.T) @ self.general_lora_B.T
         if self.num_experts:
-            weights = self.expert_weights(hidden_states)  # (B, T|1, E), adapter dtype
+            weights = self.expert_weights(hidden_states)  # (B, T|1, E)
             expert_hidden = torch.einsum("bti,eri->bter", lora_input, self.experts_lora_A)  # (B, T, E, r)
             expert_hidden = expert_hidden * weights.unsqueeze(-1)
-            routed = self.scaling * torch.einsum("bter,eor->bto", expert_hidden, self.experts_lora_B)
-            output = output + routed.to(output.dtype)
-        return output
+            output = output + self.scaling * torch.einsum("bter,eor->bto", expert_hidden, self.experts_lora_B)
+        return output.to(input_dtype)
 
 
 class MMoE:

@@ -140,9 +140,11 @@ def trained_module_patterns(config: LeoMiniConfig) -> list[str]:
     The LLM's other linears and the vision experts follow the requested dtype and quantization. Patterns match with
     or without the top model's `model.` prefix.
     """
-    targets = "|".join(re.escape(name) for name in config.mmoe_target_modules)
-    return [r"(model\.)?token_reducer", r"(model\.)?multi_modal_projector",
-            rf"(model\.)?language_model\..+\.({targets})"]
+    patterns = [r"(model\.)?token_reducer", r"(model\.)?multi_modal_projector"]
+    if config.mmoe_target_modules:
+        targets = "|".join(re.escape(name) for name in config.mmoe_target_modules)
+        patterns.append(rf"(model\.)?language_model\..+\.({targets})")
+    return patterns
 
 
 class LeoMiniModel(LeoMiniPreTrainedModel):
