@@ -154,10 +154,15 @@ def cell_questions(model, processor, image, mosaic_grid: int) -> tuple[torch.Ten
         for cell in CELL_NAMES[mosaic_grid]]
     inputs = processor.apply_chat_template(conversations, add_generation_prompt=True, tokenize=True, return_dict=True,
                                            return_tensors="pt", processor_kwargs={"padding": True})
+    return inputs["pixel_values"][:1], prompt_text_sums(model, inputs)  # the same mosaic in every prompt: one picture
+
+
+def prompt_text_sums(model, inputs) -> torch.Tensor:
+    """(B, d): the sum of each prompt's text-token embeddings, which CoTR is conditioned on, as the model's forward
+    computes it (prompts only, no labels)."""
     embeds = model.get_input_embeddings()(inputs["input_ids"])
     text_mask = prompt_text_mask(inputs["input_ids"], embeds, inputs["attention_mask"], None, model.config.image_token_id)
-    text_sum = prompt_text_sum(embeds, text_mask)  # as in the model's forward
-    return inputs["pixel_values"][:1], text_sum  # the same mosaic in every prompt: one picture
+    return prompt_text_sum(embeds, text_mask)
 
 
 def steering_of(shares: torch.Tensor) -> dict:

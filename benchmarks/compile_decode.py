@@ -16,17 +16,14 @@ import torch
 
 from common import write_results
 from leo_mini_hf import LeoMiniForConditionalGeneration, LeoMiniProcessor
-from leo_mini_hf.demo import bundled_questions, demo_checkpoint
+from leo_mini_hf.demo import bundled_chat_samples, demo_checkpoint
 from leo_mini_hf.easyvqa.evaluation import prompt_inputs
 from leo_mini_hf.modeling.modeling_leo_mini import CACHE_NAME
 
 
 def batch_inputs(processor, batch: int) -> dict:
-    questions = bundled_questions()
-    samples = [{"messages": [{"role": "user", "content": [{"type": "image", "path": q["image"]},
-                                                          {"type": "text", "text": q["question"]}]}]}
-               for q in (questions * batch)[:batch]]
-    return prompt_inputs(processor, samples)
+    samples = bundled_chat_samples()
+    return prompt_inputs(processor, (samples * batch)[:batch])
 
 
 @torch.no_grad()

@@ -31,13 +31,14 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from common import ROOT, TrainingTimer, cell_share, display_path, token_cells, train_resumably, write_results
+from common import (ROOT, TrainingTimer, cell_share, display_path, prompt_text_sums, token_cells, train_resumably,
+                    write_results)
 from leo_mini_hf.conversion.smol import assemble_leo_mini_smol
 from leo_mini_hf.easyvqa.dataset import EasyVQADataset
 from leo_mini_hf.easyvqa.evaluation import evaluate_vqa, prefill_seconds, prompt_inputs
 from leo_mini_hf.easyvqa.object_named import ANSWERS, ObjectNamedMosaicDataset, named_blind_accuracy, \
     object_named_training_mix
-from leo_mini_hf.modeling.token_reduction import ConditionalTokenReduction, prompt_text_mask, prompt_text_sum
+from leo_mini_hf.modeling.token_reduction import ConditionalTokenReduction
 from leo_mini_hf.training.adapter_weights import save_adapter_weights, sha256_of
 from leo_mini_hf.training.feature_cache import VisionFeatureCache
 from leo_mini_hf.training.stages import apply_training_stage
@@ -99,11 +100,8 @@ def named_cell_shares(model, samples: list[dict], processor, grid: int) -> dict:
     for start in range(0, len(samples), 16):
         batch = samples[start:start + 16]
         inputs = prompt_inputs(processor, batch)
-        embeds = model.get_input_embeddings()(inputs["input_ids"])
-        text_mask = prompt_text_mask(inputs["input_ids"], embeds, inputs["attention_mask"], None,
-                                     model.config.image_token_id)
         features = [expert(inputs["pixel_values"]) for expert in inner.vision_experts]
-        weights = inner.token_reducer.expert_attention(features, prompt_text_sum(embeds, text_mask))[0]
+        weights = inner.token_reducer.expert_attention(features, prompt_text_sums(model, inputs))[0]
         shares = cell_share(weights, cells, grid)
         for sample, share in zip(batch, shares):
             cell = sample["named_cell"]
@@ -172,7 +170,8 @@ def run_row(name: str, args) -> dict:
     result = {
         "name": name, "overrides": overrides, "warm_start": warm_start_record,
         "visual_tokens": model.config.num_image_tokens, "expert_tokens": model.model.vision_experts[0].num_tokens,
-        "probe_mosaics": args.probe_mosaics, "steps": args.steps, "batch_size": args.batch_size, "learning_rate": args.learning_rate, "seed": args.seed,
+        "probe_mosaics": args.probe_mosaics, "steps": args.steps, "batch_size": args.batch_size,
+        "learning_rate": args.learning_rate, "seed": args.seed,
         "threads": torch.get_num_threads(), "data": data_description,
         "train_seconds": round(train_seconds, 1), "seconds_per_step": round(train_seconds / args.steps, 3),
         "loss_curve": [log["loss"] for log in trainer.state.log_history if "loss" in log],

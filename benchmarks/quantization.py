@@ -15,7 +15,7 @@ import torch
 
 from common import ROOT, write_results
 from leo_mini_hf import LeoMiniForConditionalGeneration, LeoMiniProcessor
-from leo_mini_hf.demo import bundled_questions, demo_checkpoint
+from leo_mini_hf.demo import bundled_chat_samples, demo_checkpoint
 from leo_mini_hf.easyvqa.dataset import EasyVQADataset
 from leo_mini_hf.easyvqa.evaluation import answer_questions, evaluation_subset, normalise_answer
 
@@ -61,9 +61,7 @@ def main() -> None:
     processor = LeoMiniProcessor.from_pretrained(folder)
     test = EasyVQADataset("test")
     samples = [test[i] for i in evaluation_subset(test, args.questions, seed=0)]
-    demo = [{"messages": [{"role": "user", "content": [{"type": "image", "path": q["image"]},
-                                                       {"type": "text", "text": q["question"]}]}],
-             "answer": q["answer"]} for q in bundled_questions()]
+    demo = bundled_chat_samples()
     rows, reference = [], None
     for backend in BACKENDS:
         kwargs = {} if backend == "float32" else {"quantization_config": quantization_config(backend),

@@ -84,7 +84,7 @@ def test_quanto_replaces_the_llm_linears_but_not_the_mmoe_layers(tiny_checkpoint
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["torchao-int8", "quanto-int8", "bnb-int8", "bnb-nf4"])
 def test_quantized_leo_mini_smol_answers_the_bundled_questions(backend):
-    from leo_mini_hf.demo import bundled_questions, demo_checkpoint
+    from leo_mini_hf.demo import bundled_chat_samples, demo_checkpoint
     from leo_mini_hf.easyvqa.evaluation import answer_questions, normalise_answer
 
     pytest.importorskip({"torchao-int8": "torchao", "quanto-int8": "optimum.quanto"}.get(backend, "bitsandbytes"))
@@ -104,10 +104,7 @@ def test_quantized_leo_mini_smol_answers_the_bundled_questions(backend):
     model = LeoMiniForConditionalGeneration.from_pretrained(folder, quantization_config=config(),
                                                             device_map="cpu").eval()
     processor = LeoMiniProcessor.from_pretrained(folder)
-    questions = bundled_questions()
-    samples = [{"messages": [{"role": "user", "content": [{"type": "image", "path": q["image"]},
-                                                          {"type": "text", "text": q["question"]}]}]}
-               for q in questions]
+    samples = bundled_chat_samples()
     answers = [normalise_answer(answer) for answer in answer_questions(model, processor, samples, batch_size=6)]
-    assert answers == [q["answer"] for q in questions]
+    assert answers == [sample["answer"] for sample in samples]
     assert model.model.token_reducer.queries.dtype == torch.float32

@@ -68,6 +68,17 @@ def bundled_questions() -> list[dict]:
     return [dict(q, image=str(DEMO_QUESTIONS.parent / q["image"])) for q in json.loads(DEMO_QUESTIONS.read_text())]
 
 
+def question_chat(item: dict) -> list[dict]:
+    """One {"image", "question"} item as a single user turn: the image file, then the question."""
+    return [{"role": "user", "content": [{"type": "image", "path": item["image"]},
+                                         {"type": "text", "text": item["question"]}]}]
+
+
+def bundled_chat_samples() -> list[dict]:
+    """The bundled questions as chat samples ({"messages", "answer"}), as `easyvqa.evaluation` reads them."""
+    return [{"messages": question_chat(item), "answer": item["answer"]} for item in bundled_questions()]
+
+
 def run_trained_demo(model_dir: str | None, image: str | None, question: str | None, max_new_tokens: int) -> None:
     """Answer the bundled easy-vqa test questions (or `question` about `image`), printing each answer, the visual
     tokens before and after CoTR, and the time per answer."""
@@ -99,8 +110,7 @@ def run_trained_demo(model_dir: str | None, image: str | None, question: str | N
     questions = [{"image": image, "question": question, "answer": None}] if image else bundled_questions()
     correct = 0
     for item in questions:
-        chat = [{"role": "user", "content": [{"type": "image", "path": item["image"]},
-                                             {"type": "text", "text": item["question"]}]}]
+        chat = question_chat(item)
         started = time.perf_counter()
         output = pipe(text=chat, max_new_tokens=max_new_tokens, return_full_text=False,
                       generate_kwargs={"do_sample": False})
