@@ -140,6 +140,9 @@ def test_in_a_real_browser_upload_ask_and_see_the_answer_and_heat_map(smol_app, 
             page.wait_for_selector("#statistics :text('answer in')", timeout=60_000)
             heat_map = page.locator("#heat-map img")
             heat_map.wait_for(timeout=30_000)
+            heat_map.scroll_into_view_if_needed()  # the <img> is lazy-loading: wait until its picture has arrived
+            page.wait_for_function("image => image.complete && image.naturalWidth > 0",
+                                   arg=heat_map.element_handle(), timeout=30_000)
             assert normalise_answer(answer.input_value()) == item["answer"]
             assert page.evaluate("image => image.naturalWidth", heat_map.element_handle()) == 448
             page.screenshot(path=str(screenshot), full_page=True)
