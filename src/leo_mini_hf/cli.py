@@ -26,16 +26,17 @@ def run_demo(args: argparse.Namespace) -> None:
     from .demo import run_random_demo, run_trained_demo
 
     if args.preset == "tiny":
-        run_random_demo(args.preset, args.seed, args.max_new_tokens)
+        run_random_demo(args.preset, args.seed, args.max_new_tokens, args.num_visual_tokens)
     else:
-        run_trained_demo(args.model, args.image, args.question, args.max_new_tokens)
+        run_trained_demo(args.model, args.image, args.question, args.max_new_tokens, args.num_visual_tokens)
 
 
 def run_eval(args: argparse.Namespace) -> None:
     from .easyvqa.evaluation import evaluate_checkpoint
 
     evaluate_checkpoint(args.model, args.dataset, args.split, limit=args.limit, seed=args.seed,
-                        batch_size=args.batch_size, swap_images=args.swap_images)
+                        batch_size=args.batch_size, swap_images=args.swap_images,
+                        num_visual_tokens=args.num_visual_tokens)
 
 
 def run_serve(args: argparse.Namespace) -> None:
@@ -106,6 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("--question", help="your question about --image")
     demo.add_argument("--max-new-tokens", type=int, default=8)
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--num-visual-tokens", type=int, help="an elastic model's visual-token budget (default: largest)")
     demo.set_defaults(handler=run_demo)
 
     evaluate = commands.add_parser("eval", help="exact-match accuracy per question type (JSON + table)")
@@ -118,6 +120,8 @@ def main(argv: list[str] | None = None) -> None:
     evaluate.add_argument("--swap-images", action="store_true",
                           help="control: show each question another sample's image (what the question alone gives)")
     evaluate.add_argument("--batch-size", type=int, default=16)
+    evaluate.add_argument("--num-visual-tokens", type=int,
+                          help="an elastic model's visual-token budget per image (default: its largest)")
     evaluate.set_defaults(handler=run_eval)
 
     serve = commands.add_parser("serve", help="the web demo (Gradio): ask about an image, see where CoTR looked")

@@ -79,9 +79,10 @@ def bundled_chat_samples() -> list[dict]:
     return [{"messages": question_chat(item), "answer": item["answer"]} for item in bundled_questions()]
 
 
-def run_trained_demo(model_dir: str | None, image: str | None, question: str | None, max_new_tokens: int) -> None:
+def run_trained_demo(model_dir: str | None, image: str | None, question: str | None, max_new_tokens: int,
+                     num_visual_tokens: int | None = None) -> None:
     """Answer the bundled easy-vqa test questions (or `question` about `image`), printing each answer, the visual
-    tokens before and after CoTR, and the time per answer."""
+    tokens before and after CoTR (`num_visual_tokens`: an elastic model's budget), and the time per answer."""
     from tqdm.auto import tqdm
     from transformers import pipeline
 
@@ -97,6 +98,7 @@ def run_trained_demo(model_dir: str | None, image: str | None, question: str | N
         pipe = pipeline("image-text-to-text", model=str(folder))
         progress.update(progress.total - progress.n)
     model = pipe.model
+    pipe.processor.budgets_per_text(num_visual_tokens, 1)  # a budget the model lacks is refused before any work
     experts = model.model.vision_experts
     if model_dir:
         print(f"LEO-MINI checkpoint {folder}: {model.config.text_config.model_type} LLM + "
@@ -105,15 +107,16 @@ def run_trained_demo(model_dir: str | None, image: str | None, question: str | N
         print(f"LEO-MINI-Smol ({folder}): SmolLM2-135M-Instruct + MobileNetV2, trained on easy-vqa "
               f"({adapter_metadata(DEMO_WEIGHTS).get('steps', '?')} steps)")
     print(f"visual tokens per image: {sum(expert.num_tokens for expert in experts)} from the "
-          f"expert{'s' if len(experts) > 1 else ''} -> {model.config.num_image_tokens} after "
-          f"{REDUCTION_NAMES[model.config.token_reduction]}")
+          f"expert{'s' if len(experts) > 1 else ''} -> {num_visual_tokens or model.config.num_image_tokens} after "
+          f"{REDUCTION_NAMES[model.config.token_reduction]}{budgets_note(model.config)}")
     questions = [{"image": image, "question": question, "answer": None}] if image else bundled_questions()
+    processor_kwargs = {} if num_visual_tokens is None else {"num_visual_tokens": num_visual_tokens}
     correct = 0
     for item in questions:
         chat = question_chat(item)
         started = time.perf_counter()
         output = pipe(text=chat, max_new_tokens=max_new_tokens, return_full_text=False,
-                      generate_kwargs={"do_sample": False})
+                      generate_kwargs={"do_sample": False}, processor_kwargs=processor_kwargs)
         seconds = time.perf_counter() - started
         answer = output[0]["generated_text"].strip()
         verdict = ""
@@ -126,8 +129,14 @@ def run_trained_demo(model_dir: str | None, image: str | None, question: str | N
         print(f"{correct}/{len(questions)} bundled questions answered correctly")
 
 
-def run_random_demo(preset: str, seed: int, max_new_tokens: int) -> None:
-    """Build a random model from a preset and run one image + prompt through `generate`."""
+def budgets_note(config) -> str:
+    """" (elastic: budgets [1, 4, 16])" for an elastic model, else ""."""
+    return f" (elastic: budgets {config.cotr_budgets})" if config.cotr_budgets is not None else ""
+
+
+def run_random_demo(preset: str, seed: int, max_new_tokens: int, num_visual_tokens: int | None = None) -> None:
+    """Build a random model from a preset and run one image + prompt through `generate` (`num_visual_tokens`: a
+    budget of an elastic preset)."""
     from .modeling import LeoMiniForConditionalGeneration
     from .presets import preset_config
 
@@ -142,11 +151,15 @@ def run_random_demo(preset: str, seed: int, max_new_tokens: int) -> None:
     for index, expert in enumerate(experts):
         print(f"  expert {index}: {type(expert.model).__name__:<24} {expert.num_tokens:>5} tokens x {expert.hidden_size}")
     tokens_before = sum(expert.num_tokens for expert in experts)
-    print(f"visual tokens per image: {tokens_before} from the experts -> {config.num_image_tokens} after "
-          f"{REDUCTION_NAMES[config.token_reduction]}")
+    num_visual_tokens = num_visual_tokens or config.num_image_tokens
+    if num_visual_tokens not in config.visual_token_budgets:
+        raise ValueError(f"--num-visual-tokens {num_visual_tokens} is not one of this model's budgets "
+                         f"{config.visual_token_budgets}")
+    print(f"visual tokens per image: {tokens_before} from the experts -> {num_visual_tokens} after "
+          f"{REDUCTION_NAMES[config.token_reduction]}{budgets_note(config)}")
 
     image = torch.randn(1, 3, config.image_size, config.image_size)
-    prompt = [config.text_config.bos_token_id or 0] + [config.image_token_id] * config.num_image_tokens + [10, 11, 12]
+    prompt = [config.text_config.bos_token_id or 0] + [config.image_token_id] * num_visual_tokens + [10, 11, 12]
     input_ids = torch.tensor([prompt])
     started = time.perf_counter()
     with torch.no_grad():

@@ -21,22 +21,25 @@ def evaluation_subset(dataset, limit: int | None, seed: int = 0) -> list[int]:
     return indices
 
 
-def prompt_inputs(processor, samples: list[dict]) -> dict:
+def prompt_inputs(processor, samples: list[dict], num_visual_tokens: int | None = None) -> dict:
     """Model inputs (input_ids, attention_mask, pixel_values) for chat samples' prompts: assistant turns dropped, the
-    generation prompt added, padded on the left."""
+    generation prompt added, padded on the left; num_visual_tokens: an elastic model's budget (default its largest)."""
     conversations = [[m for m in s["messages"] if m["role"] != "assistant"] for s in samples]
+    processor_kwargs = {"padding": True, "padding_side": "left"}
+    if num_visual_tokens is not None:
+        processor_kwargs["num_visual_tokens"] = num_visual_tokens
     inputs = processor.apply_chat_template(conversations, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                           return_tensors="pt",
-                                           processor_kwargs={"padding": True, "padding_side": "left"})
+                                           return_tensors="pt", processor_kwargs=processor_kwargs)
     return {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "pixel_values")}
 
 
 @torch.no_grad()
-def answer_questions(model, processor, samples: list[dict], batch_size: int = 16, max_new_tokens: int = 5) -> list[str]:
-    """Greedy answers for chat samples (the assistant turn, if any, is dropped)."""
+def answer_questions(model, processor, samples: list[dict], batch_size: int = 16, max_new_tokens: int = 5,
+                     num_visual_tokens: int | None = None) -> list[str]:
+    """Greedy answers for chat samples (the assistant turn, if any, is dropped), at `num_visual_tokens` per image."""
     answers = []
     for start in range(0, len(samples), batch_size):
-        inputs = prompt_inputs(processor, samples[start:start + batch_size])
+        inputs = prompt_inputs(processor, samples[start:start + batch_size], num_visual_tokens)
         generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         answers += processor.batch_decode(generated[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     return answers
@@ -70,10 +73,11 @@ def with_images_swapped(samples: list[dict], seed: int = 0) -> list[dict]:
 
 
 def evaluate_vqa(model, processor, dataset, limit: int | None = None, batch_size: int = 16, seed: int = 0,
-                 swap_images: bool = False) -> dict:
+                 swap_images: bool = False, num_visual_tokens: int | None = None) -> dict:
     """Exact-match accuracy overall and per question type, on a seeded subset of `dataset`.
 
     swap_images: show each question another sample's image (`with_images_swapped`): the question-only control.
+    num_visual_tokens: an elastic model's budget per image (default its largest).
     """
     model.eval()
     indices = evaluation_subset(dataset, limit, seed)
@@ -83,7 +87,7 @@ def evaluate_vqa(model, processor, dataset, limit: int | None = None, batch_size
     if swap_images:
         samples = with_images_swapped(samples, seed)
     started = time.perf_counter()
-    predictions = answer_questions(model, processor, samples, batch_size)
+    predictions = answer_questions(model, processor, samples, batch_size, num_visual_tokens=num_visual_tokens)
     seconds = time.perf_counter() - started
     correct, total = defaultdict(int), defaultdict(int)
     for sample, prediction in zip(samples, predictions):
@@ -101,9 +105,9 @@ def evaluate_vqa(model, processor, dataset, limit: int | None = None, batch_size
 
 
 @torch.no_grad()
-def prefill_seconds(model, processor, sample: dict, repeats: int = 10) -> float:
+def prefill_seconds(model, processor, sample: dict, repeats: int = 10, num_visual_tokens: int | None = None) -> float:
     """Median time of one prefill forward (batch 1) of `sample`'s prompt, after a warm-up."""
-    inputs = prompt_inputs(processor, [sample])
+    inputs = prompt_inputs(processor, [sample], num_visual_tokens)
     model.eval()
     model(**inputs, logits_to_keep=1)
     times = []
@@ -115,10 +119,12 @@ def prefill_seconds(model, processor, sample: dict, repeats: int = 10) -> float:
 
 
 def evaluate_checkpoint(model_dir, dataset_name: str = "easy-vqa", split: str = "test", limit: int | None = None,
-                        seed: int = 0, batch_size: int = 16, swap_images: bool = False) -> dict:
+                        seed: int = 0, batch_size: int = 16, swap_images: bool = False,
+                        num_visual_tokens: int | None = None) -> dict:
     """`leo-mini eval`: exact-match accuracy of a checkpoint on easy-vqa or a seeded mosaic set ("mosaic-2x2",
     "mosaic-3x3": questions about a cell; "object-2x2", "object-3x3": questions naming a tile by its content;
-    `limit` questions, default 400); prints the JSON result and a per-type table."""
+    `limit` questions, default 400), at `num_visual_tokens` per image (an elastic model's budget); prints the JSON
+    result and a per-type table."""
     import json
 
     from ..hub.checkpoint_folder import require_path
@@ -139,8 +145,9 @@ def evaluate_checkpoint(model_dir, dataset_name: str = "easy-vqa", split: str = 
         mosaics = {"mosaic": EasyVQAMosaicDataset, "object": ObjectNamedMosaicDataset}[dataset_name.split("-")[0]]
         dataset = mosaics(split, int(dataset_name[-1]), size=limit or 400, seed=seed)
         limit = None  # the seeded mosaic set is the sample
+    processor.budgets_per_text(num_visual_tokens, 1)  # a budget the model lacks is refused before any work
     result = evaluate_vqa(model, processor, dataset, limit=limit, batch_size=batch_size, seed=seed,
-                          swap_images=swap_images)
+                          swap_images=swap_images, num_visual_tokens=num_visual_tokens)
     print(json.dumps(result, indent=2))
     print("\n| question type | accuracy | questions |\n|---|---|---|")
     for kind, accuracy in result["per_type"].items():

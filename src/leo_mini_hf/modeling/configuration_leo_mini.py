@@ -58,7 +58,12 @@ class LeoMiniConfig(PreTrainedConfig):
         image_token_id (`int`): the image placeholder token; inside the LLM vocabulary.
         token_reduction: `"cotr"` (the paper), `"avg_pool"` (each expert's grid average-pooled to sqrt(N_V)²) or
             `"none"` (every expert resampled to `full_token_grid`², all tokens reach the LLM).
-        num_visual_tokens (`int`, default 64): N_V, tokens per image after reduction.
+        num_visual_tokens (`int`, default 64): N_V, tokens per image after reduction (with `cotr_budgets`: the
+            largest budget).
+        cotr_budgets (`list[int]`, optional): elastic CoTR. The visual-token budgets one checkpoint serves, strictly
+            increasing and ending at `num_visual_tokens` (e.g. `[1, 4, 16, 64]`); the first k queries are the budget-k
+            reducer, and the model reads each image's budget from the length of its block of image tokens (the
+            processor's `num_visual_tokens=k`). Default None: one fixed N_V.
         cotr_projection_dim (`int`, default 256): width of CoTR's learned projections.
         cotr_shared_query (`bool`, default False): one query set for all experts instead of one per expert.
         cotr_pooling (default `"mean"`): the self / cross terms pool the expert tokens by mean; `"sum"` is the
@@ -95,6 +100,7 @@ class LeoMiniConfig(PreTrainedConfig):
     image_token_id: int = 0
     token_reduction: Literal["cotr", "none", "avg_pool"] = "cotr"
     num_visual_tokens: int = 64
+    cotr_budgets: list | None = None
     cotr_projection_dim: int = 256
     cotr_shared_query: bool = False
     cotr_pooling: Literal["mean", "sum"] = "mean"
@@ -135,7 +141,8 @@ class LeoMiniConfig(PreTrainedConfig):
             self.image_std = list(IMAGENET_STANDARD_STD)
         if self.mmoe_target_modules is None:
             self.mmoe_target_modules = ["down_proj"]
-        for name in ("image_mean", "image_std", "mmoe_target_modules"):  # JSON gives lists; accept tuples alike
+        # JSON gives lists; accept tuples alike
+        for name in ("image_mean", "image_std", "mmoe_target_modules", "cotr_budgets"):
             if isinstance(getattr(self, name), tuple):
                 setattr(self, name, list(getattr(self, name)))
         if self.full_token_grid is None and self.vision_experts:
@@ -191,6 +198,8 @@ class LeoMiniConfig(PreTrainedConfig):
                              f"got {self.mmoe_top_k}")
         if self.token_reduction == "avg_pool" and round(self.num_visual_tokens**0.5) ** 2 != self.num_visual_tokens:
             raise ValueError(f"token_reduction='avg_pool' needs a square num_visual_tokens, got {self.num_visual_tokens}")
+        if self.cotr_budgets is not None:
+            self._validate_cotr_budgets()
         vocab_size = self.text_config.vocab_size
         if not 0 <= self.image_token_id < vocab_size:
             raise ValueError(f"`image_token_id` {self.image_token_id} is outside the LLM vocabulary "
@@ -202,9 +211,28 @@ class LeoMiniConfig(PreTrainedConfig):
         if min(self.image_std) <= 0:
             raise ValueError(f"`image_std` must be positive, got {self.image_std!r}")
 
+    def _validate_cotr_budgets(self):
+        budgets = self.cotr_budgets
+        if not budgets or not all(isinstance(k, int) and not isinstance(k, bool) for k in budgets):
+            raise TypeError(f"`cotr_budgets` must be a non-empty list of ints, got {budgets!r}")
+        if self.token_reduction != "cotr":
+            raise ValueError(f"`cotr_budgets` needs token_reduction='cotr' (nested queries), got "
+                             f"token_reduction={self.token_reduction!r}")
+        if budgets[0] < 1 or any(a >= b for a, b in zip(budgets, budgets[1:])):
+            raise ValueError(f"`cotr_budgets` must be positive and strictly increasing, got {budgets!r}")
+        if budgets[-1] != self.num_visual_tokens:
+            raise ValueError(f"The largest of `cotr_budgets` {budgets!r} must equal num_visual_tokens="
+                             f"{self.num_visual_tokens} (the number of queries)")
+
+    @property
+    def visual_token_budgets(self) -> list[int]:
+        """The tokens per image this model accepts: `cotr_budgets`, or `[num_image_tokens]` for a fixed N_V."""
+        return list(self.cotr_budgets) if self.cotr_budgets is not None else [self.num_image_tokens]
+
     @property
     def num_image_tokens(self) -> int:
-        """Tokens each image occupies in `input_ids`: N_V with CoTR or pooling, the full grid without reduction."""
+        """Tokens each image occupies in `input_ids` by default: N_V with CoTR (the largest budget of an elastic
+        model) or pooling, the full grid without reduction."""
         if self.token_reduction == "none":
             return self.full_token_grid**2
         return self.num_visual_tokens

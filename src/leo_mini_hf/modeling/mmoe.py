@@ -156,11 +156,13 @@ class MMoE:
             layer.reset_lora_parameters(init=init)
 
     @staticmethod
-    def routing_context(text_embeds, text_mask, image_features, images_per_sample) -> torch.Tensor:
+    def routing_context(text_embeds, text_mask, image_features, images_per_sample,
+                        tokens_per_image=None) -> torch.Tensor:
         """(B, 2d): mean prompt-text embedding ‖ mean visual token of the sample's images (zeros if none).
 
         text_embeds (B, T, d) and text_mask (B, T) as CoTR's; image_features (n_images, tokens, d) or None;
-        images_per_sample (B,) or None.
+        images_per_sample (B,) or None; tokens_per_image (n_images,): each image's rows (an elastic model's budgets;
+        the rows past them are zeros), or None when every image fills all rows.
         """
         text_mask = text_mask.unsqueeze(-1).to(text_embeds.dtype)
         text_mean = (text_embeds * text_mask).sum(dim=1) / text_mask.sum(dim=1).clamp(min=1)
@@ -169,7 +171,11 @@ class MMoE:
             sample_of_image = torch.repeat_interleave(
                 torch.arange(text_embeds.shape[0], device=text_embeds.device), images_per_sample
             )
-            per_image = image_features.mean(dim=1).to(text_mean.dtype)
+            if tokens_per_image is None:
+                per_image = image_features.mean(dim=1).to(text_mean.dtype)
+            else:
+                per_image = (image_features.sum(dim=1) / tokens_per_image.unsqueeze(-1).to(image_features)).to(
+                    text_mean.dtype)
             visual_mean = visual_mean.index_add(0, sample_of_image, per_image)
             visual_mean = visual_mean / images_per_sample.clamp(min=1).unsqueeze(-1).to(visual_mean.dtype)
         return torch.cat([text_mean, visual_mean], dim=-1)

@@ -3,6 +3,7 @@
 import functools
 import re
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -42,7 +43,8 @@ def accepts_either_cache_name(forward):
 class LeoMiniModelOutputWithPast(BaseModelOutputWithPast):
     """
     last_hidden_state (B, T, d); cache (`past_key_values` before transformers 5.24): the LLM's `Cache`;
-    image_hidden_states (n_images, tokens_per_image, d): projected visual tokens that entered the LLM;
+    image_hidden_states (n_images, tokens_per_image, d): projected visual tokens that entered the LLM (a batch that
+        mixes budgets of an elastic model: image j fills its first k_j rows, the rest are zeros);
     routing_context (B, 2d): pooled prompt text ‖ pooled visual tokens, carried across decode steps;
     aux_loss: MMoE load-balancing loss (unweighted), when routed experts ran.
     """
@@ -59,6 +61,48 @@ class LeoMiniCausalLMOutputWithPast(CausalLMOutputWithPast):
     image_hidden_states: torch.Tensor | None = None
     routing_context: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
+
+
+class ImageTokenBlocks(NamedTuple):
+    """How the images of a batch sit in `input_ids`: images_per_sample (B,) and tokens_per_image (n_images,), in the
+    order the images' placeholders appear (row by row)."""
+
+    images_per_sample: torch.LongTensor
+    tokens_per_image: torch.LongTensor
+
+
+def image_token_runs(input_ids: torch.LongTensor, image_token_id: int) -> tuple[torch.LongTensor, torch.LongTensor]:
+    """Maximal runs of consecutive image tokens, row by row: (row index (R,), run length (R,))."""
+    is_image = nn.functional.pad((input_ids == image_token_id).to(torch.int8), (1, 1))
+    edges = is_image[:, 1:] - is_image[:, :-1]  # +1 where a run starts, -1 just after it ends
+    starts, ends = (edges == 1).nonzero(), (edges == -1).nonzero()  # row-major order: run r starts and ends
+    return starts[:, 0], ends[:, 1] - starts[:, 1]
+
+
+def block_budgets(lengths: list[int], budgets: list[int], num_images: int) -> list[int]:
+    """The budget k of each block of image tokens (a block of L tokens holds L / k adjacent images of budget k) such
+    that the blocks hold `num_images` images in all. Raises a `ValueError` when no reading or more than one fits."""
+    # readings[r][c]: how many ways (capped at 2) the first r blocks hold c images, and one budget list that does
+    readings = [{0: (1, [])}]
+    for length in lengths:
+        extended = {}
+        for count, (ways, chosen) in readings[-1].items():
+            for budget in budgets:
+                total = count + length // budget
+                if length % budget or total > num_images:
+                    continue
+                previous = extended.get(total, (0, None))
+                extended[total] = (min(2, previous[0] + ways), previous[1] or chosen + [budget])
+        readings.append(extended)
+    ways, chosen = readings[-1].get(num_images, (0, None))
+    if ways == 1:
+        return chosen
+    problem = "cannot hold" if ways == 0 else "can hold in more than one way"
+    raise ValueError(
+        f"Image tokens and images do not match: input_ids hold blocks of {lengths} image tokens, which {problem} "
+        f"{num_images} image(s) at this model's budgets {budgets}. Each image needs a block of one budget's length; "
+        "put text between adjacent images whose budgets could be read another way."
+    )
 
 
 class LeoMiniMultiModalProjector(nn.Module):
@@ -174,39 +218,76 @@ class LeoMiniModel(LeoMiniPreTrainedModel):
     def set_input_embeddings(self, value):
         self.language_model.set_input_embeddings(value)
 
-    def get_image_features(self, pixel_values: torch.Tensor, text_sum: torch.Tensor | None = None) -> torch.Tensor:
+    def get_image_features(self, pixel_values: torch.Tensor, text_sum: torch.Tensor | None = None,
+                           tokens_per_image: torch.LongTensor | None = None) -> torch.Tensor:
         """
         pixel_values (n_images, 3, S, S) as `LeoMiniImageProcessor` makes them; text_sum (n_images, d): the sum of
-        each image's prompt text embeddings (`prompt_text_sum`; zeros if None). Returns the projected visual tokens
-        (n_images, num_image_tokens, d).
+        each image's prompt text embeddings (`prompt_text_sum`; zeros if None); tokens_per_image (n_images,): each
+        image's budget k, one of `config.visual_token_budgets` (default: `num_image_tokens` for every image).
+        Returns the projected visual tokens (n_images, max k, d); image j fills its first k_j rows, the rest are zeros.
         """
         expert_features = [expert(pixel_values) for expert in self.vision_experts]  # (n, N_i, d_i)
         if text_sum is None:
             text_sum = pixel_values.new_zeros(pixel_values.shape[0], self.config.text_config.hidden_size)
-        reduced = self.token_reducer(expert_features, text_sum.to(expert_features[0].dtype))  # (n, N_V, Σ d_i)
-        return self.multi_modal_projector(reduced)
+        text_sum = text_sum.to(expert_features[0].dtype)
+        if tokens_per_image is None:
+            return self.multi_modal_projector(self.token_reducer(expert_features, text_sum))  # (n, N_V, d)
+        budgets = tokens_per_image.unique().tolist()
+        if len(tokens_per_image) != len(pixel_values) or not set(budgets) <= set(self.config.visual_token_budgets):
+            raise ValueError(f"tokens_per_image must hold one of {self.config.visual_token_budgets} per image "
+                             f"({len(pixel_values)} images), got {tokens_per_image.tolist()}")
+        if budgets == [self.config.num_image_tokens]:  # one fixed N_V, or every image at the largest budget
+            return self.multi_modal_projector(self.token_reducer(expert_features, text_sum))
+        image_features = None
+        for budget in budgets:  # the images of each budget reduce together, with that budget's first k queries
+            index = (tokens_per_image == budget).nonzero().squeeze(1)
+            reduced = self.token_reducer([features[index] for features in expert_features], text_sum[index], budget)
+            projected = self.multi_modal_projector(reduced)  # (n_k, k, d)
+            if image_features is None:
+                image_features = projected.new_zeros(len(pixel_values), max(budgets), projected.shape[-1])
+            image_features[index, :budget] = projected
+        return image_features
 
-    def merge_image_features(self, input_ids, inputs_embeds, image_features) -> torch.Tensor:
-        """The visual tokens (n_images, tokens_per_image, d) in place of the image placeholders of inputs_embeds."""
+    def merge_image_features(self, input_ids, inputs_embeds, image_features,
+                             tokens_per_image: torch.LongTensor | None = None) -> torch.Tensor:
+        """The visual tokens (n_images, tokens_per_image, d) in place of the image placeholders of inputs_embeds;
+        with tokens_per_image (n_images,), only the first k_j rows of image j (a mixed-budget batch)."""
+        if tokens_per_image is not None and (tokens_per_image != image_features.shape[1]).any():
+            rows = torch.arange(image_features.shape[1], device=image_features.device)
+            image_features = image_features[rows < tokens_per_image.to(image_features.device).unsqueeze(1)]
         placeholder_mask = (input_ids == self.config.image_token_id).unsqueeze(-1)  # (B, T, 1)
         return inputs_embeds.masked_scatter(placeholder_mask, image_features.to(inputs_embeds.device,
                                                                                  inputs_embeds.dtype))
 
-    def images_per_sample(self, input_ids: torch.LongTensor, num_images: int) -> torch.LongTensor:
-        """(B,) number of images each row holds, checked against the placeholder tokens and `num_images`."""
-        tokens_per_image = self.config.num_image_tokens
-        image_tokens = (input_ids == self.config.image_token_id).sum(dim=1)
-        if (image_tokens % tokens_per_image).any() or image_tokens.sum() != num_images * tokens_per_image:
-            raise ValueError(
-                f"Image tokens and images do not match: input_ids hold {image_tokens.tolist()} image tokens per "
-                f"row, but {num_images} image(s) need exactly {tokens_per_image} tokens each "
-                f"({num_images * tokens_per_image} in total)"
-            )
-        return image_tokens // tokens_per_image
+    def image_token_blocks(self, input_ids: torch.LongTensor, num_images: int) -> ImageTokenBlocks:
+        """Which row holds each image and at how many tokens, read from input_ids' blocks of image tokens and checked
+        against `num_images`. A fixed-N_V model needs N_V tokens per image. An elastic one (`cotr_budgets`) reads
+        each block's budget from its length: a block of L consecutive image tokens is L / k adjacent images of budget
+        k, with the k of every block fixed by the image count (`block_budgets`)."""
+        budgets = self.config.visual_token_budgets
+        if len(budgets) == 1:
+            tokens_per_image = budgets[0]
+            image_tokens = (input_ids == self.config.image_token_id).sum(dim=1)
+            if (image_tokens % tokens_per_image).any() or image_tokens.sum() != num_images * tokens_per_image:
+                raise ValueError(
+                    f"Image tokens and images do not match: input_ids hold {image_tokens.tolist()} image tokens per "
+                    f"row, but {num_images} image(s) need exactly {tokens_per_image} tokens each "
+                    f"({num_images * tokens_per_image} in total)"
+                )
+            images_per_sample = image_tokens // tokens_per_image
+            return ImageTokenBlocks(images_per_sample, torch.full((num_images,), tokens_per_image,
+                                                                  device=input_ids.device))
+        rows, lengths = image_token_runs(input_ids, self.config.image_token_id)
+        run_budgets = block_budgets(lengths.tolist(), budgets, num_images)
+        images_in_run = lengths.cpu() // torch.tensor(run_budgets, dtype=torch.long)
+        images_per_sample = torch.zeros(input_ids.shape[0], dtype=torch.long).index_add_(0, rows.cpu(), images_in_run)
+        tokens_per_image = torch.tensor(run_budgets, dtype=torch.long).repeat_interleave(images_in_run)
+        return ImageTokenBlocks(images_per_sample.to(input_ids.device), tokens_per_image.to(input_ids.device))
 
     def _validate_inputs(self, input_ids, inputs_embeds, pixel_values, image_features, cache, attention_mask=None,
                          labels=None) -> torch.Tensor | None:
-        """Every check of a forward's inputs, in one place; returns images_per_sample (B,), or None without images.
+        """Every check of a forward's inputs, in one place; returns the images' `ImageTokenBlocks`, or None without
+        images.
         Checks that read tensor values (and so wait for the device) run at prefill, never on a cached decode step."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds")
@@ -246,7 +327,13 @@ class LeoMiniModel(LeoMiniPreTrainedModel):
             if images is None and (input_ids == self.config.image_token_id).any():
                 raise ValueError(f"input_ids hold image tokens (id {self.config.image_token_id}) but no pixel_values "
                                  "were given: pass the images, or drop their placeholders")
-        return None if images is None else self.images_per_sample(input_ids, images.shape[0])
+        if images is None:
+            return None
+        blocks = self.image_token_blocks(input_ids, images.shape[0])
+        if image_features is not None and image_features.shape[1] < int(blocks.tokens_per_image.max()):
+            raise ValueError(f"image_features hold {image_features.shape[1]} tokens per image, but input_ids have "
+                             f"blocks of up to {int(blocks.tokens_per_image.max())}")
+        return blocks
 
     def _validate_pixel_values(self, pixel_values) -> None:
         if not isinstance(pixel_values, torch.Tensor):
@@ -284,8 +371,13 @@ class LeoMiniModel(LeoMiniPreTrainedModel):
         routing_context (B, 2d): MMoE routing context from the prefill; computed here when None.
         cache: the LLM's KV `Cache` (`past_key_values` is accepted too: its name before transformers 5.24).
         """
-        images_per_sample = self._validate_inputs(input_ids, inputs_embeds, pixel_values, image_features, cache,
-                                                  attention_mask, labels)
+        image_blocks = self._validate_inputs(input_ids, inputs_embeds, pixel_values, image_features, cache,
+                                             attention_mask, labels)
+        images_per_sample = tokens_per_image = None
+        if image_blocks is not None:
+            images_per_sample = image_blocks.images_per_sample
+            if self.config.cotr_budgets is not None:  # elastic: each image at the budget its block says
+                tokens_per_image = image_blocks.tokens_per_image
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)  # (B, T, d)
         text_embeds = inputs_embeds  # before the visual tokens are merged in
@@ -293,12 +385,13 @@ class LeoMiniModel(LeoMiniPreTrainedModel):
 
         if pixel_values is not None:
             text_sum = prompt_text_sum(text_embeds, text_mask).repeat_interleave(images_per_sample, dim=0)
-            image_features = self.get_image_features(pixel_values, text_sum)
+            image_features = self.get_image_features(pixel_values, text_sum, tokens_per_image)
         if image_features is not None:
-            inputs_embeds = self.merge_image_features(input_ids, inputs_embeds, image_features)
+            inputs_embeds = self.merge_image_features(input_ids, inputs_embeds, image_features, tokens_per_image)
 
         if routing_context is None:  # at prefill; decoding steps carry the prefill's
-            routing_context = self.mmoe.routing_context(text_embeds, text_mask, image_features, images_per_sample)
+            routing_context = self.mmoe.routing_context(text_embeds, text_mask, image_features, images_per_sample,
+                                                        tokens_per_image)
         routing = self.mmoe.route(routing_context, attention_mask, inputs_embeds.shape[1])
         outputs = self.language_model(
             attention_mask=attention_mask,
@@ -338,8 +431,9 @@ class LeoMiniForConditionalGeneration(LeoMiniPreTrainedModel, GenerationMixin):
     def get_output_embeddings(self) -> nn.Module:
         return self.lm_head
 
-    def get_image_features(self, pixel_values: torch.Tensor, text_sum: torch.Tensor | None = None) -> torch.Tensor:
-        return self.model.get_image_features(pixel_values, text_sum)
+    def get_image_features(self, pixel_values: torch.Tensor, text_sum: torch.Tensor | None = None,
+                           tokens_per_image: torch.LongTensor | None = None) -> torch.Tensor:
+        return self.model.get_image_features(pixel_values, text_sum, tokens_per_image)
 
     @accepts_either_cache_name
     def forward(
@@ -416,7 +510,8 @@ class LeoMiniForConditionalGeneration(LeoMiniPreTrainedModel, GenerationMixin):
         (the default `repeat_interleave` on `pixel_values` mis-assigns images when a prompt has several)."""
         pixel_values = model_kwargs.pop("pixel_values", None)
         if pixel_values is not None and expand_size > 1 and input_ids is not None:
-            images_per_sample = self.model._validate_inputs(input_ids, None, pixel_values, None, None).tolist()
+            image_blocks = self.model._validate_inputs(input_ids, None, pixel_values, None, None)
+            images_per_sample = image_blocks.images_per_sample.tolist()
             groups = pixel_values.split(images_per_sample)
             pixel_values = torch.cat([group for group in groups for _ in range(expand_size)])
         input_ids, model_kwargs = super()._expand_inputs_for_generation(

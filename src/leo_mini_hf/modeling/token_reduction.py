@@ -17,6 +17,8 @@ With `cotr_pooling="mean"` each visual Σ is divided by its number of tokens (th
 with `cotr_position_embedding` a learned P_i (N_i × p) is added to Î_i. `cotr_score_scaling` sets each term's factor
 (`term_scales`); with "cosine" every vector is L2-normalised first. Every pooled term sums first, so the cost is
 O(N·d): no N × N matrix is ever formed. `tests/test_token_reduction.py` checks this against the literal equations.
+Elastic CoTR (`cotr_budgets`): the queries are nested, so the budget-k reducer is the first k query rows Q̂_i[:k]; each
+query row's softmax is independent of the others, so budget k's tokens are the first k of the full budget's.
 """
 
 import math
@@ -143,8 +145,11 @@ class ConditionalTokenReduction(nn.Module):
             return self.queries.new_full((len(SCORE_TERMS),), math.sqrt(inverse_dim))
         return self.log_score_scales[expert_index].exp().clamp(max=MAX_COSINE_SCALE)  # cosine: learned τ per term
 
-    def expert_attention(self, expert_features: list[torch.Tensor], text_sum: torch.Tensor) -> list[torch.Tensor]:
-        """Softmax weights α_i per expert: list of (n_images, N_V, N_i)."""
+    def expert_attention(self, expert_features: list[torch.Tensor], text_sum: torch.Tensor,
+                         num_tokens: int | None = None) -> list[torch.Tensor]:
+        """Softmax weights α_i per expert: list of (n_images, k, N_i), k = `num_tokens` (default N_V): the first k
+        queries."""
+        num_tokens = self.queries.shape[1] if num_tokens is None else num_tokens
         normalise = F.normalize if self.score_scaling == "cosine" else (lambda vectors, dim: vectors)
         projected = [proj(features) for proj, features in zip(self.visual_projections, expert_features)]  # (n, N_i, p)
         if self.position_embeddings is not None:
@@ -153,31 +158,34 @@ class ConditionalTokenReduction(nn.Module):
         pooled_all_experts = torch.stack(pooled).sum(dim=0)  # (n, p)
         weights = []
         for i, tokens in enumerate(projected):
-            query = self.queries[min(i, self.queries.shape[0] - 1)]  # Q̂_i: (N_V, p)
+            query = self.queries[min(i, self.queries.shape[0] - 1), :num_tokens]  # Q̂_i: (k, p)
             pooled_terms = [pooled[i], pooled_all_experts - pooled[i]]  # self Σ Î_i, cross Σ_{j≠i} Î_j: (n, p) each
             if self.text_projections is not None:
                 pooled_terms.append(self.text_projections[i](text_sum))  # text Σ_t T̂_t = Ŵ(Σ_t T_t)
             scales = self.term_scales(i)
             tokens = normalise(tokens, dim=-1)
-            s_query = scales[0] * torch.einsum("qp,nkp->nqk", normalise(query, dim=-1), tokens)  # (n, N_V, N_i)
+            s_query = scales[0] * torch.einsum("qp,nkp->nqk", normalise(query, dim=-1), tokens)  # (n, k, N_i)
             # s_self + s_cross + s_text in one product: Σ_term c_term (u_term · Î_i,n) = (Σ_term c_term u_term) · Î_i,n
             pooled_vector = sum(scale * normalise(term, dim=-1) for scale, term in zip(scales[1:], pooled_terms))
             s_pooled = torch.einsum("np,nkp->nk", pooled_vector, tokens).unsqueeze(1)  # (n, 1, N_i)
-            scores = s_query + s_pooled  # (n, N_V, N_i); the softmax runs in float32 in a half-precision model
+            scores = s_query + s_pooled  # (n, k, N_i); the softmax runs in float32 in a half-precision model
             softmax_dtype = torch.promote_types(scores.dtype, torch.float32)
             weights.append(scores.to(softmax_dtype).softmax(dim=-1).to(scores.dtype))
         return weights
 
-    def forward(self, expert_features: list[torch.Tensor], text_sum: torch.Tensor) -> torch.Tensor:
+    def forward(self, expert_features: list[torch.Tensor], text_sum: torch.Tensor,
+                num_tokens: int | None = None) -> torch.Tensor:
         """
         expert_features: per expert (n_images, N_i, d_i); text_sum: (n_images, d_text), the sum of the text-token
-        embeddings of each image's prompt (`prompt_text_sum`).
-        Returns (n_images, N_V, Σ d_i), experts concatenated channel-wise, in CoTR's own dtype (float32 in a float16
+        embeddings of each image's prompt (`prompt_text_sum`); num_tokens: the budget k ≤ N_V (default N_V).
+        Returns (n_images, k, Σ d_i), experts concatenated channel-wise, in CoTR's own dtype (float32 in a float16
         load, where the inputs are upcast).
         """
+        if num_tokens is not None and not 1 <= num_tokens <= self.queries.shape[1]:
+            raise ValueError(f"CoTR has {self.queries.shape[1]} queries; cannot reduce to {num_tokens} tokens")
         dtype = self.queries.dtype
         expert_features = [features.to(dtype) for features in expert_features]
-        weights = self.expert_attention(expert_features, text_sum.to(dtype))
+        weights = self.expert_attention(expert_features, text_sum.to(dtype), num_tokens)
         reduced = [torch.bmm(alpha, features) for alpha, features in zip(weights, expert_features)]
         return torch.cat(reduced, dim=-1)
 

@@ -41,14 +41,17 @@ class LeoMiniProcessor(ProcessorMixin):
     r"""
     Args:
         image_processor (`LeoMiniImageProcessor`), tokenizer (a fast tokenizer holding `image_token` as a special
-        token), chat_template (`str`), num_image_tokens (`int`): tokens per image in `input_ids` (the model's
-        `config.num_image_tokens`: N_V with CoTR); image_token (`str`): the placeholder, default `"<image>"`.
+        token), chat_template (`str`), num_image_tokens (`int`): tokens per image in `input_ids` by default (the
+        model's `config.num_image_tokens`: N_V with CoTR); image_token (`str`): the placeholder, default `"<image>"`;
+        visual_token_budgets (`list[int]`, optional): an elastic model's `cotr_budgets`, the values
+        `num_visual_tokens=k` may take per call (None: only `num_image_tokens`).
     """
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, num_image_tokens=64,
-                 image_token="<image>"):
+                 image_token="<image>", visual_token_budgets=None):
         self.num_image_tokens = num_image_tokens
         self.image_token = image_token
+        self.visual_token_budgets = list(visual_token_budgets) if visual_token_budgets is not None else None
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
         if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
@@ -67,11 +70,14 @@ class LeoMiniProcessor(ProcessorMixin):
             return [list(item) for item in images]
         return [list(images)]
 
-    def __call__(self, images=None, text=None, videos=None, audio=None, return_tensors=None, **kwargs) -> BatchFeature:
+    def __call__(self, images=None, text=None, videos=None, audio=None, return_tensors=None, num_visual_tokens=None,
+                 **kwargs) -> BatchFeature:
         """
         text: str or list of str, with one `image_token` per image; images: one image, a list (assigned to the
         placeholders in order), or one list per text. videos / audio (or audios): None or empty, as generic callers
-        pass them. Returns input_ids, attention_mask and, with images, pixel_values (n_images, 3, S, S).
+        pass them. num_visual_tokens: an elastic model's budget k for every image, or a list with one k per text
+        (each one of `visual_token_budgets`; default `num_image_tokens`). Returns input_ids, attention_mask and, with
+        images, pixel_values (n_images, 3, S, S).
         """
         for name, media in (("videos", videos), ("audio", audio), ("audios", kwargs.pop("audios", None))):
             if not _is_empty_media(media):
@@ -103,6 +109,7 @@ class LeoMiniProcessor(ProcessorMixin):
                 "in generate_kwargs={...} (e.g. generate_kwargs={'do_sample': False})"
             )
 
+        budgets = self.budgets_per_text(num_visual_tokens, len(texts))
         placeholders = [t.count(self.image_token) for t in texts]
         grouped = self._group_images(images, len(texts))
         num_images = 0 if grouped is None else sum(len(group) for group in grouped)
@@ -113,13 +120,13 @@ class LeoMiniProcessor(ProcessorMixin):
                 f"(per text: {placeholders}) but {num_images} image(s) were given"
             )
 
-        expanded, replacement_offsets = zip(*(self.expand_image_placeholders(t) for t in texts))
+        expanded, replacement_offsets = zip(*(self.expand_image_placeholders(t, k) for t, k in zip(texts, budgets)))
         encoding = self.tokenizer(list(expanded), **text_kwargs)
-        for row, (ids, count) in enumerate(zip(encoding["input_ids"], placeholders)):
+        for row, (ids, count, budget) in enumerate(zip(encoding["input_ids"], placeholders, budgets)):
             found = sum(1 for token in ids if token == self.image_token_id)
-            if found != count * self.num_image_tokens:
+            if found != count * budget:
                 raise ValueError(
-                    f"Text {row} should hold {count} x {self.num_image_tokens} image tokens after tokenisation but "
+                    f"Text {row} should hold {count} x {budget} image tokens after tokenisation but "
                     f"holds {found}: truncation (max_length) cut into an image, or the text contains the image "
                     "token itself. Raise max_length or shorten the text."
                 )
@@ -131,9 +138,30 @@ class LeoMiniProcessor(ProcessorMixin):
             data.update(self.image_processor(flat_images, return_tensors=None, **images_kwargs))
         return BatchFeature(data=data, tensor_type=return_tensors, skip_tensor_conversion=["text_replacement_offsets"])
 
-    def expand_image_placeholders(self, text: str) -> tuple[str, list[dict]]:
-        """Each placeholder → `num_image_tokens` image tokens; also returns where each one was (char spans)."""
-        replacement = self.image_token * self.num_image_tokens
+    def budgets_per_text(self, num_visual_tokens, num_texts: int) -> list[int]:
+        """`num_visual_tokens` (None, an int, or one int per text) → the image tokens per image of each text, each
+        checked against the model's budgets."""
+        allowed = self.visual_token_budgets or [self.num_image_tokens]
+        if num_visual_tokens is None:
+            return [self.num_image_tokens] * num_texts
+        per_text = num_visual_tokens
+        if not isinstance(num_visual_tokens, (list, tuple)):
+            per_text = [num_visual_tokens] * num_texts
+        if len(per_text) != num_texts:
+            raise ValueError(f"num_visual_tokens has {len(per_text)} values for {num_texts} text(s)")
+        for budget in per_text:
+            if isinstance(budget, bool) or not isinstance(budget, int):
+                raise TypeError(f"num_visual_tokens must be an int or a list of ints, got {num_visual_tokens!r}")
+            if budget not in allowed:
+                kind = "budgets are" if self.visual_token_budgets else "fixed N_V is"
+                raise ValueError(f"num_visual_tokens={budget} is not one of this model's visual-token budgets: its "
+                                 f"{kind} {allowed}")
+        return list(per_text)
+
+    def expand_image_placeholders(self, text: str, num_visual_tokens: int | None = None) -> tuple[str, list[dict]]:
+        """Each placeholder → `num_visual_tokens` (default `num_image_tokens`) image tokens; also returns where each
+        one was (char spans)."""
+        replacement = self.image_token * (num_visual_tokens or self.num_image_tokens)
         pieces, offsets, position, gained = [], [], 0, 0
         while (start := text.find(self.image_token, position)) != -1:
             end = start + len(self.image_token)

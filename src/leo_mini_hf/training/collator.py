@@ -15,9 +15,12 @@ class LeoMiniDataCollator:
 
     processor: object
     max_length: int | None = None
+    num_visual_tokens: int | None = None  # an elastic model's budget for every batch (default: its largest)
 
     def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
         processor_kwargs = {"padding": True, "padding_side": "right"}
+        if self.num_visual_tokens is not None:
+            processor_kwargs["num_visual_tokens"] = self.num_visual_tokens
         if self.max_length is not None:
             processor_kwargs.update(truncation=True, max_length=self.max_length)
         try:

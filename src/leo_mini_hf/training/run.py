@@ -30,6 +30,11 @@ class TrainScriptArguments:
     skip_bad_records: bool = field(default=False, metadata={"help": "skip (and report) malformed records"})
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "write into a non-empty --output_dir (never into the --model folder)"})
+    budget_weights: str | None = field(
+        default=None,
+        metadata={"help": "elastic models (cotr_budgets): comma-separated sampling weights, one per budget, e.g. "
+                          "'1,1,2' (default: uniform); each optimizer step trains at one drawn budget"},
+    )
     feature_cache_dir: str | None = field(
         default=None,
         metadata={"help": "cache the frozen vision experts' outputs in this folder and reuse them across epochs and "
@@ -75,8 +80,16 @@ def run_training(argv: list[str]) -> None:
     if script.feature_cache_dir:
         feature_cache = VisionFeatureCache(script.feature_cache_dir)
         feature_cache.attach(model)
+    budget_weights = None
+    if script.budget_weights is not None:
+        try:
+            budget_weights = [float(weight) for weight in script.budget_weights.split(",")]
+        except ValueError as error:
+            raise ValueError(f"--budget_weights must be comma-separated numbers, got {script.budget_weights!r}") \
+                from error
     trainer = LeoMiniTrainer(model=model, args=training, train_dataset=dataset,
-                             data_collator=LeoMiniDataCollator(processor, script.max_length), processing_class=processor)
+                             data_collator=LeoMiniDataCollator(processor, script.max_length),
+                             processing_class=processor, budget_weights=budget_weights)
     trainer.train(resume_from_checkpoint=training.resume_from_checkpoint)
     if feature_cache is not None:
         feature_cache.detach(model)

@@ -6,6 +6,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from ..hub.checkpoint_folder import add_remote_code
+from .elastic import BudgetSchedule, keep_visual_tokens
 
 
 class SaveRemoteCodeCallback(TrainerCallback):
@@ -26,10 +27,21 @@ def logits_to_keep_for_labels(labels: torch.Tensor) -> int:
 
 class LeoMiniTrainer(Trainer):
     """Adds `aux_loss` (the unweighted MMoE load-balancing loss, mean since the last log) to the logs; training
-    steps compute logits only from the first labelled position on (the loss is unchanged)."""
+    steps compute logits only from the first labelled position on (the loss is unchanged).
 
-    def __init__(self, *args, **kwargs):
+    An elastic model (`config.cotr_budgets`) trains each optimizer step at one budget drawn from its budgets, with
+    probabilities ∝ `budget_weights` (uniform by default), seeded by `args.seed` and the step (`BudgetSchedule`); the
+    batches come from the collator at the largest budget and keep the first k tokens of each image.
+    """
+
+    def __init__(self, *args, budget_weights: list[float] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        config = self.model.config
+        self.budget_schedule = None
+        if getattr(config, "cotr_budgets", None) is not None:
+            self.budget_schedule = BudgetSchedule(config.cotr_budgets, budget_weights, seed=self.args.seed)
+        elif budget_weights is not None:
+            raise ValueError("budget_weights need an elastic model: its config has no cotr_budgets")
         if self.args.fsdp and not self.is_fsdp_enabled:
             warnings.warn(
                 f"FSDP was requested but accelerate runs {self.accelerator.distributed_type.value} here (FSDP needs "
@@ -39,7 +51,25 @@ class LeoMiniTrainer(Trainer):
         self.add_callback(SaveRemoteCodeCallback())
         self._aux_loss_sum, self._aux_loss_count = 0.0, 0
 
+    def step_budget(self) -> int | None:
+        """This optimizer step's visual-token budget (elastic models), else None."""
+        return None if self.budget_schedule is None else self.budget_schedule.budget(self.state.global_step)
+
+    def _pad_token_id(self) -> int:
+        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+        pad_token_id = getattr(tokenizer, "pad_token_id", None)
+        if pad_token_id is None:
+            pad_token_id = self.model.config.text_config.pad_token_id
+        if pad_token_id is None:
+            raise ValueError("Elastic training re-pads batches: pass processing_class= the processor (its tokenizer "
+                             "needs a pad token) or set text_config.pad_token_id")
+        return pad_token_id
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if model.training and self.budget_schedule is not None:
+            config = self.model.config
+            inputs = keep_visual_tokens(inputs, self.step_budget(), config.num_image_tokens, config.image_token_id,
+                                        self._pad_token_id())
         if model.training and inputs.get("labels") is not None and "logits_to_keep" not in inputs:
             # the same loss, without the vocabulary projection of the prompt positions (~20% of a step's compute
             # with SmolLM2's 49k vocabulary); evaluation keeps every position's logits for metrics
