@@ -9,11 +9,14 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 from transformers import TrainerCallback
 
+from leo_mini_hf.easyvqa.evaluation import prompt_inputs
 from leo_mini_hf.easyvqa.mosaic import CELL_NAMES
+from leo_mini_hf.easyvqa.object_named import ObjectNamedMosaicDataset
 from leo_mini_hf.modeling.token_reduction import prompt_text_mask, prompt_text_sum
-from leo_mini_hf.training.adapter_weights import load_adapter_weights, trained_parameter_names
+from leo_mini_hf.training.adapter_weights import load_adapter_weights, sha256_of, trained_parameter_names
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,10 +83,12 @@ class TrainingTimer(TrainerCallback):
                                                             "seconds": self.total_seconds()}))
 
 
-def train_resumably(model, processor, train_set, run_dir: Path, args, label: str, callbacks=()) -> tuple:
+def train_resumably(model, processor, train_set, run_dir: Path, args, label: str, callbacks=(),
+                    budget_weights=None) -> tuple:
     """Stage-3 training of one row (`args`: steps, batch_size, learning_rate, seed, checkpoint_steps): cosine
     schedule, 10% warm-up, a resumable checkpoint every `checkpoint_steps` (resumed from the last complete one), and
-    the checkpoints removed once done. Returns (trainer, training seconds summed over resumed runs)."""
+    the checkpoints removed once done; an elastic model draws a budget per step (`budget_weights`, default uniform).
+    Returns (trainer, training seconds summed over resumed runs)."""
     from leo_mini_hf.training.collator import LeoMiniDataCollator
     from leo_mini_hf.training.trainer import LeoMiniTrainer, default_training_arguments
 
@@ -97,7 +102,8 @@ def train_resumably(model, processor, train_set, run_dir: Path, args, label: str
     )
     timer = TrainingTimer()
     trainer = LeoMiniTrainer(model=model, args=training, train_dataset=train_set, callbacks=[timer, *callbacks],
-                             data_collator=LeoMiniDataCollator(processor), processing_class=processor)
+                             data_collator=LeoMiniDataCollator(processor), processing_class=processor,
+                             budget_weights=budget_weights)
     checkpoint = TrainingTimer.last_complete_checkpoint(run_dir)
     if checkpoint is not None:
         timer.resume_from(checkpoint)
@@ -175,3 +181,94 @@ def steering_of(shares: torch.Tensor) -> dict:
     return {"named_cell_share": named.mean().item(), "share_when_other_cell_asked": others.mean().item(),
             "largest_cell_share": shares.amax(dim=-1).mean().item(), "steering": steering_per_mosaic.mean().item(),
             "steering_std_error": (steering_per_mosaic.std() / len(shares) ** 0.5).item()}
+
+
+# ---- object-named mosaics (object_named.py, elastic.py): warm start, the named-cell share, standard errors ------
+
+DEMO_WEIGHTS = ROOT / "src" / "leo_mini_hf" / "assets" / "leo-mini-smol-easyvqa.safetensors"
+WARM_PARTS = {"projector+mmoe": {"projector", "mmoe_general_lora", "mmoe_routed_lora", "mmoe_routers"}}
+WARM_PARTS["reducer"] = WARM_PARTS["projector+mmoe"] | {"token_reducer"}
+GRIDS = (2, 3)
+
+
+def warm_start(model, parts: set[str]) -> dict:
+    """Copy the demo weights of `parts` into the model (CoTR queries: the first k of the demo's 16). Returns which
+    trained parameters started warm and which fresh."""
+    expected = DEMO_WEIGHTS.with_suffix(".sha256").read_text().split()[0]
+    if sha256_of(DEMO_WEIGHTS) != expected:
+        raise ValueError(f"{DEMO_WEIGHTS} does not match its checksum")
+    demo = load_file(str(DEMO_WEIGHTS))
+    model_parts, model_state = model.parameter_parts(), model.state_dict()
+    warm = {}
+    for name, part in model_parts.items():
+        if part not in parts or name not in demo:
+            continue
+        tensor = demo[name]
+        if name.endswith("token_reducer.queries"):
+            tensor = tensor[:, : model_state[name].shape[1]]  # nested: the first k queries
+        if tensor.shape != model_state[name].shape:
+            raise ValueError(f"demo weight {name} {tuple(tensor.shape)} does not fit {tuple(model_state[name].shape)}")
+        warm[name] = tensor.to(model_state[name].dtype)
+    model.load_state_dict(warm, strict=False)
+    trained = {name for name, part in model_parts.items() if part in WARM_PARTS["reducer"]}
+    fresh = sorted(trained - set(warm))
+    return {"warm_parts": sorted(parts), "warm_parameters": len(warm), "fresh_parameters": fresh}
+
+
+@torch.no_grad()
+def named_cell_shares(model, samples: list[dict], processor, grid: int, num_visual_tokens: int | None = None) -> dict:
+    """CoTR's attention share (first expert, mean over the queries) on the named tile's cell, per question type,
+    for samples that name a tile; with the cell's share of the expert's tokens (what uniform attention gives it).
+    num_visual_tokens: an elastic model's budget (its first k queries)."""
+    samples = [sample for sample in samples if sample["named_cell"] is not None]
+    inner = model.model
+    cells = token_cells(inner.vision_experts[0].num_tokens, grid)
+    token_share = torch.bincount(cells, minlength=grid**2).float() / len(cells)
+    by_type: dict[str, list[tuple[float, float]]] = {}
+    for start in range(0, len(samples), 16):
+        batch = samples[start:start + 16]
+        inputs = prompt_inputs(processor, batch, num_visual_tokens)
+        features = [expert(inputs["pixel_values"]) for expert in inner.vision_experts]
+        weights = inner.token_reducer.expert_attention(features, prompt_text_sums(model, inputs), num_visual_tokens)[0]
+        shares = cell_share(weights, cells, grid)
+        for sample, share in zip(batch, shares):
+            cell = sample["named_cell"]
+            by_type.setdefault(sample["question_type"], []).append((share[cell].item(), token_share[cell].item()))
+    result = {}
+    for kind, pairs in sorted(by_type.items()):
+        named = torch.tensor([named for named, _ in pairs])
+        result[kind] = {"named_cell_share": named.mean().item(),
+                        "named_cell_share_std_error": (named.std() / len(named) ** 0.5).item(),
+                        "uniform_share": sum(uniform for _, uniform in pairs) / len(pairs), "count": len(pairs)}
+    return result
+
+
+class AttentionShareProbe(TrainerCallback):
+    """At every checkpoint, the named-cell share on a few test mosaics per grid, appended to `log_path` (JSON lines;
+    a resumed row keeps the earlier lines); num_visual_tokens: an elastic model's budget to measure at."""
+
+    def __init__(self, model, processor, log_path: Path, mosaics: int, num_visual_tokens: int | None = None):
+        self.model, self.processor, self.log_path = model, processor, log_path
+        self.num_visual_tokens = num_visual_tokens
+        self.samples = {grid: [ObjectNamedMosaicDataset("test", grid, size=mosaics, seed=0)[i] for i in range(mosaics)]
+                        for grid in GRIDS}
+
+    def on_save(self, args, state, control, **kwargs):
+        was_training = self.model.training
+        self.model.eval()
+        entry = {"step": state.global_step,
+                 **{f"{grid}x{grid}": named_cell_shares(self.model, samples, self.processor, grid,
+                                                        self.num_visual_tokens)
+                    for grid, samples in self.samples.items()}}
+        self.model.train(was_training)
+        with self.log_path.open("a") as log:
+            log.write(json.dumps(entry) + "\n")
+
+
+def with_std_errors(evaluation: dict) -> dict:
+    """Binomial standard error of each accuracy: sqrt(p (1 − p) / n)."""
+    errors = {kind: math.sqrt(p * (1 - p) / evaluation["count_per_type"][kind])
+              for kind, p in evaluation["per_type"].items()}
+    overall = evaluation["accuracy"]
+    return {**evaluation, "std_error": math.sqrt(overall * (1 - overall) / evaluation["count"]),
+            "per_type_std_error": errors}

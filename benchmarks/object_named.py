@@ -20,7 +20,6 @@ present; a row interrupted while training resumes from its last checkpoint.
 
 import argparse
 import json
-import math
 import os
 import platform
 import shlex
@@ -28,22 +27,19 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
-from transformers import TrainerCallback
 
-from common import (ROOT, TrainingTimer, cell_share, display_path, prompt_text_sums, token_cells, train_resumably,
-                    write_results)
+from common import (GRIDS, ROOT, WARM_PARTS, AttentionShareProbe, TrainingTimer, display_path, named_cell_shares,
+                    train_resumably, warm_start, with_std_errors, write_results)
 from leo_mini_hf.conversion.smol import assemble_leo_mini_smol
 from leo_mini_hf.easyvqa.dataset import EasyVQADataset
-from leo_mini_hf.easyvqa.evaluation import evaluate_vqa, prefill_seconds, prompt_inputs
+from leo_mini_hf.easyvqa.evaluation import evaluate_vqa, prefill_seconds
 from leo_mini_hf.easyvqa.object_named import ANSWERS, ObjectNamedMosaicDataset, named_blind_accuracy, \
     object_named_training_mix
 from leo_mini_hf.modeling.token_reduction import ConditionalTokenReduction
-from leo_mini_hf.training.adapter_weights import save_adapter_weights, sha256_of
+from leo_mini_hf.training.adapter_weights import save_adapter_weights
 from leo_mini_hf.training.feature_cache import VisionFeatureCache
 from leo_mini_hf.training.stages import apply_training_stage
 
-DEMO_WEIGHTS = ROOT / "src" / "leo_mini_hf" / "assets" / "leo-mini-smol-easyvqa.safetensors"
 # row name → (config overrides, which demo-weight parts start warm); run in this order
 ROWS = {
     "cotr-1": ({"num_visual_tokens": 1}, "reducer"),
@@ -59,89 +55,6 @@ ROWS = {
 }
 METHOD = {"cotr": "CoTR", "cotr-cos": "CoTR, cosine scores", "avgpool": "average pooling",
           "queries": "learned queries, no text", "full": "full tokens"}
-WARM_PARTS = {"projector+mmoe": {"projector", "mmoe_general_lora", "mmoe_routed_lora", "mmoe_routers"}}
-WARM_PARTS["reducer"] = WARM_PARTS["projector+mmoe"] | {"token_reducer"}
-GRIDS = (2, 3)
-
-
-def warm_start(model, parts: set[str]) -> dict:
-    """Copy the demo weights of `parts` into the model (CoTR queries: the first k of the demo's 16). Returns which
-    trained parameters started warm and which fresh."""
-    expected = DEMO_WEIGHTS.with_suffix(".sha256").read_text().split()[0]
-    if sha256_of(DEMO_WEIGHTS) != expected:
-        raise ValueError(f"{DEMO_WEIGHTS} does not match its checksum")
-    demo = load_file(str(DEMO_WEIGHTS))
-    model_parts, model_state = model.parameter_parts(), model.state_dict()
-    warm = {}
-    for name, part in model_parts.items():
-        if part not in parts or name not in demo:
-            continue
-        tensor = demo[name]
-        if name.endswith("token_reducer.queries"):
-            tensor = tensor[:, : model_state[name].shape[1]]  # nested: the first k queries
-        if tensor.shape != model_state[name].shape:
-            raise ValueError(f"demo weight {name} {tuple(tensor.shape)} does not fit {tuple(model_state[name].shape)}")
-        warm[name] = tensor.to(model_state[name].dtype)
-    model.load_state_dict(warm, strict=False)
-    trained = {name for name, part in model_parts.items() if part in WARM_PARTS["reducer"]}
-    fresh = sorted(trained - set(warm))
-    return {"warm_parts": sorted(parts), "warm_parameters": len(warm), "fresh_parameters": fresh}
-
-
-@torch.no_grad()
-def named_cell_shares(model, samples: list[dict], processor, grid: int) -> dict:
-    """CoTR's attention share (first expert, mean over the queries) on the named tile's cell, per question type,
-    for samples that name a tile; with the cell's share of the expert's tokens (what uniform attention gives it)."""
-    samples = [sample for sample in samples if sample["named_cell"] is not None]
-    inner = model.model
-    cells = token_cells(inner.vision_experts[0].num_tokens, grid)
-    token_share = torch.bincount(cells, minlength=grid**2).float() / len(cells)
-    by_type: dict[str, list[tuple[float, float]]] = {}
-    for start in range(0, len(samples), 16):
-        batch = samples[start:start + 16]
-        inputs = prompt_inputs(processor, batch)
-        features = [expert(inputs["pixel_values"]) for expert in inner.vision_experts]
-        weights = inner.token_reducer.expert_attention(features, prompt_text_sums(model, inputs))[0]
-        shares = cell_share(weights, cells, grid)
-        for sample, share in zip(batch, shares):
-            cell = sample["named_cell"]
-            by_type.setdefault(sample["question_type"], []).append((share[cell].item(), token_share[cell].item()))
-    result = {}
-    for kind, pairs in sorted(by_type.items()):
-        named = torch.tensor([named for named, _ in pairs])
-        result[kind] = {"named_cell_share": named.mean().item(),
-                        "named_cell_share_std_error": (named.std() / len(named) ** 0.5).item(),
-                        "uniform_share": sum(uniform for _, uniform in pairs) / len(pairs), "count": len(pairs)}
-    return result
-
-
-class AttentionShareProbe(TrainerCallback):
-    """At every checkpoint, the named-cell share on a few test mosaics per grid, appended to `log_path` (JSON lines;
-    a resumed row keeps the earlier lines)."""
-
-    def __init__(self, model, processor, log_path: Path, mosaics: int):
-        self.model, self.processor, self.log_path = model, processor, log_path
-        self.samples = {grid: [ObjectNamedMosaicDataset("test", grid, size=mosaics, seed=0)[i] for i in range(mosaics)]
-                        for grid in GRIDS}
-
-    def on_save(self, args, state, control, **kwargs):
-        was_training = self.model.training
-        self.model.eval()
-        entry = {"step": state.global_step,
-                 **{f"{grid}x{grid}": named_cell_shares(self.model, samples, self.processor, grid)
-                    for grid, samples in self.samples.items()}}
-        self.model.train(was_training)
-        with self.log_path.open("a") as log:
-            log.write(json.dumps(entry) + "\n")
-
-
-def with_std_errors(evaluation: dict) -> dict:
-    """Binomial standard error of each accuracy: sqrt(p (1 − p) / n)."""
-    errors = {kind: math.sqrt(p * (1 - p) / evaluation["count_per_type"][kind])
-              for kind, p in evaluation["per_type"].items()}
-    overall = evaluation["accuracy"]
-    return {**evaluation, "std_error": math.sqrt(overall * (1 - overall) / evaluation["count"]),
-            "per_type_std_error": errors}
 
 
 def run_row(name: str, args) -> dict:
