@@ -84,6 +84,30 @@ def test_the_heat_map_tints_the_tokens_cotr_attended(tiny_checkpoint):
     assert (np.abs(picture[-cell:, -cell:] - [0, 0, 255]) <= 2).all()
 
 
+def test_an_elastic_model_answers_at_the_budget_chosen_in_the_page(tmp_path):
+    """An elastic checkpoint gets a budget choice in the page; each answer reduces to the chosen budget (CoTR's heat
+    map weights and the statistics say so), and a budget the model lacks gets a message."""
+    import gradio as gr
+
+    folder = tmp_path / "elastic"
+    cli(["build", "--preset", "tiny", "--random-init", "--out", str(folder), "--set", "cotr_budgets=[1,2,4]"])
+    app_module = import_app()
+    chat = app_module.LeoMiniChat(*app_module.load_model(str(folder)), max_new_tokens=2)
+    image = tmp_path / "red.png"
+    Image.new("RGB", (40, 40), (255, 0, 0)).save(image)
+    for budget in ("1", "2", None):
+        reduced = []
+        hook = chat.model.model.token_reducer.register_forward_hook(lambda m, a, out: reduced.append(out.shape[1]))
+        *_, (answer, statistics, heat_map) = chat.answer(str(image), "What colour?", budget)
+        hook.remove()
+        expected = int(budget or 4)
+        assert reduced == [expected] and f"→ {expected}**" in statistics and heat_map is not None
+    with pytest.raises(gr.Error, match=r"3 visual tokens is not one of this model's budgets \[1, 2, 4\]"):
+        list(chat.answer(str(image), "What colour?", "3"))
+    radios = [block for block in app_module.build_app(chat, []).blocks.values() if isinstance(block, gr.Radio)]
+    assert len(radios) == 1 and [choice[0] for choice in radios[0].choices] == ["1", "2", "4"]
+
+
 @pytest.mark.slow
 def test_bad_input_gives_a_message_and_the_next_question_still_works(smol_app, tmp_path):
     client = gradio_client.Client(smol_app, verbose=False)

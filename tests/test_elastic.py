@@ -340,3 +340,16 @@ def test_demo_takes_a_budget(elastic_checkpoint, capsys):
         cli(["demo", "--model", str(elastic_checkpoint), "--image", str(image), "--question", "What colour?",
              "--num-visual-tokens", "3"])
     assert "not one of this model's visual-token budgets" in capsys.readouterr().err
+
+
+def test_lmms_eval_model_takes_a_budget(elastic_checkpoint):
+    pytest.importorskip("lmms_eval", reason="lmms-eval is installed by `make test` (pip install --no-deps lmms-eval)")
+    from leo_mini_hf.lmms_eval_model import LeoMiniLmms
+
+    sample = {"messages": [{"role": "user", "content": [{"type": "image", "image": make_image(5)},
+                                                        {"type": "text", "text": "What colour?"}]}]}
+    for budget, expected in ((None, 4), ("2", 2)):
+        lmms = LeoMiniLmms(pretrained=str(elastic_checkpoint), device="cpu", num_visual_tokens=budget)
+        assert (lmms._inputs([sample])["input_ids"] == lmms.processor.image_token_id).sum() == expected
+    with pytest.raises(ValueError, match="num_visual_tokens=3 is not one of"):
+        LeoMiniLmms(pretrained=str(elastic_checkpoint), device="cpu", num_visual_tokens=3)

@@ -28,17 +28,18 @@ class LeoMiniLmms(lmms):
     """lmms-eval model `leo_mini`: a LEO-MINI checkpoint folder or Hub repo id (`pretrained=`), greedy by default.
 
     model_args: pretrained, dtype (float32 | bfloat16 | float16), batch_size, device, max_new_tokens (used when a
-    task sets none).
+    task sets none), num_visual_tokens (an elastic model's budget per image; default its largest).
     """
 
     is_simple = True
 
     def __init__(self, pretrained: str, dtype: str = "float32", batch_size: int | str = 1, device: str | None = None,
-                 max_new_tokens: int | str = DEFAULT_MAX_NEW_TOKENS, max_batch_size=None, **unknown) -> None:
+                 max_new_tokens: int | str = DEFAULT_MAX_NEW_TOKENS, num_visual_tokens: int | str | None = None,
+                 max_batch_size=None, **unknown) -> None:
         super().__init__()
         if unknown:
             raise ValueError(f"leo_mini: unknown model_args {sorted(unknown)}; it takes pretrained, dtype, "
-                             "batch_size, device, max_new_tokens")
+                             "batch_size, device, max_new_tokens, num_visual_tokens")
         if dtype not in DTYPES:
             raise ValueError(f"leo_mini: dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         self.batch_size = _positive_int(batch_size, "batch_size")
@@ -47,6 +48,10 @@ class LeoMiniLmms(lmms):
         self.model = LeoMiniForConditionalGeneration.from_pretrained(pretrained, dtype=DTYPES[dtype])
         self.model.to(self.device).eval()
         self.processor = LeoMiniProcessor.from_pretrained(pretrained)
+        self.num_visual_tokens = None
+        if num_visual_tokens is not None:
+            self.num_visual_tokens = _positive_int(num_visual_tokens, "num_visual_tokens")
+            self.processor.budgets_per_text(self.num_visual_tokens, 1)  # refuses a budget the model lacks
         self.tokenizer = self.processor.tokenizer
         self._warned_options: set[str] = set()
 
@@ -64,7 +69,8 @@ class LeoMiniLmms(lmms):
         return {"messages": [{"role": "user", "content": [*images, {"type": "text", "text": context}]}]}
 
     def _inputs(self, samples: list[dict]) -> dict:
-        return {name: tensor.to(self.device) for name, tensor in prompt_inputs(self.processor, samples).items()}
+        return {name: tensor.to(self.device) for name, tensor in prompt_inputs(self.processor, samples,
+                                                                                self.num_visual_tokens).items()}
 
     # ---- generate_until --------------------------------------------------------------------------------------
 

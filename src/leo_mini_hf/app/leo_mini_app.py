@@ -39,13 +39,19 @@ class LeoMiniChat:
         self.model, self.processor, self.max_new_tokens = model, processor, max_new_tokens
         experts = model.model.vision_experts
         self.tokens_before = sum(expert.num_tokens for expert in experts)
-        self.tokens_after = model.config.num_image_tokens
+        self.tokens_after = model.config.num_image_tokens  # the default budget: the largest
+        self.budgets = list(getattr(model.config, "cotr_budgets", None) or [self.tokens_after])  # elastic: several
         self.reduction = REDUCTIONS.get(model.config.token_reduction, model.config.token_reduction)
 
-    def answer(self, image, question):
-        """Gradio event handler (unprocessed inputs: the image's upload record or path, the question text)."""
+    def answer(self, image, question, num_visual_tokens=None):
+        """Gradio event handler (unprocessed inputs: the image's upload record or path, the question text, and for an
+        elastic model the visual-token budget)."""
         started = time.perf_counter()
-        inputs = self._inputs(image, question)
+        budget = self.tokens_after if num_visual_tokens in (None, "") else num_visual_tokens
+        if str(budget) not in {str(k) for k in self.budgets}:
+            raise gr.Error(f"{budget} visual tokens is not one of this model's budgets {self.budgets}.")
+        budget = int(budget)
+        inputs = self._inputs(image, question, budget)
         attention: list[torch.Tensor] = []
         reducer = self.model.model.token_reducer
         hook = (reducer.register_forward_hook(lambda module, args, kwargs, output: attention.append(
@@ -74,7 +80,7 @@ class LeoMiniChat:
                     if attention:
                         heat_map = self.heat_map(inputs["pixel_values"][0], attention[0])
                 text += piece
-                yield text, self._statistics(first_token_seconds, None), heat_map
+                yield text, self._statistics(budget, first_token_seconds, None), heat_map
             worker.join()
         finally:
             if hook is not None:
@@ -83,9 +89,9 @@ class LeoMiniChat:
             raise gr.Error(f"Generation failed: {failure[0]}")
         if heat_map is None and attention:
             heat_map = self.heat_map(inputs["pixel_values"][0], attention[0])
-        yield text, self._statistics(first_token_seconds, time.perf_counter() - started), heat_map
+        yield text, self._statistics(budget, first_token_seconds, time.perf_counter() - started), heat_map
 
-    def _inputs(self, image, question) -> dict:
+    def _inputs(self, image, question, budget: int) -> dict:
         """Model inputs, or a gr.Error with a readable reason (no image, an empty question, an unreadable file)."""
         if isinstance(image, dict):
             image = image.get("path")
@@ -103,14 +109,16 @@ class LeoMiniChat:
             raise gr.Error(f"This file is not an image LEO-MINI can read ({type(error).__name__}: {error}).")
         chat = [{"role": "user", "content": [{"type": "image", "path": str(image)},
                                              {"type": "text", "text": question.strip()}]}]
+        processor_kwargs = {"num_visual_tokens": budget} if len(self.budgets) > 1 else {}
         try:
             return self.processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=True,
-                                                      return_dict=True, return_tensors="pt")
+                                                      return_dict=True, return_tensors="pt",
+                                                      processor_kwargs=processor_kwargs)
         except (OSError, ValueError, TypeError, Image.DecompressionBombError) as error:
             raise gr.Error(f"This image cannot be used: {error}")
 
-    def _statistics(self, first_token_seconds: float | None, answer_seconds: float | None) -> str:
-        parts = [f"**visual tokens: {self.tokens_before} → {self.tokens_after}** ({self.reduction})"]
+    def _statistics(self, budget: int, first_token_seconds: float | None, answer_seconds: float | None) -> str:
+        parts = [f"**visual tokens: {self.tokens_before} → {budget}** ({self.reduction})"]
         if first_token_seconds is not None:
             parts.append(f"first token after {first_token_seconds:.2f} s")
         if answer_seconds is not None:
@@ -154,6 +162,10 @@ def build_app(chat: LeoMiniChat, examples: list[list[str]], title: str = "LEO-MI
                 image = gr.Image(type="filepath", label="Image", sources=["upload", "clipboard"], elem_id="image")
                 question = gr.Textbox(label="Question", placeholder="What shape is in the image?", lines=1,
                                       max_lines=3, elem_id="question")
+                inputs = [image, question]
+                if len(chat.budgets) > 1:  # an elastic model: the budget is the user's choice, per question
+                    inputs.append(gr.Radio([str(k) for k in chat.budgets], value=str(chat.tokens_after),
+                                           label="Visual tokens per image (elastic CoTR)", elem_id="budget"))
                 ask = gr.Button("Ask", variant="primary", elem_id="ask")
             with gr.Column():
                 answer = gr.Textbox(label="Answer", interactive=False, elem_id="answer")
@@ -162,7 +174,7 @@ def build_app(chat: LeoMiniChat, examples: list[list[str]], title: str = "LEO-MI
                                     interactive=False, elem_id="heat-map")
         if examples:
             gr.Examples(examples, inputs=[image, question], label="Examples (easy-vqa test images)")
-        handler = {"fn": chat.answer, "inputs": [image, question], "outputs": [answer, statistics, heat_map],
+        handler = {"fn": chat.answer, "inputs": inputs, "outputs": [answer, statistics, heat_map],
                    "preprocess": False}  # the handler reads the upload itself and explains what it cannot use
         ask.click(**handler, api_name="ask")
         question.submit(**handler, api_visibility="private")
