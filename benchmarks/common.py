@@ -272,3 +272,64 @@ def with_std_errors(evaluation: dict) -> dict:
     overall = evaluation["accuracy"]
     return {**evaluation, "std_error": math.sqrt(overall * (1 - overall) / evaluation["count"]),
             "per_type_std_error": errors}
+
+
+def share_cell(result: dict, set_name: str) -> str:
+    """Named-cell share over every question that names a tile, against uniform attention's share."""
+    shares = result["named_cell_share"].get(set_name)
+    if not shares:
+        return "–"
+    count = sum(s["count"] for s in shares.values())
+    named = sum(s["named_cell_share"] * s["count"] for s in shares.values()) / count
+    uniform = sum(s["uniform_share"] * s["count"] for s in shares.values()) / count
+    return f"{named:.3f} (uniform {uniform:.3f})"
+
+
+SHORT_TYPE_NAMES = {"object colour of shape": "colour", "object shape of colour": "shape",
+                    "object colour and shape": "binding"}
+
+
+def accuracy_by_tokens_figure(path: Path, draw, legend_columns: int) -> None:
+    """One panel per mosaic grid of test accuracy against visual tokens (log 2 axis); `draw(axis, grid)` plots the
+    points of that grid with labels. Saved to `path` (nothing without matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    figure, axes = plt.subplots(1, len(GRIDS), figsize=(6.5 * len(GRIDS), 4.2), squeeze=False)
+    for axis, grid in zip(axes[0], GRIDS):
+        axis.set_xscale("log", base=2)
+        draw(axis, grid)
+        axis.set_xlabel("visual tokens per image in the LLM")
+        axis.set_ylabel("test accuracy, all three question types")
+        axis.set_title(f"object-named mosaics {grid}×{grid}", fontsize=10)
+        axis.grid(alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0), ncol=legend_columns, fontsize=8,
+                  frameon=False)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120, bbox_inches="tight")
+
+
+def add_object_named_arguments(parser) -> None:
+    """The options of an object-named training row (object_named.py, elastic.py): recipe, test sizes, folders."""
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--train-size", type=int, default=4000,
+                        help="easy-vqa train questions, and as many 2×2 and as many 3×3 train mosaics")
+    parser.add_argument("--eval-size", type=int, default=600, help="test mosaics per grid")
+    parser.add_argument("--easy-vqa-limit", type=int, default=400)
+    parser.add_argument("--share-mosaics", type=int, default=300, help="test mosaics per grid for the named-cell share")
+    parser.add_argument("--probe-mosaics", type=int, default=40, help="the same, at each checkpoint during training")
+    parser.add_argument("--work-dir", type=Path, default=ROOT / "benchmarks" / ".work")
+    parser.add_argument("--feature-cache", type=Path, default=ROOT / "benchmarks" / ".work" / "feature-cache")
+    parser.add_argument("--no-feature-cache", dest="feature_cache", action="store_const", const=None)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--checkpoint-steps", type=int, default=250)
+    parser.add_argument("--report-only", action="store_true")

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from common import (GRIDS, ROOT, WARM_PARTS, AttentionShareProbe, TrainingTimer, display_path, named_cell_shares,
+from common import (GRIDS, ROOT, SHORT_TYPE_NAMES, WARM_PARTS, AttentionShareProbe, TrainingTimer,
+                    accuracy_by_tokens_figure, add_object_named_arguments, display_path, named_cell_shares, share_cell,
                     train_resumably, warm_start, with_std_errors, write_results)
 from leo_mini_hf.conversion.smol import assemble_leo_mini_smol
 from leo_mini_hf.easyvqa.dataset import EasyVQADataset
@@ -37,7 +38,6 @@ from leo_mini_hf.training.stages import apply_training_stage
 
 BUDGETS = [1, 4, 16]
 NAME = "cotr-elastic"
-SHORT = {"object colour of shape": "colour", "object shape of colour": "shape", "object colour and shape": "binding"}
 
 
 def build_model(args):
@@ -144,7 +144,7 @@ def write_report(result: dict, alone: dict, out: Path, command: str) -> None:
              "start as object_named.py's rows. *alone*: object_named.py's `cotr-k` row, trained for that budget only, "
              "the same steps, data and seed. ± one standard error; *Δ*: elastic − alone on all three question "
              "types, in standard errors of the difference.", "",
-             "| tokens | model | " + " | ".join(f"{g}×{g} {SHORT[k]}" for g in GRIDS for k in kinds)
+             "| tokens | model | " + " | ".join(f"{g}×{g} {SHORT_TYPE_NAMES[k]}" for g in GRIDS for k in kinds)
              + " | 2×2 all | 3×3 all | swapped 2×2 / 3×3 | easy-vqa | named-cell share 3×3 | prefill ms |",
              "|---" * (8 + len(GRIDS) * len(kinds)) + "|"]
 
@@ -154,9 +154,7 @@ def write_report(result: dict, alone: dict, out: Path, command: str) -> None:
         overall = [f"{evaluation['test'][f'object-{g}x{g}']['accuracy']:.3f} ± "
                    f"{evaluation['test'][f'object-{g}x{g}']['std_error']:.3f}" for g in GRIDS]
         swapped = " / ".join(f"{evaluation['test_images_swapped'][f'object-{g}x{g}']['accuracy']:.2f}" for g in GRIDS)
-        shares = evaluation["named_cell_share"].get("object-3x3") or {}
-        count = sum(s["count"] for s in shares.values())
-        share = (f"{sum(s['named_cell_share'] * s['count'] for s in shares.values()) / count:.3f}" if count else "–")
+        share = share_cell(evaluation, "object-3x3")
         easy = evaluation["test"]["easy-vqa"]
         return (f"| {budget} | {label} | " + " | ".join(cells + overall) + f" | {swapped} | "
                 f"{easy['accuracy']:.3f} ± {easy['std_error']:.3f} | {share} | "
@@ -186,14 +184,8 @@ def write_report(result: dict, alone: dict, out: Path, command: str) -> None:
                   f"{result['probe_mosaics']} test mosaics per grid at each checkpoint):", "",
                   "| step | 2×2 | 3×3 |", "|---|---|---|"]
         for entry in during:
-            cells = []
-            for grid in GRIDS:
-                shares = entry[f"{grid}x{grid}"]
-                count = sum(s["count"] for s in shares.values())
-                named = sum(s["named_cell_share"] * s["count"] for s in shares.values()) / count
-                uniform = sum(s["uniform_share"] * s["count"] for s in shares.values()) / count
-                cells.append(f"{named:.3f} (uniform {uniform:.3f})")
-            lines.append(f"| {entry['step']} | " + " | ".join(cells) + " |")
+            lines.append(f"| {entry['step']} | "
+                         + " | ".join(share_cell({"named_cell_share": entry}, f"{g}x{g}") for g in GRIDS) + " |")
     out.mkdir(parents=True, exist_ok=True)
     write_results(out / "elastic", {"command": command, "machine": machine, "elastic": result,
                                     "alone": {str(k): v for k, v in alone.items()}}, lines)
@@ -201,57 +193,29 @@ def write_report(result: dict, alone: dict, out: Path, command: str) -> None:
 
 
 def plot(result: dict, alone: dict, path: Path) -> None:
-    try:
-        import matplotlib
+    elastic = {int(budget): evaluation for budget, evaluation in result["at_budget"].items()}
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
-        return
-    figure, axes = plt.subplots(1, len(GRIDS), figsize=(6.5 * len(GRIDS), 4.2), squeeze=False)
-    for axis, grid in zip(axes[0], GRIDS):
+    def draw(axis, grid):
         key = f"object-{grid}x{grid}"
-        for label, rows, style in (("elastic (one model)", {int(k): v for k, v in result["at_budget"].items()}, "-o"),
-                                   ("trained for that budget alone", alone, "s")):
+        series = (("elastic (one model)", elastic, "-o"), ("trained for that budget alone", alone, "s"))
+        for label, rows, style in series:
             points = sorted((budget, rows[budget]["test"][key]["accuracy"], rows[budget]["test"][key]["std_error"])
                             for budget in rows)
             if points:
                 budgets, accuracies, errors = zip(*points)
                 axis.errorbar(budgets, accuracies, yerr=errors, fmt=style, capsize=3, label=label)
-        axis.set_xscale("log", base=2)
         axis.set_xticks(BUDGETS, [str(b) for b in BUDGETS])
-        axis.set_xlabel("visual tokens per image in the LLM")
-        axis.set_ylabel("test accuracy, all three question types")
-        axis.set_title(f"object-named mosaics {grid}×{grid}", fontsize=10)
-        axis.grid(alpha=0.3)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    figure.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0), ncol=2, fontsize=8, frameon=False)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120, bbox_inches="tight")
+
+    accuracy_by_tokens_figure(path, draw, legend_columns=2)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=1500)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    add_object_named_arguments(parser)
     parser.add_argument("--budget-weights", type=float, nargs=len(BUDGETS), help=f"one per budget {BUDGETS}")
-    parser.add_argument("--train-size", type=int, default=4000)
-    parser.add_argument("--eval-size", type=int, default=600, help="test mosaics per grid")
-    parser.add_argument("--easy-vqa-limit", type=int, default=400)
-    parser.add_argument("--share-mosaics", type=int, default=300)
-    parser.add_argument("--probe-mosaics", type=int, default=40)
-    parser.add_argument("--work-dir", type=Path, default=ROOT / "benchmarks" / ".work")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "elastic")
     parser.add_argument("--object-named", type=Path, default=ROOT / "benchmarks" / "results" / "object-named",
                         help="object_named.py's results (the single-budget rows)")
-    parser.add_argument("--feature-cache", type=Path, default=ROOT / "benchmarks" / ".work" / "feature-cache")
-    parser.add_argument("--no-feature-cache", dest="feature_cache", action="store_const", const=None)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--checkpoint-steps", type=int, default=250)
-    parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     path = args.out / f"seed-{args.seed}" / f"{NAME}.json"

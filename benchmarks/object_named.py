@@ -28,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-from common import (GRIDS, ROOT, WARM_PARTS, AttentionShareProbe, TrainingTimer, display_path, named_cell_shares,
+from common import (GRIDS, ROOT, SHORT_TYPE_NAMES, WARM_PARTS, AttentionShareProbe, TrainingTimer,
+                    accuracy_by_tokens_figure, add_object_named_arguments, display_path, named_cell_shares, share_cell,
                     train_resumably, warm_start, with_std_errors, write_results)
 from leo_mini_hf.conversion.smol import assemble_leo_mini_smol
 from leo_mini_hf.easyvqa.dataset import EasyVQADataset
@@ -125,21 +126,9 @@ def accuracy_cell(evaluation: dict, kind: str | None = None) -> str:
     return f"{evaluation['per_type'][kind]:.2f} ± {evaluation['per_type_std_error'][kind]:.2f}"
 
 
-def share_cell(result: dict, set_name: str) -> str:
-    """Named-cell share over every question that names a tile, against uniform attention's share."""
-    shares = result["named_cell_share"].get(set_name)
-    if not shares:
-        return "–"
-    count = sum(s["count"] for s in shares.values())
-    named = sum(s["named_cell_share"] * s["count"] for s in shares.values()) / count
-    uniform = sum(s["uniform_share"] * s["count"] for s in shares.values()) / count
-    return f"{named:.3f} (uniform {uniform:.3f})"
-
-
 def write_report(results: list[dict], out: Path, command: str) -> None:
     kinds = list(ANSWERS)
-    short = {"object colour of shape": "colour", "object shape of colour": "shape",
-             "object colour and shape": "binding"}
+    short = SHORT_TYPE_NAMES
     rows = sorted(results, key=lambda r: (r["seed"], list(ROWS).index(r["name"])))
     first = rows[0]
     machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
@@ -186,52 +175,21 @@ def write_report(results: list[dict], out: Path, command: str) -> None:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
-        return
-    figure, axes = plt.subplots(1, len(GRIDS), figsize=(6.5 * len(GRIDS), 4.2), squeeze=False)
-    for axis, grid in zip(axes[0], GRIDS):
+    def draw(axis, grid):
         for method in METHOD:
             points = sorted((r["visual_tokens"], r["test"][f"object-{grid}x{grid}"]["accuracy"]) for r in rows
                             if family(r["name"]) == method and not r["name"].endswith("-cold"))
             if points:
                 axis.plot(*zip(*points), marker="o", linestyle="", label=METHOD[method])
-        axis.set_xscale("log", base=2)
-        axis.set_xlabel("visual tokens per image in the LLM")
-        axis.set_ylabel("test accuracy, all three question types")
-        axis.set_title(f"object-named mosaics {grid}×{grid}", fontsize=10)
-        axis.grid(alpha=0.3)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    figure.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0), ncol=3, fontsize=8, frameon=False)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120, bbox_inches="tight")
+
+    accuracy_by_tokens_figure(path, draw, legend_columns=3)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="*", choices=list(ROWS), help="run only these rows (default: all, in order)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=1500)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
-    parser.add_argument("--train-size", type=int, default=4000,
-                        help="easy-vqa train questions, and as many 2×2 and as many 3×3 train mosaics")
-    parser.add_argument("--eval-size", type=int, default=600, help="test mosaics per grid")
-    parser.add_argument("--easy-vqa-limit", type=int, default=400)
-    parser.add_argument("--share-mosaics", type=int, default=300, help="test mosaics per grid for the named-cell share")
-    parser.add_argument("--probe-mosaics", type=int, default=40, help="the same, at each checkpoint during training")
-    parser.add_argument("--work-dir", type=Path, default=ROOT / "benchmarks" / ".work")
+    add_object_named_arguments(parser)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "object-named")
-    parser.add_argument("--feature-cache", type=Path, default=ROOT / "benchmarks" / ".work" / "feature-cache")
-    parser.add_argument("--no-feature-cache", dest="feature_cache", action="store_const", const=None)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--checkpoint-steps", type=int, default=250)
-    parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     for name in [] if args.report_only else args.only or ROWS:
