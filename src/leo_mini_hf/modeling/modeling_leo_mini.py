@@ -285,10 +285,9 @@ class LeoMiniModel(LeoMiniPreTrainedModel):
         return ImageTokenBlocks(images_per_sample.to(input_ids.device), tokens_per_image.to(input_ids.device))
 
     def _validate_inputs(self, input_ids, inputs_embeds, pixel_values, image_features, cache, attention_mask=None,
-                         labels=None) -> torch.Tensor | None:
+                         labels=None) -> ImageTokenBlocks | None:
         """Every check of a forward's inputs, in one place; returns the images' `ImageTokenBlocks`, or None without
-        images.
-        Checks that read tensor values (and so wait for the device) run at prefill, never on a cached decode step."""
+        images. Checks that read tensor values (and so wait for the device) run at prefill, never on a cached decode step."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds")
         if input_ids is not None:
