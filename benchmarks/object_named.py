@@ -53,6 +53,7 @@ ROWS = {
     "cotr-cos-4": ({"num_visual_tokens": 4, "cotr_score_scaling": "cosine"}, "reducer"),
     "cotr-1-cold": ({"num_visual_tokens": 1}, "projector+mmoe"),
     "full-196": ({"token_reduction": "none"}, "projector+mmoe"),
+    "cotr-16": ({"num_visual_tokens": 16}, "reducer"),  # the "16 if time allows"; elastic.py compares with it
 }
 METHOD = {"cotr": "CoTR", "cotr-cos": "CoTR, cosine scores", "avgpool": "average pooling",
           "queries": "learned queries, no text", "full": "full tokens"}
