@@ -107,6 +107,39 @@ def named_share(model, processor, samples: list[dict], cells: list[int], grid: i
     return sum(shares) / len(shares)
 
 
+@torch.no_grad()
+def score_term_spreads(model, processor, samples: list[dict]) -> dict:
+    """CoTR's four score terms (first expert, each times its scale) and how far each spreads over the expert's
+    tokens (standard deviation over tokens, mean over samples and queries): how much each can move the softmax.
+    Also the part of the text term that differs between questions (text sum minus its mean over a batch of 16).
+    Checked: the softmax of the four terms' sum equals `expert_attention`'s weights."""
+    reducer, inner = model.model.token_reducer, model.model
+    if reducer.score_scaling == "cosine" or reducer.position_embeddings is not None or len(inner.vision_experts) != 1:
+        raise ValueError("the term split here covers one expert, no position embedding, non-cosine scores")
+    spreads = {term: [] for term in ("query", "self", "cross", "text", "text_question_part", "total")}
+    for start in range(0, len(samples), 16):
+        inputs = prompt_inputs(processor, samples[start:start + 16])
+        features = [expert(inputs["pixel_values"]) for expert in inner.vision_experts]
+        text_sum = prompt_text_sums(model, inputs)
+        tokens = reducer.visual_projections[0](features[0])  # (n, N, p)
+        pooled = tokens.mean(dim=1) if reducer.mean_pooling else tokens.sum(dim=1)
+        scales = reducer.term_scales(0)
+        terms = {"query": scales[0] * torch.einsum("qp,nkp->nqk", reducer.queries[0], tokens),
+                 "self": scales[1] * torch.einsum("np,nkp->nk", pooled, tokens).unsqueeze(1),
+                 "cross": torch.zeros_like(tokens[..., 0]).unsqueeze(1),  # one expert: no other experts
+                 "text": scales[3] * torch.einsum("np,nkp->nk", reducer.text_projections[0](text_sum),
+                                                  tokens).unsqueeze(1)}
+        terms["total"] = sum(terms.values())
+        # the part of the text term that differs between questions: the text sum minus its mean over the batch
+        question_part = reducer.text_projections[0](text_sum) - reducer.text_projections[0](text_sum).mean(dim=0)
+        terms["text_question_part"] = scales[3] * torch.einsum("np,nkp->nk", question_part, tokens).unsqueeze(1)
+        expected = reducer.expert_attention(features, text_sum)[0]
+        torch.testing.assert_close(terms["total"].softmax(dim=-1), expected, rtol=1e-4, atol=1e-6)
+        for term, scores in terms.items():
+            spreads[term].append(scores.std(dim=-1).mean(dim=1))  # (n,)
+    return {term: torch.cat(values).mean().item() for term, values in spreads.items()}
+
+
 def accuracy(model, processor, samples: list[dict], answers: list[str]) -> float:
     predictions = answer_questions(model, processor, samples, batch_size=16)
     return sum(normalise_answer(p) == a for p, a in zip(predictions, answers)) / len(answers)
@@ -137,6 +170,7 @@ def probe_row(name: str, args, probes: dict) -> dict:
                     entry["cotr_text_zeroed"] = accuracy(model, processor, samples, answers)
                 entry["named_share"] = named_share(model, processor, samples, cells, grid, zero_text=False)
                 entry["named_share_text_zeroed"] = named_share(model, processor, samples, cells, grid, zero_text=True)
+                entry["score_term_spread_over_tokens"] = score_term_spreads(model, processor, samples)
                 entry["named_share_counterfactual"] = named_share(
                     model, processor, [with_question(i["sample"], i["counterfactual"]) for i in counterfactual],
                     [i["cell"] for i in counterfactual], grid, zero_text=False) if counterfactual else None
@@ -181,6 +215,19 @@ def main() -> None:
             lines.append(f"| {key} | {rule_accuracy:.2f} | {name} | {entry['true_question']:.2f} | {zeroed} | "
                          f"{'–' if counterfactual is None else f'{counterfactual:.2f}'} "
                          f"({entry['counterfactual_questions']}) | {shares} |")
+    spread_rows = [(key, name, result[key]["score_term_spread_over_tokens"]) for key in rule
+                   for name, result in rows.items() if "score_term_spread_over_tokens" in result[key]]
+    if spread_rows:
+        lines += ["", "How far each of CoTR's score terms spreads over the expert's tokens (standard deviation over "
+                  "tokens, mean over questions and queries; the softmax follows the total, and a term with a small "
+                  "spread cannot move it). *text, question part*: the text term of each prompt's text sum minus the "
+                  "mean text sum of its batch of 16, what the question itself adds:", "",
+                  "| question | row | query | self | cross | text | text, question part | total |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for key, name, spread in spread_rows:
+            lines.append(f"| {key} | {name} | " + " | ".join(f"{spread[term]:.4f}" for term in
+                                                           ("query", "self", "cross", "text", "text_question_part",
+                                                            "total")) + " |")
     write_results(args.out / "shortcut", {"command": command, "machine": machine, "odd_one_out_rule": rule,
                                           "rows": rows}, lines)
     print(f"written {display_path(args.out / 'shortcut.md')}")
