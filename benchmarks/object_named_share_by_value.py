@@ -1,0 +1,83 @@
+"""Which tile does a trained CoTR row's token pick, by the value the question names? For "colour of the <shape>"
+questions: CoTR's share on the named tile and the accuracy, split by the named shape. A reducer that selects by the
+question spreads its share evenly over the three shapes; one that is a fixed shape detector has a high share when
+its shape is named and a low one otherwise.
+
+    python benchmarks/object_named_share_by_value.py [--row cotr-1] [--questions 150]
+"""
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from common import GRIDS, ROOT, cell_share, prompt_text_sums, token_cells, write_results
+from leo_mini_hf.conversion.smol import assemble_leo_mini_smol
+from leo_mini_hf.easyvqa.evaluation import answer_questions, normalise_answer, prompt_inputs
+from leo_mini_hf.easyvqa.object_named import ObjectNamedMosaicDataset
+from leo_mini_hf.training.adapter_weights import load_adapter_weights
+
+KIND = "object colour of shape"
+
+
+@torch.no_grad()
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--row", default="cotr-1")
+    parser.add_argument("--questions", type=int, default=150, help="colour-of-shape test questions per grid")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--work-dir", type=Path, default=ROOT / "benchmarks" / ".work")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "object-named")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    overrides = json.loads((args.out / f"seed-{args.seed}" / f"{args.row}.json").read_text())["overrides"]
+    model, processor = assemble_leo_mini_smol(args.work_dir / "parts", **overrides)
+    load_adapter_weights(model, args.work_dir / "runs" / "object-named" / f"seed-{args.seed}" / args.row /
+                         "trained.safetensors")
+    model.eval()
+    inner = model.model
+    result = {}
+    for grid in GRIDS:
+        dataset = ObjectNamedMosaicDataset("test", grid, size=6 * args.questions, seed=args.seed)
+        items = [(index, *dataset.draw_with_named_cell(index)) for index in range(len(dataset))]
+        items = [item for item in items if item[4] == KIND][: args.questions]
+        samples = [dataset[index] for index, *_ in items]
+        predictions = answer_questions(model, processor, samples, batch_size=16)
+        cells = token_cells(inner.vision_experts[0].num_tokens, grid)
+        by_shape = defaultdict(lambda: {"share": [], "correct": []})
+        for start in range(0, len(samples), 16):
+            inputs = prompt_inputs(processor, samples[start:start + 16])
+            features = [expert(inputs["pixel_values"]) for expert in inner.vision_experts]
+            weights = inner.token_reducer.expert_attention(features, prompt_text_sums(model, inputs))[0]
+            shares = cell_share(weights, cells, grid)
+            for offset, (index, tiles, question, answer, kind, cell) in enumerate(items[start:start + 16]):
+                shape = tiles[cell].shape
+                by_shape[shape]["share"].append(shares[offset, cell].item())
+                by_shape[shape]["correct"].append(normalise_answer(predictions[start + offset]) == answer)
+        result[f"{grid}x{grid}"] = {shape: {"questions": len(v["share"]),
+                                            "named_share": sum(v["share"]) / len(v["share"]),
+                                            "accuracy": sum(v["correct"]) / len(v["correct"])}
+                                   for shape, v in sorted(by_shape.items())}
+        print(grid, json.dumps(result[f"{grid}x{grid}"]), flush=True)
+    command = shlex.join(["python", "benchmarks/object_named_share_by_value.py", *sys.argv[1:]])
+    lines = [f"# {args.row}: CoTR's share on the named tile and accuracy, by the shape the question names", "",
+             f"Command: `{command}`  ", f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch "
+             f"{torch.__version__}  ", f"\"What colour is the <shape>?\", the first {args.questions} such test "
+             f"questions per grid (seed {args.seed}); uniform share: 1/4 (2×2), 1/9 (3×3).", "",
+             "| grid | named shape | questions | named-tile share | accuracy |", "|---|---|---|---|---|"]
+    for grid, shapes in result.items():
+        for shape, entry in shapes.items():
+            lines.append(f"| {grid} | {shape} | {entry['questions']} | {entry['named_share']:.3f} | "
+                         f"{entry['accuracy']:.2f} |")
+    write_results(args.out / f"share_by_named_shape_{args.row}", {"command": command, "row": args.row,
+                                                                   "result": result}, lines)
+
+
+if __name__ == "__main__":
+    main()
