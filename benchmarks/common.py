@@ -221,19 +221,12 @@ def named_cell_shares(model, samples: list[dict], processor, grid: int, num_visu
     for samples that name a tile; with the cell's share of the expert's tokens (what uniform attention gives it).
     num_visual_tokens: an elastic model's budget (its first k queries)."""
     samples = [sample for sample in samples if sample["named_cell"] is not None]
-    inner = model.model
-    cells = token_cells(inner.vision_experts[0].num_tokens, grid)
+    cells = token_cells(model.model.vision_experts[0].num_tokens, grid)
     token_share = torch.bincount(cells, minlength=grid**2).float() / len(cells)
     by_type: dict[str, list[tuple[float, float]]] = {}
-    for start in range(0, len(samples), 16):
-        batch = samples[start:start + 16]
-        inputs = prompt_inputs(processor, batch, num_visual_tokens)
-        features = [expert(inputs["pixel_values"]) for expert in inner.vision_experts]
-        weights = inner.token_reducer.expert_attention(features, prompt_text_sums(model, inputs), num_visual_tokens)[0]
-        shares = cell_share(weights, cells, grid)
-        for sample, share in zip(batch, shares):
-            cell = sample["named_cell"]
-            by_type.setdefault(sample["question_type"], []).append((share[cell].item(), token_share[cell].item()))
+    for sample, share in zip(samples, named_tile_shares(model, processor, samples, grid, num_visual_tokens)):
+        cell = sample["named_cell"]
+        by_type.setdefault(sample["question_type"], []).append((share, token_share[cell].item()))
     result = {}
     for kind, pairs in sorted(by_type.items()):
         named = torch.tensor([named for named, _ in pairs])
@@ -241,6 +234,39 @@ def named_cell_shares(model, samples: list[dict], processor, grid: int, num_visu
                         "named_cell_share_std_error": (named.std() / len(named) ** 0.5).item(),
                         "uniform_share": sum(uniform for _, uniform in pairs) / len(pairs), "count": len(pairs)}
     return result
+
+
+@torch.no_grad()
+def named_tile_shares(model, processor, samples: list[dict], grid: int, num_visual_tokens: int | None = None,
+                      zero_text: bool = False) -> list[float]:
+    """Per sample (each naming a tile: its `named_cell`), CoTR's attention share (first expert, mean over the
+    queries) on that tile's cell. num_visual_tokens: an elastic model's budget; zero_text: CoTR conditioned on a zero
+    prompt-text sum instead of the prompt's."""
+    inner = model.model
+    cells = token_cells(inner.vision_experts[0].num_tokens, grid)
+    shares = []
+    for start in range(0, len(samples), 16):
+        batch = samples[start:start + 16]
+        inputs = prompt_inputs(processor, batch, num_visual_tokens)
+        features = [expert(inputs["pixel_values"]) for expert in inner.vision_experts]
+        text_sums = prompt_text_sums(model, inputs)
+        if zero_text:
+            text_sums = torch.zeros_like(text_sums)
+        weights = inner.token_reducer.expert_attention(features, text_sums, num_visual_tokens)[0]
+        per_cell = cell_share(weights, cells, grid)
+        shares += [per_cell[row, sample["named_cell"]].item() for row, sample in enumerate(batch)]
+    return shares
+
+
+def load_object_named_row(name: str, seed: int, work_dir: Path, results_dir: Path):
+    """(model, processor) of a finished object_named.py row, in eval mode: its configuration from its result JSON,
+    its trained weights from its run folder."""
+    from leo_mini_hf.conversion.smol import assemble_leo_mini_smol
+
+    overrides = json.loads((results_dir / f"seed-{seed}" / f"{name}.json").read_text())["overrides"]
+    model, processor = assemble_leo_mini_smol(work_dir / "parts", **overrides)
+    load_adapter_weights(model, work_dir / "runs" / "object-named" / f"seed-{seed}" / name / "trained.safetensors")
+    return model.eval(), processor
 
 
 class AttentionShareProbe(TrainerCallback):

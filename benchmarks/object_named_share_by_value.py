@@ -17,11 +17,9 @@ from pathlib import Path
 
 import torch
 
-from common import GRIDS, ROOT, cell_share, prompt_text_sums, token_cells, write_results
-from leo_mini_hf.conversion.smol import assemble_leo_mini_smol
-from leo_mini_hf.easyvqa.evaluation import answer_questions, normalise_answer, prompt_inputs
+from common import GRIDS, ROOT, load_object_named_row, named_tile_shares, write_results
+from leo_mini_hf.easyvqa.evaluation import answer_questions, normalise_answer
 from leo_mini_hf.easyvqa.object_named import ObjectNamedMosaicDataset
-from leo_mini_hf.training.adapter_weights import load_adapter_weights
 
 KIND = "object colour of shape"
 
@@ -36,12 +34,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "object-named")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    overrides = json.loads((args.out / f"seed-{args.seed}" / f"{args.row}.json").read_text())["overrides"]
-    model, processor = assemble_leo_mini_smol(args.work_dir / "parts", **overrides)
-    load_adapter_weights(model, args.work_dir / "runs" / "object-named" / f"seed-{args.seed}" / args.row /
-                         "trained.safetensors")
-    model.eval()
-    inner = model.model
+    model, processor = load_object_named_row(args.row, args.seed, args.work_dir, args.out)
     result = {}
     for grid in GRIDS:
         dataset = ObjectNamedMosaicDataset("test", grid, size=6 * args.questions, seed=args.seed)
@@ -49,17 +42,11 @@ def main() -> None:
         items = [item for item in items if item[4] == KIND][: args.questions]
         samples = [dataset[index] for index, *_ in items]
         predictions = answer_questions(model, processor, samples, batch_size=16)
-        cells = token_cells(inner.vision_experts[0].num_tokens, grid)
+        shares = named_tile_shares(model, processor, samples, grid)
         by_shape = defaultdict(lambda: {"share": [], "correct": []})
-        for start in range(0, len(samples), 16):
-            inputs = prompt_inputs(processor, samples[start:start + 16])
-            features = [expert(inputs["pixel_values"]) for expert in inner.vision_experts]
-            weights = inner.token_reducer.expert_attention(features, prompt_text_sums(model, inputs))[0]
-            shares = cell_share(weights, cells, grid)
-            for offset, (index, tiles, question, answer, kind, cell) in enumerate(items[start:start + 16]):
-                shape = tiles[cell].shape
-                by_shape[shape]["share"].append(shares[offset, cell].item())
-                by_shape[shape]["correct"].append(normalise_answer(predictions[start + offset]) == answer)
+        for (index, tiles, question, answer, kind, cell), share, prediction in zip(items, shares, predictions):
+            by_shape[tiles[cell].shape]["share"].append(share)
+            by_shape[tiles[cell].shape]["correct"].append(normalise_answer(prediction) == answer)
         result[f"{grid}x{grid}"] = {shape: {"questions": len(v["share"]),
                                             "named_share": sum(v["share"]) / len(v["share"]),
                                             "accuracy": sum(v["correct"]) / len(v["correct"])}

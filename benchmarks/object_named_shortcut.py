@@ -26,12 +26,10 @@ from pathlib import Path
 
 import torch
 
-from common import GRIDS, ROOT, cell_share, display_path, prompt_text_sums, token_cells, write_results
-from leo_mini_hf.conversion.smol import assemble_leo_mini_smol
+from common import GRIDS, ROOT, display_path, load_object_named_row, named_tile_shares, prompt_text_sums, write_results
 from leo_mini_hf.easyvqa.evaluation import answer_questions, normalise_answer, prompt_inputs
 from leo_mini_hf.easyvqa.object_named import ObjectNamedMosaicDataset
 from leo_mini_hf.modeling.token_reduction import ConditionalTokenReduction
-from leo_mini_hf.training.adapter_weights import load_adapter_weights
 
 TYPES = {"object colour of shape": ("shape", "colour"), "object shape of colour": ("colour", "shape")}  # naming, asked
 
@@ -68,6 +66,10 @@ def probe_samples(grid: int, questions: int, seed: int) -> dict:
     return by_type
 
 
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
 def with_question(sample: dict, question: str) -> dict:
     messages = [{**message, "content": [{**block, "text": question} if block.get("type") == "text" else block
                                         for block in message["content"]]} if message["role"] == "user" else message
@@ -90,21 +92,6 @@ class ZeroTextCondition:
 
     def __exit__(self, *exc):
         self.handle.remove()
-
-
-@torch.no_grad()
-def named_share(model, processor, samples: list[dict], cells: list[int], grid: int, zero_text: bool) -> float:
-    inner = model.model
-    token_cell = token_cells(inner.vision_experts[0].num_tokens, grid)
-    shares = []
-    for start in range(0, len(samples), 16):
-        inputs = prompt_inputs(processor, samples[start:start + 16])
-        features = [expert(inputs["pixel_values"]) for expert in inner.vision_experts]
-        text = prompt_text_sums(model, inputs)
-        weights = inner.token_reducer.expert_attention(features, torch.zeros_like(text) if zero_text else text)[0]
-        share = cell_share(weights, token_cell, grid)
-        shares += [share[i, cell].item() for i, cell in enumerate(cells[start:start + 16])]
-    return sum(shares) / len(shares)
 
 
 @torch.no_grad()
@@ -146,19 +133,13 @@ def accuracy(model, processor, samples: list[dict], answers: list[str]) -> float
 
 
 def probe_row(name: str, args, probes: dict) -> dict:
-    row_result = args.out / f"seed-{args.seed}" / f"{name}.json"  # object_named.py's result: the row's config
-    overrides = json.loads(row_result.read_text())["overrides"]
-    run_dir = args.work_dir / "runs" / "object-named" / f"seed-{args.seed}" / name
-    model, processor = assemble_leo_mini_smol(args.work_dir / "parts", **overrides)
-    load_adapter_weights(model, run_dir / "trained.safetensors")
-    model.eval()
+    model, processor = load_object_named_row(name, args.seed, args.work_dir, args.out)
     is_cotr = isinstance(model.model.token_reducer, ConditionalTokenReduction)
     result = {}
     for grid, by_type in probes.items():
         for kind, items in by_type.items():
             samples = [item["sample"] for item in items]
             answers = [item["answer"] for item in items]
-            cells = [item["cell"] for item in items]
             counterfactual = [item for item in items if item["counterfactual"]]
             entry = {"questions": len(items), "true_question": accuracy(model, processor, samples, answers),
                      "counterfactual_questions": len(counterfactual),
@@ -168,12 +149,13 @@ def probe_row(name: str, args, probes: dict) -> dict:
             if is_cotr:
                 with ZeroTextCondition(model.model.token_reducer):
                     entry["cotr_text_zeroed"] = accuracy(model, processor, samples, answers)
-                entry["named_share"] = named_share(model, processor, samples, cells, grid, zero_text=False)
-                entry["named_share_text_zeroed"] = named_share(model, processor, samples, cells, grid, zero_text=True)
+                entry["named_share"] = mean(named_tile_shares(model, processor, samples, grid))
+                entry["named_share_text_zeroed"] = mean(named_tile_shares(model, processor, samples, grid,
+                                                                          zero_text=True))
                 entry["score_term_spread_over_tokens"] = score_term_spreads(model, processor, samples)
-                entry["named_share_counterfactual"] = named_share(
+                entry["named_share_counterfactual"] = mean(named_tile_shares(
                     model, processor, [with_question(i["sample"], i["counterfactual"]) for i in counterfactual],
-                    [i["cell"] for i in counterfactual], grid, zero_text=False) if counterfactual else None
+                    grid)) if counterfactual else None
             result[f"{grid}x{grid} {kind}"] = entry
             print(name, grid, kind, json.dumps(entry), flush=True)
     return result
