@@ -84,10 +84,11 @@ class TrainingTimer(TrainerCallback):
 
 
 def train_resumably(model, processor, train_set, run_dir: Path, args, label: str, callbacks=(),
-                    budget_weights=None) -> tuple:
+                    budget_weights=None, part_learning_rates=None) -> tuple:
     """Stage-3 training of one row (`args`: steps, batch_size, learning_rate, seed, checkpoint_steps): cosine
     schedule, 10% warm-up, a resumable checkpoint every `checkpoint_steps` (resumed from the last complete one), and
-    the checkpoints removed once done; an elastic model draws a budget per step (`budget_weights`, default uniform).
+    the checkpoints removed once done; an elastic model draws a budget per step (`budget_weights`, default uniform);
+    `part_learning_rates` ({part: rate}) gives parts their own learning rate.
     Returns (trainer, training seconds summed over resumed runs)."""
     from leo_mini_hf.training.collator import LeoMiniDataCollator
     from leo_mini_hf.training.trainer import LeoMiniTrainer, default_training_arguments
@@ -103,7 +104,7 @@ def train_resumably(model, processor, train_set, run_dir: Path, args, label: str
     timer = TrainingTimer()
     trainer = LeoMiniTrainer(model=model, args=training, train_dataset=train_set, callbacks=[timer, *callbacks],
                              data_collator=LeoMiniDataCollator(processor), processing_class=processor,
-                             budget_weights=budget_weights)
+                             budget_weights=budget_weights, part_learning_rates=part_learning_rates)
     checkpoint = TrainingTimer.last_complete_checkpoint(run_dir)
     if checkpoint is not None:
         timer.resume_from(checkpoint)

@@ -54,7 +54,10 @@ ROWS = {
     "cotr-1-cold": ({"num_visual_tokens": 1}, "projector+mmoe"),
     "full-196": ({"token_reduction": "none"}, "projector+mmoe"),
     "cotr-16": ({"num_visual_tokens": 16}, "reducer"),  # the "16 if time allows"; elastic.py compares with it
+    "cotr-1-lr10": ({"num_visual_tokens": 1}, "reducer"),  # CoTR's own learning rate: PART_LEARNING_RATE_FACTORS
 }
+# row → {part: factor}: those parts train at factor × --learning-rate (a Trainer parameter group), on the same schedule
+PART_LEARNING_RATE_FACTORS = {"cotr-1-lr10": {"token_reducer": 10.0}}
 METHOD = {"cotr": "CoTR", "cotr-cos": "CoTR, cosine scores", "avgpool": "average pooling",
           "queries": "learned queries, no text", "full": "full tokens"}
 
@@ -77,8 +80,10 @@ def run_row(name: str, args) -> dict:
     if TrainingTimer.last_complete_checkpoint(run_dir) is None:
         probe_log.unlink(missing_ok=True)  # a row starting over starts its log over
     callbacks = [AttentionShareProbe(model, processor, probe_log, args.probe_mosaics)] if is_cotr else []
+    part_learning_rates = {part: factor * args.learning_rate
+                           for part, factor in PART_LEARNING_RATE_FACTORS.get(name, {}).items()} or None
     trainer, train_seconds = train_resumably(model, processor, train_set, run_dir, args, label=name,
-                                             callbacks=callbacks)
+                                             callbacks=callbacks, part_learning_rates=part_learning_rates)
     model.eval()
     tests = {f"object-{grid}x{grid}": ObjectNamedMosaicDataset("test", grid, size=args.eval_size, seed=args.seed)
              for grid in GRIDS}
@@ -86,7 +91,7 @@ def run_row(name: str, args) -> dict:
         "name": name, "overrides": overrides, "warm_start": warm_start_record,
         "visual_tokens": model.config.num_image_tokens, "expert_tokens": model.model.vision_experts[0].num_tokens,
         "probe_mosaics": args.probe_mosaics, "steps": args.steps, "batch_size": args.batch_size,
-        "learning_rate": args.learning_rate, "seed": args.seed,
+        "learning_rate": args.learning_rate, "part_learning_rates": part_learning_rates, "seed": args.seed,
         "threads": torch.get_num_threads(), "data": data_description,
         "train_seconds": round(train_seconds, 1), "seconds_per_step": round(train_seconds / args.steps, 3),
         "loss_curve": [log["loss"] for log in trainer.state.log_history if "loss" in log],
@@ -142,7 +147,8 @@ def write_report(results: list[dict], out: Path, command: str) -> None:
              f"{first['test']['easy-vqa']['count']} easy-vqa test questions; ± one standard error. *swapped*: the same "
              "mosaic questions, each shown another test mosaic (the question-only control). *named-cell share*: "
              "CoTR's attention (mean over queries) on the named tile's cell, against that cell's share of the "
-             "expert's tokens.", "",
+             "expert's tokens. *cotr-1-lr10*: cotr-1 with CoTR at 10× the learning rate (its own parameter group).",
+             "",
              "| row | seed | method | tokens | warm | "
              + " | ".join(f"{g}×{g} {short[k]}" for g in GRIDS for k in kinds)
              + " | swapped 2×2 / 3×3 | easy-vqa | named-cell share 2×2 | named-cell share 3×3 | train s/step |",
@@ -179,7 +185,7 @@ def plot(rows: list[dict], path: Path) -> None:
     def draw(axis, grid):
         for method in METHOD:
             points = sorted((r["visual_tokens"], r["test"][f"object-{grid}x{grid}"]["accuracy"]) for r in rows
-                            if family(r["name"]) == method and not r["name"].endswith("-cold"))
+                            if family(r["name"]) == method and r["name"].rsplit("-", 1)[1].isdigit())  # no variants
             if points:
                 axis.plot(*zip(*points), marker="o", linestyle="", label=METHOD[method])
 

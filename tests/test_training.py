@@ -413,3 +413,96 @@ def test_fsdp_requested_on_cpu_warns_that_it_replicates(tiny_checkpoint, tmp_pat
     assert result.returncode == 0, result.stderr[-3000:]
     assert "FSDP was requested but accelerate runs MULTI_CPU" in result.stderr
     assert "replicates the model on every process instead of sharding it" in result.stderr
+
+
+# ---- learning rates per part ------------------------------------------------------------------------------------
+
+def part_rate_trainer(checkpoint, processor, output_dir, part_learning_rates=None, **arguments):
+    defaults = {"output_dir": str(output_dir), "per_device_train_batch_size": 4, "learning_rate": 1e-3,
+                "lr_scheduler_type": "constant", "optim": "sgd", "max_grad_norm": 0, "max_steps": 1,
+                "save_strategy": "no", "seed": 0, "use_cpu": True, "train_sampling_strategy": "sequential"}
+    return LeoMiniTrainer(model=load(checkpoint, "finetune"), args=default_training_arguments(**{**defaults,
+                                                                                                  **arguments}),
+                          train_dataset=overfit_set(4), data_collator=LeoMiniDataCollator(processor),
+                          processing_class=processor, part_learning_rates=part_learning_rates)
+
+
+def one_sgd_step(checkpoint, processor, output_dir, part_learning_rates=None, **arguments):
+    trainer = part_rate_trainer(checkpoint, processor, output_dir, part_learning_rates, **arguments)
+    model = trainer.model
+    before = {name: param.detach().clone() for name, param in model.named_parameters() if param.requires_grad}
+    trainer.train()
+    steps = {name: param.detach() - before[name] for name, param in model.named_parameters() if name in before}
+    return trainer, steps, model.parameter_parts()
+
+
+def test_part_learning_rates_scale_exactly_that_parts_step(tiny_checkpoint, tiny_processor, tmp_path):
+    # large rates: the random tiny model's gradients are ~1e-5, and a step must stand well above float32 rounding
+    _, plain, parts = one_sgd_step(tiny_checkpoint, tiny_processor, tmp_path / "plain", learning_rate=10.0)
+    trainer, faster, _ = one_sgd_step(tiny_checkpoint, tiny_processor, tmp_path / "faster",
+                                      part_learning_rates={"token_reducer": 500.0}, learning_rate=10.0)
+    reducer = [name for name in plain if parts[name] == "token_reducer"]
+    assert reducer and len(reducer) < len(plain)
+    for name in plain:  # plain SGD: the step is -lr x gradient, and the gradient is the same in both runs
+        expected = plain[name] * (50.0 if parts[name] == "token_reducer" else 1.0)
+        torch.testing.assert_close(faster[name], expected, rtol=1e-3, atol=1e-5, msg=name)
+    assert any(faster[name].abs().max() > 100 * 1e-5 for name in reducer)  # compared far above the tolerance
+    assert {(group["lr"], group["weight_decay"]) for group in trainer.optimizer.param_groups} == {(10.0, 0.0),
+                                                                                                 (500.0, 0.0)}
+
+
+def test_part_learning_rates_follow_the_schedule_and_survive_resume(tiny_checkpoint, tiny_processor, tmp_path):
+    arguments = {"max_steps": 4, "lr_scheduler_type": "linear", "optim": "adamw_torch", "weight_decay": 0.1}
+    full, _, _ = one_sgd_step(tiny_checkpoint, tiny_processor, tmp_path / "full", {"projector": 4e-3}, **arguments)
+    assert sorted({group["weight_decay"] for group in full.optimizer.param_groups}) == [0.0, 0.1]
+    ratios = {group["lr"] / group["initial_lr"] for group in full.optimizer.param_groups}
+    assert len(ratios) == 1  # every group on the same schedule, scaled from its own rate
+    assert sorted({group["initial_lr"] for group in full.optimizer.param_groups}) == [1e-3, 4e-3]
+    first, _, _ = one_sgd_step(tiny_checkpoint, tiny_processor, tmp_path / "resumed", {"projector": 4e-3},
+                               **{**arguments, "save_strategy": "steps", "save_steps": 2})
+    assert (tmp_path / "resumed" / "checkpoint-2").is_dir() and first.state.global_step == 4
+    resumed = part_rate_trainer(tiny_checkpoint, tiny_processor, tmp_path / "resumed", {"projector": 4e-3},
+                                **arguments)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "resumed" / "checkpoint-2"))
+    for name, param in resumed.model.named_parameters():
+        torch.testing.assert_close(param, dict(full.model.named_parameters())[name], rtol=1e-4, atol=1e-6,
+                                   msg=name)
+
+
+@pytest.mark.parametrize("rates, error, match", [
+    ({"cotr": 1e-3}, ValueError, "not a model part"),
+    ({"token_reducer": 0.0}, ValueError, "positive number"),
+    ({"token_reducer": "fast"}, ValueError, "positive number"),
+    ([("token_reducer", 1e-3)], TypeError, "must be a dict"),
+])
+def test_bad_part_learning_rates_are_named(tiny_checkpoint, tiny_processor, tmp_path, rates, error, match):
+    with pytest.raises(error, match=match):
+        one_sgd_step(tiny_checkpoint, tiny_processor, tmp_path, rates)
+
+
+def test_train_command_takes_part_learning_rates(tiny_checkpoint, tmp_path, capsys):
+    from leo_mini_hf.training.run import parse_part_learning_rates
+
+    assert parse_part_learning_rates("token_reducer=3e-3, projector=1e-4") == {"token_reducer": 3e-3,
+                                                                                "projector": 1e-4}
+    with pytest.raises(ValueError, match="part=rate"):
+        parse_part_learning_rates("token_reducer:3e-3")
+    records = [{"id": str(i), "image": "red.png", "conversations": [{"from": "human", "value": "<image>\nColour?"},
+                                                                   {"from": "gpt", "value": "red"}]} for i in range(2)]
+    data = write_records(tmp_path, records)
+    with pytest.raises(SystemExit):  # frozen in the finetune stage
+        cli(train_command(tiny_checkpoint, tmp_path / "frozen", data, "--part_learning_rates", "vision_experts=1e-3"))
+    assert "no trained parameters in this model and stage" in capsys.readouterr().err
+    def weights(model):
+        return {"token_reducer": model.model.token_reducer.queries,
+                "multi_modal_projector": model.model.multi_modal_projector.linear_1.weight}
+
+    start = weights(LeoMiniForConditionalGeneration.from_pretrained(tiny_checkpoint))
+    steps = {}
+    for name, extra in (("plain", ()), ("fast", ("--part_learning_rates", "token_reducer=0.1"))):
+        cli(train_command(tiny_checkpoint, tmp_path / name, data, "--seed", "0", *extra))
+        trained = weights(LeoMiniForConditionalGeneration.from_pretrained(tmp_path / name))
+        steps[name] = {part: float((trained[part] - start[part]).abs().max()) for part in start}
+    # one AdamW step moves each weight by about its learning rate: 0.1 for CoTR's queries, 5e-5 (default) elsewhere
+    assert steps["fast"]["token_reducer"] > 100 * steps["plain"]["token_reducer"]
+    assert steps["fast"]["multi_modal_projector"] == pytest.approx(steps["plain"]["multi_modal_projector"], rel=1e-3)

@@ -8,6 +8,7 @@ from transformers import HfArgumentParser, TrainingArguments
 from ..easyvqa.dataset import EasyVQADataset
 from ..hub.checkpoint_folder import add_remote_code, require_path
 from ..modeling import LeoMiniForConditionalGeneration
+from ..modeling.modeling_leo_mini import PARAMETER_PARTS
 from ..processor import LeoMiniProcessor
 from .collator import LeoMiniDataCollator
 from .data import LlavaConversationDataset
@@ -35,6 +36,12 @@ class TrainScriptArguments:
         metadata={"help": "elastic models (cotr_budgets): comma-separated sampling weights, one per budget, e.g. "
                           "'1,1,2' (default: uniform); each optimizer step trains at one drawn budget"},
     )
+    part_learning_rates: str | None = field(
+        default=None,
+        metadata={"help": "own learning rates for model parts, comma-separated part=rate, e.g. 'token_reducer=3e-3' "
+                          f"(parts: {', '.join(PARAMETER_PARTS)}); the rest train at --learning_rate, all on one "
+                          "schedule"},
+    )
     feature_cache_dir: str | None = field(
         default=None,
         metadata={"help": "cache the frozen vision experts' outputs in this folder and reuse them across epochs and "
@@ -55,6 +62,24 @@ def check_output_dir(model_dir, output_dir, resuming: bool, overwrite: bool) -> 
                          "new folder")
     if output_dir.exists() and not output_dir.is_dir():
         raise ValueError(f"--output_dir {output_dir} is a file")
+
+
+def parse_part_learning_rates(text: str | None) -> dict[str, float] | None:
+    """'token_reducer=3e-3,projector=1e-3' → {"token_reducer": 0.003, "projector": 0.001}; the trainer checks the
+    parts and rates."""
+    if text is None:
+        return None
+    rates = {}
+    for item in text.split(","):
+        part, separator, rate = item.partition("=")
+        try:
+            if not separator:
+                raise ValueError
+            rates[part.strip()] = float(rate)
+        except ValueError as error:
+            raise ValueError(f"--part_learning_rates must be comma-separated part=rate items, e.g. "
+                             f"'token_reducer=3e-3'; got {text!r}") from error
+    return rates
 
 
 def run_training(argv: list[str]) -> None:
@@ -89,7 +114,8 @@ def run_training(argv: list[str]) -> None:
                 from error
     trainer = LeoMiniTrainer(model=model, args=training, train_dataset=dataset,
                              data_collator=LeoMiniDataCollator(processor, script.max_length),
-                             processing_class=processor, budget_weights=budget_weights)
+                             processing_class=processor, budget_weights=budget_weights,
+                             part_learning_rates=parse_part_learning_rates(script.part_learning_rates))
     trainer.train(resume_from_checkpoint=training.resume_from_checkpoint)
     if feature_cache is not None:
         feature_cache.detach(model)

@@ -1,11 +1,13 @@
 """`LeoMiniTrainer`: the HF Trainer, logging the MMoE balance loss on its own line, saving loadable checkpoints."""
 
 import warnings
+from collections import defaultdict
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from ..hub.checkpoint_folder import add_remote_code
+from ..modeling.modeling_leo_mini import PARAMETER_PARTS
 from .elastic import BudgetSchedule, keep_visual_tokens
 
 
@@ -25,6 +27,43 @@ def logits_to_keep_for_labels(labels: torch.Tensor) -> int:
     return labels.shape[1] - int(predicting[0]) if len(predicting) else 0
 
 
+def check_part_learning_rates(part_learning_rates: dict[str, float] | None) -> dict[str, float]:
+    """{part: learning rate}, each part one of `PARAMETER_PARTS` and each rate a positive number; None → {}."""
+    if part_learning_rates is None:
+        return {}
+    if not isinstance(part_learning_rates, dict):
+        raise TypeError(f"part_learning_rates must be a dict {{part: learning rate}}, got {part_learning_rates!r}")
+    for part, rate in part_learning_rates.items():
+        if part not in PARAMETER_PARTS:
+            raise ValueError(f"part_learning_rates names {part!r}, which is not a model part; parts: "
+                             f"{', '.join(PARAMETER_PARTS)}")
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not rate > 0:
+            raise ValueError(f"part_learning_rates[{part!r}] must be a positive number, got {rate!r}")
+    return {part: float(rate) for part, rate in part_learning_rates.items()}
+
+
+def split_param_groups_by_part(optimizer: torch.optim.Optimizer, parameter_parts: dict[str, str],
+                               named_parameters, part_learning_rates: dict[str, float]) -> None:
+    """Give the parameters of each part in `part_learning_rates` their own learning rate: every param group is split
+    into one group per rate, keeping its other settings (weight decay). Done before the first step (no state yet);
+    the scheduler made afterwards scales each group from its own rate."""
+    part_of = {id(param): parameter_parts[name] for name, param in named_parameters}
+    trained_parts = {part_of[id(param)] for group in optimizer.param_groups for param in group["params"]}
+    untrained = sorted(set(part_learning_rates) - trained_parts)
+    if untrained:
+        raise ValueError(f"part_learning_rates names {untrained}, which have no trained parameters in this model and "
+                         f"stage (trained parts: {sorted(trained_parts)})")
+    groups = []
+    for group in optimizer.param_groups:
+        params_by_rate = defaultdict(list)
+        for param in group["params"]:
+            params_by_rate[part_learning_rates.get(part_of[id(param)], group["lr"])].append(param)
+        groups += [{**group, "params": params, "lr": rate} for rate, params in params_by_rate.items()]
+    optimizer.param_groups.clear()
+    for group in groups:
+        optimizer.add_param_group(group)
+
+
 class LeoMiniTrainer(Trainer):
     """Adds `aux_loss` (the unweighted MMoE load-balancing loss, mean since the last log) to the logs; training
     steps compute logits only from the first labelled position on (the loss is unchanged).
@@ -32,9 +71,14 @@ class LeoMiniTrainer(Trainer):
     An elastic model (`config.cotr_budgets`) trains each optimizer step at one budget drawn from its budgets, with
     probabilities ∝ `budget_weights` (uniform by default), seeded by `args.seed` and the step (`BudgetSchedule`); the
     batches come from the collator at the largest budget and keep the first k tokens of each image.
+
+    `part_learning_rates` ({part: rate}, parts as in `model.parameter_parts()`, e.g. {"token_reducer": 3e-3}) trains
+    those parts at their own learning rate instead of `args.learning_rate`, on the same schedule.
     """
 
-    def __init__(self, *args, budget_weights: list[float] | None = None, **kwargs):
+    def __init__(self, *args, budget_weights: list[float] | None = None,
+                 part_learning_rates: dict[str, float] | None = None, **kwargs):
+        self.part_learning_rates = check_part_learning_rates(part_learning_rates)
         super().__init__(*args, **kwargs)
         config = self.model.config
         self.budget_schedule = None
@@ -54,6 +98,15 @@ class LeoMiniTrainer(Trainer):
     def step_budget(self) -> int | None:
         """This optimizer step's visual-token budget (elastic models), else None."""
         return None if self.budget_schedule is None else self.budget_schedule.budget(self.state.global_step)
+
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        if self.optimizer is not None or not self.part_learning_rates:
+            return super().create_optimizer(model)
+        optimizer = super().create_optimizer(model)
+        opt_model = self.model if model is None else model
+        split_param_groups_by_part(optimizer, opt_model.parameter_parts(), opt_model.named_parameters(),
+                                   self.part_learning_rates)
+        return optimizer
 
     def _pad_token_id(self) -> int:
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
