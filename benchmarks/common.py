@@ -166,9 +166,11 @@ def cell_questions(model, processor, image, mosaic_grid: int) -> tuple[torch.Ten
 
 def prompt_text_sums(model, inputs) -> torch.Tensor:
     """(B, d): the sum of each prompt's text-token embeddings, which CoTR is conditioned on, as the model's forward
-    computes it (prompts only, no labels)."""
+    computes it (prompts only, no labels; only the user's words for a `cotr_text_source="user"` model)."""
     embeds = model.get_input_embeddings()(inputs["input_ids"])
     text_mask = prompt_text_mask(inputs["input_ids"], embeds, inputs["attention_mask"], None, model.config.image_token_id)
+    if "text_condition_mask" in inputs:
+        text_mask = text_mask & inputs["text_condition_mask"].bool()
     return prompt_text_sum(embeds, text_mask)
 
 

@@ -55,6 +55,7 @@ ROWS = {
     "full-196": ({"token_reduction": "none"}, "projector+mmoe"),
     "cotr-16": ({"num_visual_tokens": 16}, "reducer"),  # the "16 if time allows"; elastic.py compares with it
     "cotr-1-lr10": ({"num_visual_tokens": 1}, "reducer"),  # CoTR's own learning rate: PART_LEARNING_RATE_FACTORS
+    "cotr-1-user": ({"num_visual_tokens": 1, "cotr_text_source": "user"}, "reducer"),  # the user's words only
 }
 # row → {part: factor}: those parts train at factor × --learning-rate (a Trainer parameter group), on the same schedule
 PART_LEARNING_RATE_FACTORS = {"cotr-1-lr10": {"token_reducer": 10.0}}
@@ -147,7 +148,8 @@ def write_report(results: list[dict], out: Path, command: str) -> None:
              f"{first['test']['easy-vqa']['count']} easy-vqa test questions; ± one standard error. *swapped*: the same "
              "mosaic questions, each shown another test mosaic (the question-only control). *named-cell share*: "
              "CoTR's attention (mean over queries) on the named tile's cell, against that cell's share of the "
-             "expert's tokens. *cotr-1-lr10*: cotr-1 with CoTR at 10× the learning rate (its own parameter group).",
+             "expert's tokens. *cotr-1-lr10*: cotr-1 with CoTR at 10× the learning rate (its own parameter group); "
+             "*cotr-1-user*: cotr-1 whose text term sums only the user's words (`cotr_text_source=\"user\"`).",
              "",
              "| row | seed | method | tokens | warm | "
              + " | ".join(f"{g}×{g} {short[k]}" for g in GRIDS for k in kinds)

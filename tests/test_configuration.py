@@ -93,7 +93,8 @@ def test_options_with_fixed_choices_are_typed_and_checked_in_one_place():
 
     typed = {field.name: get_args(field.type) for field in dataclasses.fields(LeoMiniConfig)
              if getattr(field.type, "__origin__", None) is Literal}
-    assert set(typed) == {"token_reduction", "cotr_pooling", "cotr_score_scaling", "mmoe_expert_weighting"}
+    assert set(typed) == {"token_reduction", "cotr_pooling", "cotr_score_scaling", "cotr_text_source",
+                          "mmoe_expert_weighting"}
     for name, choices in typed.items():
         assert getattr(tiny_config(), name) in choices
         with pytest.raises(ValueError, match=rf"`{name}` must be one of"):

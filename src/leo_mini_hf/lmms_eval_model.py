@@ -129,7 +129,7 @@ class LeoMiniLmms(lmms):
         return results
 
     def _loglikelihood_batch(self, requests) -> list[tuple[float, bool]]:
-        rows, pixel_values = [], []
+        rows, pixel_values, condition_masks = [], [], []
         for request in requests:
             context, target, doc_to_visual, doc_id, task, split = request.args
             continuation = target if isinstance(target, str) else target(self.task_dict[task][split][doc_id])
@@ -140,6 +140,8 @@ class LeoMiniLmms(lmms):
             rows.append((inputs["input_ids"][0], target_ids.to(self.device)))
             if "pixel_values" in inputs:
                 pixel_values.append(inputs["pixel_values"])
+            if "text_condition_mask" in inputs:  # a model whose CoTR reads the user's words only
+                condition_masks.append(inputs["text_condition_mask"][0])
         length = max(len(prompt) + len(target) for prompt, target in rows)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long, device=self.device)
@@ -153,6 +155,10 @@ class LeoMiniLmms(lmms):
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
         if pixel_values:
             inputs["pixel_values"] = torch.cat(pixel_values)
+        if condition_masks:  # the prompt's marks; the continuation and the padding are never the user's words
+            inputs["text_condition_mask"] = torch.zeros_like(input_ids)
+            for row, mask in enumerate(condition_masks):
+                inputs["text_condition_mask"][row, :len(mask)] = mask
         with torch.inference_mode():
             logits = self.model(**inputs).logits.float()
         results = []

@@ -13,7 +13,7 @@ from .tiny_tokenizer import IMAGE_TOKEN, build_tiny_tokenizer
 
 def build_processor(config, tokenizer, image_token: str = IMAGE_TOKEN) -> LeoMiniProcessor:
     """The processor matching a model config: its canonical image size and statistics, its tokens per image (and an
-    elastic model's budgets)."""
+    elastic model's budgets), and which text conditions CoTR."""
     image_processor = LeoMiniImageProcessor(
         size={"height": config.image_size, "width": config.image_size},
         image_mean=list(config.image_mean),
@@ -21,7 +21,7 @@ def build_processor(config, tokenizer, image_token: str = IMAGE_TOKEN) -> LeoMin
     )
     return LeoMiniProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=LEO_MINI_CHAT_TEMPLATE,
                             num_image_tokens=config.num_image_tokens, image_token=image_token,
-                            visual_token_budgets=config.cotr_budgets)
+                            visual_token_budgets=config.cotr_budgets, cotr_text_source=config.cotr_text_source)
 
 
 def build_random_checkpoint(preset: str, out, seed: int = 0, **overrides) -> Path:

@@ -22,15 +22,16 @@ def evaluation_subset(dataset, limit: int | None, seed: int = 0) -> list[int]:
 
 
 def prompt_inputs(processor, samples: list[dict], num_visual_tokens: int | None = None) -> dict:
-    """Model inputs (input_ids, attention_mask, pixel_values) for chat samples' prompts: assistant turns dropped, the
-    generation prompt added, padded on the left; num_visual_tokens: an elastic model's budget (default its largest)."""
+    """Model inputs (input_ids, attention_mask, pixel_values; text_condition_mask for a model whose CoTR reads the
+    user's words only) for chat samples' prompts: assistant turns dropped, the generation prompt added, padded on the
+    left; num_visual_tokens: an elastic model's budget (default its largest)."""
     conversations = [[m for m in s["messages"] if m["role"] != "assistant"] for s in samples]
     processor_kwargs = {"padding": True, "padding_side": "left"}
     if num_visual_tokens is not None:
         processor_kwargs["num_visual_tokens"] = num_visual_tokens
     inputs = processor.apply_chat_template(conversations, add_generation_prompt=True, tokenize=True, return_dict=True,
                                            return_tensors="pt", processor_kwargs=processor_kwargs)
-    return {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "pixel_values")}
+    return {k: v for k, v in inputs.items() if k in processor.model_input_names}
 
 
 @torch.no_grad()

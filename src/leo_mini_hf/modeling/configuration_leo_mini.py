@@ -69,6 +69,10 @@ class LeoMiniConfig(PreTrainedConfig):
         cotr_pooling (default `"mean"`): the self / cross terms pool the expert tokens by mean; `"sum"` is the
             paper's `1·` read literally. The text term is the sum over the prompt either way.
         cotr_text_conditioning (`bool`, default True): False drops the text term (text-free learned queries).
+        cotr_text_source (default `"prompt"`): the text tokens CoTR's text term sums. `"prompt"`: every prompt token
+            that is not an image token (chat-template tokens included, answers never). `"user"`: only the text blocks
+            of the user turns, which the processor marks in `text_condition_mask` (the MMoE router still reads the
+            whole prompt). Why the default: docs/design-choices.md.
         cotr_position_embedding (`bool`, default False): a learned, zero-initialised embedding per expert token
             position, added to CoTR's projected tokens (the scores only).
         cotr_score_scaling (default `"pooled_inverse_dim"`): query term unscaled, self / cross / text terms ÷ d_i;
@@ -105,6 +109,7 @@ class LeoMiniConfig(PreTrainedConfig):
     cotr_shared_query: bool = False
     cotr_pooling: Literal["mean", "sum"] = "mean"
     cotr_text_conditioning: bool = True
+    cotr_text_source: Literal["prompt", "user"] = "prompt"
     cotr_position_embedding: bool = False
     cotr_score_scaling: Literal["pooled_inverse_dim", "sqrt_dim", "cosine"] = "pooled_inverse_dim"
     full_token_grid: int | None = None
@@ -200,6 +205,9 @@ class LeoMiniConfig(PreTrainedConfig):
             raise ValueError(f"token_reduction='avg_pool' needs a square num_visual_tokens, got {self.num_visual_tokens}")
         if self.cotr_budgets is not None:
             self._validate_cotr_budgets()
+        if self.cotr_text_source != "prompt" and not (self.token_reduction == "cotr" and self.cotr_text_conditioning):
+            raise ValueError(f"`cotr_text_source`={self.cotr_text_source!r} needs CoTR's text term "
+                             "(token_reduction='cotr', cotr_text_conditioning=True)")
         vocab_size = self.text_config.vocab_size
         if not 0 <= self.image_token_id < vocab_size:
             raise ValueError(f"`image_token_id` {self.image_token_id} is outside the LLM vocabulary "

@@ -285,7 +285,7 @@ class LeoMiniModel(LeoMiniPreTrainedModel):
         return ImageTokenBlocks(images_per_sample.to(input_ids.device), tokens_per_image.to(input_ids.device))
 
     def _validate_inputs(self, input_ids, inputs_embeds, pixel_values, image_features, cache, attention_mask=None,
-                         labels=None) -> ImageTokenBlocks | None:
+                         labels=None, text_condition_mask=None) -> ImageTokenBlocks | None:
         """Every check of a forward's inputs, in one place; returns the images' `ImageTokenBlocks`, or None without
         images. Checks that read tensor values (and so wait for the device) run at prefill, never on a cached decode step."""
         if (input_ids is None) == (inputs_embeds is None):
@@ -319,6 +319,7 @@ class LeoMiniModel(LeoMiniPreTrainedModel):
             raise ValueError("Images need input_ids: their placeholder tokens mark where visual tokens go")
         if pixel_values is not None:
             self._validate_pixel_values(pixel_values)
+            self._validate_text_condition_mask(text_condition_mask, batch, num_tokens)
         if past == 0 and input_ids is not None:  # prefill (or generation without a KV cache)
             vocab_size = self.config.text_config.vocab_size
             if input_ids.min() < 0 or input_ids.max() >= vocab_size:
@@ -333,6 +334,22 @@ class LeoMiniModel(LeoMiniPreTrainedModel):
             raise ValueError(f"image_features hold {image_features.shape[1]} tokens per image, but input_ids have "
                              f"blocks of up to {int(blocks.tokens_per_image.max())}")
         return blocks
+
+    def _validate_text_condition_mask(self, text_condition_mask, batch: int, num_tokens: int) -> None:
+        """CoTR reads `text_condition_mask` exactly when the config's `cotr_text_source` is "user"."""
+        if self.config.cotr_text_source == "user":
+            if text_condition_mask is None:
+                raise ValueError("This model's CoTR conditions on the user's words only (cotr_text_source='user'): "
+                                 "pass text_condition_mask, which the processor returns with input_ids")
+            if not isinstance(text_condition_mask, torch.Tensor) or tuple(text_condition_mask.shape) != (batch,
+                                                                                                        num_tokens):
+                got = tuple(text_condition_mask.shape) if isinstance(text_condition_mask, torch.Tensor) else \
+                    type(text_condition_mask).__name__
+                raise ValueError(f"text_condition_mask must be a tensor of shape ({batch}, {num_tokens}) like "
+                                 f"input_ids, got {got}")
+        elif text_condition_mask is not None:
+            raise ValueError("text_condition_mask is read only by models with cotr_text_source='user'; this model's "
+                             f"CoTR sums the whole prompt (cotr_text_source={self.config.cotr_text_source!r})")
 
     def _validate_pixel_values(self, pixel_values) -> None:
         if not isinstance(pixel_values, torch.Tensor):
@@ -361,6 +378,7 @@ class LeoMiniModel(LeoMiniPreTrainedModel):
         labels: torch.LongTensor | None = None,
         image_features: torch.Tensor | None = None,
         routing_context: torch.Tensor | None = None,
+        text_condition_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> LeoMiniModelOutputWithPast:
         r"""
@@ -368,10 +386,12 @@ class LeoMiniModel(LeoMiniPreTrainedModel):
         image_features (n_images, tokens_per_image, d): projected visual tokens from an earlier call (generation
             without a KV cache passes them back instead of `pixel_values`).
         routing_context (B, 2d): MMoE routing context from the prefill; computed here when None.
+        text_condition_mask (B, T): with `cotr_text_source="user"`, True on the user's words, the only text CoTR's
+            text term sums (the processor returns it); read only when pixel_values are given.
         cache: the LLM's KV `Cache` (`past_key_values` is accepted too: its name before transformers 5.24).
         """
         image_blocks = self._validate_inputs(input_ids, inputs_embeds, pixel_values, image_features, cache,
-                                             attention_mask, labels)
+                                             attention_mask, labels, text_condition_mask)
         images_per_sample = tokens_per_image = None
         if image_blocks is not None:
             images_per_sample = image_blocks.images_per_sample
@@ -383,7 +403,8 @@ class LeoMiniModel(LeoMiniPreTrainedModel):
         text_mask = prompt_text_mask(input_ids, inputs_embeds, attention_mask, labels, self.config.image_token_id)
 
         if pixel_values is not None:
-            text_sum = prompt_text_sum(text_embeds, text_mask).repeat_interleave(images_per_sample, dim=0)
+            cotr_text_mask = text_mask if text_condition_mask is None else text_mask & text_condition_mask.bool()
+            text_sum = prompt_text_sum(text_embeds, cotr_text_mask).repeat_interleave(images_per_sample, dim=0)
             image_features = self.get_image_features(pixel_values, text_sum, tokens_per_image)
         if image_features is not None:
             inputs_embeds = self.merge_image_features(input_ids, inputs_embeds, image_features, tokens_per_image)
@@ -446,6 +467,7 @@ class LeoMiniForConditionalGeneration(LeoMiniPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         image_features: torch.Tensor | None = None,
         routing_context: torch.Tensor | None = None,
+        text_condition_mask: torch.Tensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> LeoMiniCausalLMOutputWithPast:
@@ -466,6 +488,7 @@ class LeoMiniForConditionalGeneration(LeoMiniPreTrainedModel, GenerationMixin):
             labels=labels,
             image_features=image_features,
             routing_context=routing_context,
+            text_condition_mask=text_condition_mask,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -509,7 +532,8 @@ class LeoMiniForConditionalGeneration(LeoMiniPreTrainedModel, GenerationMixin):
         (the default `repeat_interleave` on `pixel_values` mis-assigns images when a prompt has several)."""
         pixel_values = model_kwargs.pop("pixel_values", None)
         if pixel_values is not None and expand_size > 1 and input_ids is not None:
-            image_blocks = self.model._validate_inputs(input_ids, None, pixel_values, None, None)
+            image_blocks = self.model._validate_inputs(input_ids, None, pixel_values, None, None,
+                                                       text_condition_mask=model_kwargs.get("text_condition_mask"))
             images_per_sample = image_blocks.images_per_sample.tolist()
             groups = pixel_values.split(images_per_sample)
             pixel_values = torch.cat([group for group in groups for _ in range(expand_size)])

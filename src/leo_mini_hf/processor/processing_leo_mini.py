@@ -32,6 +32,43 @@ IMAGE_KWARGS = ("max_image_pixels", "do_pad", "do_resize", "size", "resample", "
                 "do_normalize", "image_mean", "image_std")
 
 
+TEXT_SOURCES = ("prompt", "user")
+
+
+def conversation_text_blocks(conversation: list[dict]) -> list[tuple[bool, str]]:
+    """Every text a chat template renders from `conversation`, in order: (is it the user's, text)."""
+    blocks = []
+    for message in conversation:
+        content = message.get("content")
+        texts = [content] if isinstance(content, str) else [
+            block.get("text") for block in content or [] if isinstance(block, dict) and block.get("type") == "text"]
+        blocks += [(message.get("role") == "user", text) for text in texts if text]
+    return blocks
+
+
+def user_text_spans(text: str, blocks: list[tuple[bool, str]]) -> list[tuple[int, int]]:
+    """The character spans of the user's blocks in `text`, a chat template's rendering of `blocks`: each block is found
+    after the one before it, so an answer that repeats a question's words is never mistaken for it."""
+    spans, cursor = [], 0
+    for is_user, block in blocks:
+        start = text.find(block, cursor)
+        if start == -1:
+            raise ValueError(f"cotr_text_source='user' needs a chat template that renders each text block verbatim; "
+                             f"{block[:40]!r} is not in the rendered prompt")
+        cursor = start + len(block)
+        if is_user:
+            spans.append((start, cursor))
+    return spans
+
+
+def shift_span(span: tuple[int, int], replacement_offsets: list[dict]) -> tuple[int, int]:
+    """A character span of a text → the same characters after its image placeholders were expanded."""
+    def shift(position: int) -> int:
+        gained = sum(len(r["replacement"]) - len(r["text"]) for r in replacement_offsets if r["span"][1] <= position)
+        return position + gained
+    return shift(span[0]), shift(span[1])
+
+
 def _is_empty_media(media) -> bool:
     """None or an empty list/tuple, also nested (lmms-eval passes one empty list per sample)."""
     return media is None or (isinstance(media, (list, tuple)) and all(_is_empty_media(item) for item in media))
@@ -45,13 +82,19 @@ class LeoMiniProcessor(ProcessorMixin):
         model's `config.num_image_tokens`: N_V with CoTR); image_token (`str`): the placeholder, default `"<image>"`;
         visual_token_budgets (`list[int]`, optional): an elastic model's `cotr_budgets`, the values
         `num_visual_tokens=k` may take per call (None: only `num_image_tokens`).
+        cotr_text_source (`str`, default `"prompt"`): the model's `cotr_text_source`. With `"user"` every call also
+        returns `text_condition_mask` (B, T): 1 on the tokens of the user turns' text blocks when the text comes from
+        `apply_chat_template`, on every text token when the text is given directly (it is then the user's words).
     """
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, num_image_tokens=64,
-                 image_token="<image>", visual_token_budgets=None):
+                 image_token="<image>", visual_token_budgets=None, cotr_text_source="prompt"):
         self.num_image_tokens = num_image_tokens
         self.image_token = image_token
         self.visual_token_budgets = list(visual_token_budgets) if visual_token_budgets is not None else None
+        if cotr_text_source not in TEXT_SOURCES:
+            raise ValueError(f"cotr_text_source must be one of {TEXT_SOURCES}, got {cotr_text_source!r}")
+        self.cotr_text_source = cotr_text_source
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
         if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
@@ -103,6 +146,7 @@ class LeoMiniProcessor(ProcessorMixin):
                                        or max_length < 1):
             raise ValueError(f"max_length must be a positive int, got {max_length!r}")
         return_replacement_offsets = kwargs.pop("return_text_replacement_offsets", False)
+        text_condition_blocks = kwargs.pop("text_condition_blocks", None)  # from apply_chat_template
         if kwargs:
             raise TypeError(
                 f"LeoMiniProcessor got unexpected arguments {sorted(kwargs)}; with a pipeline, generation options go "
@@ -121,6 +165,9 @@ class LeoMiniProcessor(ProcessorMixin):
             )
 
         expanded, replacement_offsets = zip(*(self.expand_image_placeholders(t, k) for t, k in zip(texts, budgets)))
+        keep_offsets = text_kwargs.get("return_offsets_mapping", False)
+        if self.cotr_text_source == "user":
+            text_kwargs["return_offsets_mapping"] = True
         encoding = self.tokenizer(list(expanded), **text_kwargs)
         for row, (ids, count, budget) in enumerate(zip(encoding["input_ids"], placeholders, budgets)):
             found = sum(1 for token in ids if token == self.image_token_id)
@@ -131,12 +178,34 @@ class LeoMiniProcessor(ProcessorMixin):
                     "token itself. Raise max_length or shorten the text."
                 )
         data = dict(encoding)
+        if self.cotr_text_source == "user":
+            data["text_condition_mask"] = self.text_condition_mask(texts, replacement_offsets, data,
+                                                                   text_condition_blocks)
+            if not keep_offsets:
+                del data["offset_mapping"]
         if return_replacement_offsets:  # lets apply_chat_template map assistant spans onto the expanded text
             data["text_replacement_offsets"] = list(replacement_offsets)
         if num_images:
             flat_images = [image for group in grouped for image in group]
             data.update(self.image_processor(flat_images, return_tensors=None, **images_kwargs))
         return BatchFeature(data=data, tensor_type=return_tensors, skip_tensor_conversion=["text_replacement_offsets"])
+
+    def text_condition_mask(self, texts, replacement_offsets, encoding, text_condition_blocks) -> list[list[int]]:
+        """Per text, 1 on each token that overlaps the user's words: the user blocks of `text_condition_blocks` (one
+        list per text, from `apply_chat_template`), or the whole text when None. Image, special and padding tokens
+        (empty offsets) get 0."""
+        if text_condition_blocks is not None and len(text_condition_blocks) != len(texts):
+            raise ValueError(f"text_condition_blocks has {len(text_condition_blocks)} entries for {len(texts)} text(s)")
+        masks = []
+        rows = zip(texts, replacement_offsets, encoding["offset_mapping"], encoding["input_ids"])
+        for row, (text, offsets, token_spans, token_ids) in enumerate(rows):
+            spans = [(0, len(text))] if text_condition_blocks is None else user_text_spans(
+                text, text_condition_blocks[row])
+            spans = [shift_span(span, offsets) for span in spans]
+            masks.append([int(end > start and token_id != self.image_token_id and any(
+                start < span_end and end > span_start for span_start, span_end in spans))
+                for (start, end), token_id in zip((tuple(token) for token in token_spans), token_ids)])
+        return masks
 
     def budgets_per_text(self, num_visual_tokens, num_texts: int) -> list[int]:
         """`num_visual_tokens` (None, an int, or one int per text) → the image tokens per image of each text, each
@@ -174,8 +243,15 @@ class LeoMiniProcessor(ProcessorMixin):
         return "".join(pieces), offsets
 
     def apply_chat_template(self, conversation, chat_template=None, **kwargs):
-        """As ProcessorMixin's, with this processor's placeholder available to the template as `image_token`."""
+        """As ProcessorMixin's, with this processor's placeholder available to the template as `image_token`; with
+        `cotr_text_source="user"` the text blocks go along, so `text_condition_mask` marks the user's words only."""
         kwargs.setdefault("image_token", self.image_token)
+        if self.cotr_text_source == "user" and kwargs.get("tokenize"):
+            batched = isinstance(conversation, (list, tuple)) and conversation and isinstance(conversation[0],
+                                                                                              (list, tuple))
+            conversations = conversation if batched else [conversation]
+            kwargs["processor_kwargs"] = {**(kwargs.get("processor_kwargs") or {}), "text_condition_blocks": [
+                conversation_text_blocks(list(messages)) for messages in conversations]}
         return super().apply_chat_template(conversation, chat_template=chat_template, **kwargs)
 
     def post_process_image_text_to_text(self, generated_outputs, skip_special_tokens=True, **kwargs):
@@ -193,7 +269,8 @@ class LeoMiniProcessor(ProcessorMixin):
 
     @property
     def model_input_names(self):
-        return ["input_ids", "attention_mask", "pixel_values"]
+        names = ["input_ids", "attention_mask", "pixel_values"]
+        return names + ["text_condition_mask"] if self.cotr_text_source == "user" else names
 
 
 __all__ = ["LeoMiniProcessor"]

@@ -40,6 +40,7 @@ class LeoMiniDataCollator:
         labels = labels.masked_fill(attention_mask == 0, -100)
         labels = labels.masked_fill(input_ids == self.processor.image_token_id, -100)
         features = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-        if "pixel_values" in batch:
-            features["pixel_values"] = batch["pixel_values"]
+        for name in ("pixel_values", "text_condition_mask"):  # text_condition_mask: models with cotr_text_source="user"
+            if name in batch:
+                features[name] = batch[name]
         return features

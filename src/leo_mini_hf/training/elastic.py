@@ -11,7 +11,8 @@ step, so gradient accumulation, data-loader workers and a resumed run all see th
 import numpy as np
 import torch
 
-PER_TOKEN_KEYS = {"input_ids": None, "attention_mask": 0, "labels": -100}  # key → pad value (input_ids: pad token)
+# key → pad value (input_ids: the pad token)
+PER_TOKEN_KEYS = {"input_ids": None, "attention_mask": 0, "labels": -100, "text_condition_mask": 0}
 
 
 class BudgetSchedule:
