@@ -14,7 +14,7 @@ from transformers import TrainerCallback
 
 from leo_mini_hf.easyvqa.evaluation import prompt_inputs
 from leo_mini_hf.easyvqa.mosaic import CELL_NAMES
-from leo_mini_hf.easyvqa.object_named import ObjectNamedMosaicDataset
+from leo_mini_hf.easyvqa.object_named import object_named_dataset
 from leo_mini_hf.modeling.token_reduction import prompt_text_mask, prompt_text_sum
 from leo_mini_hf.training.adapter_weights import load_adapter_weights, sha256_of, trained_parameter_names
 
@@ -274,12 +274,14 @@ def load_object_named_row(name: str, seed: int, work_dir: Path, results_dir: Pat
 
 class AttentionShareProbe(TrainerCallback):
     """At every checkpoint, the named-cell share on a few test mosaics per grid, appended to `log_path` (JSON lines;
-    a resumed row keeps the earlier lines); num_visual_tokens: an elastic model's budget to measure at."""
+    a resumed row keeps the earlier lines); num_visual_tokens: an elastic model's budget to measure at; layout: the
+    object-named mosaics' layout ("unique" or "distinct")."""
 
-    def __init__(self, model, processor, log_path: Path, mosaics: int, num_visual_tokens: int | None = None):
+    def __init__(self, model, processor, log_path: Path, mosaics: int, num_visual_tokens: int | None = None,
+                 layout: str = "unique"):
         self.model, self.processor, self.log_path = model, processor, log_path
         self.num_visual_tokens = num_visual_tokens
-        self.samples = {grid: [ObjectNamedMosaicDataset("test", grid, size=mosaics, seed=0)[i] for i in range(mosaics)]
+        self.samples = {grid: [object_named_dataset("test", grid, mosaics, 0, layout)[i] for i in range(mosaics)]
                         for grid in GRIDS}
 
     def on_save(self, args, state, control, **kwargs):

@@ -16,6 +16,11 @@ present; a row interrupted while training resumes from its last checkpoint.
     python benchmarks/object_named.py                         # every row at seed 0, then table and plot
     python benchmarks/object_named.py --seed 1 --only cotr-1 cotr-4 avgpool-1 avgpool-4
     python benchmarks/object_named.py --report-only
+    python benchmarks/object_named.py --layout distinct --only cotr-1 queries-1   # results/object-distinct
+
+`--layout distinct` trains and tests on `DistinctObjectMosaicDataset` instead: every mosaic holds one object of each
+shape in three different colours, so no tile stands out unless the question names it (the issue's layout lets a
+question-blind rule pick the named tile, `object_named_shortcut.py`).
 """
 
 import argparse
@@ -34,7 +39,7 @@ from common import (GRIDS, ROOT, SHORT_TYPE_NAMES, WARM_PARTS, AttentionSharePro
 from leo_mini_hf.conversion.smol import assemble_leo_mini_smol
 from leo_mini_hf.easyvqa.dataset import EasyVQADataset
 from leo_mini_hf.easyvqa.evaluation import evaluate_vqa, prefill_seconds
-from leo_mini_hf.easyvqa.object_named import ANSWERS, ObjectNamedMosaicDataset, named_blind_accuracy, \
+from leo_mini_hf.easyvqa.object_named import ANSWERS, LAYOUTS, named_blind_accuracy, object_named_dataset, \
     object_named_training_mix
 from leo_mini_hf.modeling.token_reduction import ConditionalTokenReduction
 from leo_mini_hf.training.adapter_weights import save_adapter_weights
@@ -57,6 +62,7 @@ ROWS = {
     "cotr-1-lr10": ({"num_visual_tokens": 1}, "reducer"),  # CoTR's own learning rate: PART_LEARNING_RATE_FACTORS
     "cotr-1-user": ({"num_visual_tokens": 1, "cotr_text_source": "user"}, "reducer"),  # the user's words only
 }
+TASK_FOLDERS = {"unique": "object-named", "distinct": "object-distinct"}  # results and run folders per layout
 # row → {part: factor}: those parts train at factor × --learning-rate (a Trainer parameter group), on the same schedule
 PART_LEARNING_RATE_FACTORS = {"cotr-1-lr10": {"token_reducer": 10.0}}
 METHOD = {"cotr": "CoTR", "cotr-cos": "CoTR, cosine scores", "avgpool": "average pooling",
@@ -72,24 +78,25 @@ def run_row(name: str, args) -> dict:
     cache = VisionFeatureCache(args.feature_cache) if args.feature_cache else None
     if cache is not None:
         cache.attach(model)
-    train_set, data_description = object_named_training_mix(args.seed, args.train_size)
-    run_dir = args.work_dir / "runs" / "object-named" / f"seed-{args.seed}" / name
+    train_set, data_description = object_named_training_mix(args.seed, args.train_size, args.layout)
+    run_dir = args.work_dir / "runs" / TASK_FOLDERS[args.layout] / f"seed-{args.seed}" / name
     run_dir.mkdir(parents=True, exist_ok=True)
     is_cotr = isinstance(model.model.token_reducer, ConditionalTokenReduction) and overrides.get(
         "cotr_text_conditioning", True)
     probe_log = run_dir / "attention_share.jsonl"
     if TrainingTimer.last_complete_checkpoint(run_dir) is None:
         probe_log.unlink(missing_ok=True)  # a row starting over starts its log over
-    callbacks = [AttentionShareProbe(model, processor, probe_log, args.probe_mosaics)] if is_cotr else []
+    callbacks = [AttentionShareProbe(model, processor, probe_log, args.probe_mosaics, layout=args.layout)
+                 ] if is_cotr else []
     part_learning_rates = {part: factor * args.learning_rate
                            for part, factor in PART_LEARNING_RATE_FACTORS.get(name, {}).items()} or None
     trainer, train_seconds = train_resumably(model, processor, train_set, run_dir, args, label=name,
                                              callbacks=callbacks, part_learning_rates=part_learning_rates)
     model.eval()
-    tests = {f"object-{grid}x{grid}": ObjectNamedMosaicDataset("test", grid, size=args.eval_size, seed=args.seed)
+    tests = {f"object-{grid}x{grid}": object_named_dataset("test", grid, args.eval_size, args.seed, args.layout)
              for grid in GRIDS}
     result = {
-        "name": name, "overrides": overrides, "warm_start": warm_start_record,
+        "name": name, "layout": args.layout, "overrides": overrides, "warm_start": warm_start_record,
         "visual_tokens": model.config.num_image_tokens, "expert_tokens": model.model.vision_experts[0].num_tokens,
         "probe_mosaics": args.probe_mosaics, "steps": args.steps, "batch_size": args.batch_size,
         "learning_rate": args.learning_rate, "part_learning_rates": part_learning_rates, "seed": args.seed,
@@ -139,7 +146,15 @@ def write_report(results: list[dict], out: Path, command: str) -> None:
     rows = sorted(results, key=lambda r: (r["seed"], list(ROWS).index(r["name"])))
     first = rows[0]
     machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
-    lines = ["# Does CoTR keep what the question names? Object-named mosaics at 1 and 4 visual tokens", "",
+    layout = first.get("layout", "unique")
+    title = "# Does CoTR keep what the question names? Object-named mosaics at 1 and 4 visual tokens"
+    layout_note = []
+    if layout == "distinct":
+        title += " (distinct layout: three objects of distinct shapes and colours, blanks elsewhere)"
+        layout_note = ["", "Distinct layout: the blank cells hold nothing, so attention spread evenly over the three "
+                       "objects gives the named cell a share of about 1/3 whatever the grid; only a share above that "
+                       "selects the named object."]
+    lines = [title, "",
              f"Command: `{command}`  ", f"Machine: {machine}  ",
              f"Trained on {first['data']['easy-vqa']['seeded_sample']} easy-vqa train questions + as many 2×2 and 3×3 "
              f"object-named train mosaics; {first['steps']} steps, batch {first['batch_size']}, lr "
@@ -150,7 +165,7 @@ def write_report(results: list[dict], out: Path, command: str) -> None:
              "CoTR's attention (mean over queries) on the named tile's cell, against that cell's share of the "
              "expert's tokens. *cotr-1-lr10*: cotr-1 with CoTR at 10× the learning rate (its own parameter group); "
              "*cotr-1-user*: cotr-1 whose text term sums only the user's words (`cotr_text_source=\"user\"`).",
-             "",
+             *layout_note, "",
              "| row | seed | method | tokens | warm | "
              + " | ".join(f"{g}×{g} {short[k]}" for g in GRIDS for k in kinds)
              + " | swapped 2×2 / 3×3 | easy-vqa | named-cell share 2×2 | named-cell share 3×3 | train s/step |",
@@ -158,8 +173,9 @@ def write_report(results: list[dict], out: Path, command: str) -> None:
     chance = {"object colour of shape": 1 / 8, "object shape of colour": 1 / 3, "object colour and shape": 1 / 2}
     lines.append("| chance | – | – | – | – | " + " | ".join(f"{chance[k]:.2f}" for g in GRIDS for k in kinds)
                  + " | – | – | – | – | – |")
-    blind = {grid: named_blind_accuracy(ObjectNamedMosaicDataset(**{
-        k: v for k, v in first["test_data"][f"object-{grid}x{grid}"].items() if k != "generator"})) for grid in GRIDS}
+    blind = {grid: named_blind_accuracy(object_named_dataset(**{
+        k: v for k, v in first["test_data"][f"object-{grid}x{grid}"].items() if k != "generator"},
+        layout=first.get("layout", "unique"))) for grid in GRIDS}
     lines.append("| commonest colour / shape in the mosaic, \"yes\" | – | – | – | – | "
                  + " | ".join(f"{blind[g][k]:.2f}" for g in GRIDS for k in kinds) + " | – | – | – | – | – |")
     for r in rows:
@@ -198,8 +214,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="*", choices=list(ROWS), help="run only these rows (default: all, in order)")
     add_object_named_arguments(parser)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "object-named")
+    parser.add_argument("--layout", choices=LAYOUTS, default="unique",
+                        help="unique: the issue's mosaics (one tile of the named value, the others filled); distinct: "
+                             "three objects of distinct shapes and colours, blanks elsewhere (no odd one out)")
+    parser.add_argument("--out", type=Path, help="default: results/object-named (unique) or results/object-distinct")
     args = parser.parse_args()
+    args.out = args.out or ROOT / "benchmarks" / "results" / TASK_FOLDERS[args.layout]
     torch.set_num_threads(args.threads)
     for name in [] if args.report_only else args.only or ROWS:
         path = args.out / f"seed-{args.seed}" / f"{name}.json"

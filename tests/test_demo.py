@@ -64,8 +64,9 @@ def test_eval_command_on_mosaics_with_swapped_images(tiny_checkpoint, capsys):
                                                 "mosaic where"]
 
 
-def test_eval_command_on_object_named_mosaics(tiny_checkpoint, capsys):
-    cli(["eval", "--model", str(tiny_checkpoint), "--dataset", "object-2x2", "--limit", "6", "--batch-size", "6"])
+@pytest.mark.parametrize("dataset", ["object-2x2", "object-distinct-3x3"])
+def test_eval_command_on_object_named_mosaics(tiny_checkpoint, capsys, dataset):
+    cli(["eval", "--model", str(tiny_checkpoint), "--dataset", dataset, "--limit", "6", "--batch-size", "6"])
     printed = capsys.readouterr().out
     result = json.loads(printed[: printed.index("\n|")])
     assert result["count_per_type"] == {"object colour and shape": 2, "object colour of shape": 2,

@@ -18,7 +18,7 @@ from lmms_eval.tasks import TaskManager  # noqa: E402
 
 from leo_mini_hf.easyvqa.dataset import EasyVQADataset  # noqa: E402
 from leo_mini_hf.easyvqa.evaluation import answer_questions, evaluate_vqa  # noqa: E402
-from leo_mini_hf.easyvqa.object_named import ObjectNamedMosaicDataset  # noqa: E402
+from leo_mini_hf.easyvqa.object_named import DistinctObjectMosaicDataset, ObjectNamedMosaicDataset  # noqa: E402
 from leo_mini_hf.lmms_eval_model import LeoMiniLmms, _cut_at  # noqa: E402
 from leo_mini_hf.lmms_eval_tasks import TASKS_DIR  # noqa: E402
 from leo_mini_hf.lmms_eval_tasks.tasks import doc_to_visual, easy_vqa_documents  # noqa: E402
@@ -55,6 +55,7 @@ def test_the_entry_point_resolves_to_the_model_class():
 @pytest.mark.parametrize("task, dataset", [
     ("easy_vqa", lambda n: EasyVQADataset("test", limit=n)),
     ("easy_vqa_object_2x2", lambda n: ObjectNamedMosaicDataset("test", 2, size=n, seed=0)),
+    ("easy_vqa_object_distinct_3x3", lambda n: DistinctObjectMosaicDataset("test", 3, size=n, seed=0)),
 ])
 def test_simple_evaluate_scores_a_local_task_as_leo_mini_eval_answers_it(tiny_checkpoint, task, dataset):
     """Offline, with a limit: lmms-eval's answers are exactly `leo-mini eval`'s greedy answers to the same first N
@@ -172,8 +173,9 @@ def test_the_lmms_eval_command_line_runs_a_local_task(tiny_checkpoint, tmp_path)
 def test_tasks_folder_is_printed_for_include_path():
     done = subprocess.run([sys.executable, "-m", "leo_mini_hf.lmms_eval_tasks"], capture_output=True, text=True)
     assert done.stdout.strip() == str(TASKS_DIR)
-    assert {path.name for path in TASKS_DIR.glob("*.yaml")} == {"easy_vqa.yaml", "easy_vqa_object_2x2.yaml",
-                                                                 "easy_vqa_object_3x3.yaml"}
+    assert {path.name for path in TASKS_DIR.glob("*.yaml")} == {
+        "easy_vqa.yaml", "easy_vqa_object_2x2.yaml", "easy_vqa_object_3x3.yaml", "easy_vqa_object_distinct_2x2.yaml",
+        "easy_vqa_object_distinct_3x3.yaml"}
 
 
 @pytest.mark.slow

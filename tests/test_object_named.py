@@ -8,12 +8,14 @@ from pathlib import Path
 import pytest
 
 from leo_mini_hf.easyvqa.dataset import COLOURS, SHAPES
-from leo_mini_hf.easyvqa.mosaic import EasyVQAMosaicDataset, labelled_easy_vqa_images
+from leo_mini_hf.easyvqa.mosaic import BLANK_BACKGROUND, EasyVQAMosaicDataset, labelled_easy_vqa_images
 from leo_mini_hf.easyvqa.object_named import (
     ANSWERS,
+    DistinctObjectMosaicDataset,
     ObjectNamedMosaicDataset,
     balanced_values,
     named_blind_accuracy,
+    object_named_dataset,
     object_named_training_mix,
 )
 
@@ -102,3 +104,63 @@ def test_training_mix_is_a_seeded_easy_vqa_sample_then_2x2_and_3x3_mosaics():
                            "mosaics": [two.description(), three.description()]}
     assert mix[40]["tiles"] == ObjectNamedMosaicDataset("train", 2, 40, seed=5)[0]["tiles"]
     assert sample.indices != object_named_training_mix(seed=6, size=40)[0].datasets[0].indices
+
+
+# ---- the distinct layout: three objects of distinct shapes and colours, no odd one out ---------------------------
+
+@pytest.mark.parametrize("grid", [2, 3])
+def test_distinct_mosaics_hold_three_unique_objects_and_the_right_answer(grid):
+    dataset = DistinctObjectMosaicDataset("test", grid, size=240, seed=3)
+    samples = [dataset[i] for i in range(len(dataset))]
+    for sample in samples:
+        objects = [tile for tile in sample["tiles"] if tile["path"]]
+        assert len(objects) == 3 and len(sample["tiles"]) == grid * grid
+        assert sorted(tile["shape"] for tile in objects) == sorted(SHAPES)
+        assert len({tile["colour"] for tile in objects}) == 3  # every colour in the mosaic unique too
+        question = sample["messages"][0]["content"][1]["text"]
+        if match := re.fullmatch(r"Is there a (\w+) (\w+)\?", question):  # both values always shown
+            colour, shape = match.groups()
+            assert {colour} <= {t["colour"] for t in objects} and {shape} <= {t["shape"] for t in objects}
+            found = [i for i, t in enumerate(sample["tiles"]) if (t["colour"], t["shape"]) == (colour, shape)]
+            assert (sample["answer"], sample["named_cell"]) == (("yes", found[0]) if found else ("no", None))
+        else:
+            assert oracle(question, sample["tiles"]) == (sample["answer"], sample["named_cell"])
+    for kind, answers in ANSWERS.items():
+        counts = Counter(s["answer"] for s in samples if s["question_type"] == kind)
+        assert set(counts) == set(answers) and max(counts.values()) - min(counts.values()) <= 1, (kind, counts)
+
+
+def test_distinct_mosaics_give_a_question_blind_model_one_in_three():
+    """No tile stands out: the commonest colour/shape (all tie) and the odd one out (every object is one) both give a
+    random object's attribute, right one time in three; "yes" one time in two."""
+    dataset = DistinctObjectMosaicDataset("test", 3, size=600, seed=0)
+    blind = named_blind_accuracy(dataset)
+    assert blind["object colour of shape"] == pytest.approx(1 / 3, abs=0.01)
+    assert blind["object shape of colour"] == pytest.approx(1 / 3, abs=0.01)
+    assert blind["object colour and shape"] == 0.5
+    unique = ObjectNamedMosaicDataset("test", 3, size=600, seed=0)
+    odd_one_out = [sum(Counter(t.shape for t in tiles)[t.shape] == 1 for t in tiles if t.path)
+                   for tiles in (unique.draw(i)[0] for i in range(0, 600, 3))]
+    assert sum(count == 1 for count in odd_one_out) / len(odd_one_out) > 0.9  # the issue's layout: one stands out
+
+
+def test_distinct_mosaics_are_deterministic_blank_and_selectable_by_layout():
+    first = DistinctObjectMosaicDataset("test", 3, 12, seed=1)
+    assert [first[i]["tiles"] for i in range(12)] == [DistinctObjectMosaicDataset("test", 3, 12, seed=1)[i]["tiles"]
+                                                      for i in range(12)]
+    assert first.description()["generator"] == "leo_mini_hf.easyvqa.object_named distinct v1"
+    sample = first[0]
+    image, side = sample["messages"][0]["content"][0]["image"], sample["messages"][0]["content"][0]["image"].width // 3
+    for cell, tile in enumerate(sample["tiles"]):
+        row, column = divmod(cell, 3)
+        centre = image.getpixel((column * side + side // 2, row * side + side // 2))
+        assert (centre == BLANK_BACKGROUND) == (not tile["path"]), cell
+    train_paths = {image.path for image in labelled_easy_vqa_images("train")}
+    assert not {tile["path"] for i in range(12) for tile in first[i]["tiles"] if tile["path"]} & train_paths
+    assert isinstance(object_named_dataset("test", 2, 4, layout="distinct"), DistinctObjectMosaicDataset)
+    assert type(object_named_dataset("test", 2, 4)) is ObjectNamedMosaicDataset
+    with pytest.raises(ValueError, match="layout must be one of"):
+        object_named_dataset("test", 2, 4, layout="sparse")
+    mix, description = object_named_training_mix(seed=0, size=6, layout="distinct")
+    assert [d.generator for d in mix.datasets[1:]] == [first.generator] * 2
+    assert description["mosaics"][0]["generator"] == first.generator

@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> None:
     evaluate = commands.add_parser("eval", help="exact-match accuracy per question type (JSON + table)")
     evaluate.add_argument("--model", required=True)
     evaluate.add_argument("--dataset", default="easy-vqa", choices=["easy-vqa", "mosaic-2x2", "mosaic-3x3",
-                                                                  "object-2x2", "object-3x3"])
+                                                                  "object-2x2", "object-3x3", "object-distinct-2x2",
+                                                                  "object-distinct-3x3"])
     evaluate.add_argument("--split", default="test", choices=["train", "test"])
     evaluate.add_argument("--limit", type=int, help="seeded sample of N questions (mosaics: N questions, default 400)")
     evaluate.add_argument("--seed", type=int, default=0)

@@ -124,6 +124,7 @@ def evaluate_checkpoint(model_dir, dataset_name: str = "easy-vqa", split: str = 
                         num_visual_tokens: int | None = None) -> dict:
     """`leo-mini eval`: exact-match accuracy of a checkpoint on easy-vqa or a seeded mosaic set ("mosaic-2x2",
     "mosaic-3x3": questions about a cell; "object-2x2", "object-3x3": questions naming a tile by its content;
+    "object-distinct-2x2", "object-distinct-3x3": the same questions, three objects of distinct shapes and colours;
     `limit` questions, default 400), at `num_visual_tokens` per image (an elastic model's budget); prints the JSON
     result and a per-type table."""
     import json
@@ -133,7 +134,7 @@ def evaluate_checkpoint(model_dir, dataset_name: str = "easy-vqa", split: str = 
     from ..processor import LeoMiniProcessor
     from .dataset import EasyVQADataset
     from .mosaic import EasyVQAMosaicDataset
-    from .object_named import ObjectNamedMosaicDataset
+    from .object_named import DistinctObjectMosaicDataset, ObjectNamedMosaicDataset
 
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be a positive number of questions, got {limit}")
@@ -143,7 +144,8 @@ def evaluate_checkpoint(model_dir, dataset_name: str = "easy-vqa", split: str = 
     if dataset_name == "easy-vqa":
         dataset = EasyVQADataset(split)
     else:
-        mosaics = {"mosaic": EasyVQAMosaicDataset, "object": ObjectNamedMosaicDataset}[dataset_name.split("-")[0]]
+        mosaics = {"mosaic": EasyVQAMosaicDataset, "object": ObjectNamedMosaicDataset,
+                   "object-distinct": DistinctObjectMosaicDataset}[dataset_name.rsplit("-", 1)[0]]
         dataset = mosaics(split, int(dataset_name[-1]), size=limit or 400, seed=seed)
         limit = None  # the seeded mosaic set is the sample
     processor.budgets_per_text(num_visual_tokens, 1)  # a budget the model lacks is refused before any work

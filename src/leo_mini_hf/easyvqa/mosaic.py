@@ -36,6 +36,10 @@ class LabelledImage:
     colour: str
 
 
+BLANK = LabelledImage(path="", shape="", colour="")  # an empty cell: plain background, no shape
+BLANK_BACKGROUND = (246, 246, 246)  # near the easy-vqa images' own near-white backgrounds
+
+
 @lru_cache(maxsize=2)
 def labelled_easy_vqa_images(split: str) -> tuple[LabelledImage, ...]:
     """The split's images whose shape and colour the easy-vqa questions determine (88% of them), by image id.
@@ -154,12 +158,12 @@ class EasyVQAMosaicDataset(Dataset):
         return tiles, f"How many {colour} shapes are there?", str(count), None
 
     def _compose(self, tiles: list[LabelledImage]) -> Image.Image:
-        first = _load_tile(tiles[0].path)
-        side = first.width
-        mosaic = Image.new("RGB", (side * self.grid, side * self.grid))
+        side = _load_tile(next(tile for tile in tiles if tile != BLANK).path).width
+        mosaic = Image.new("RGB", (side * self.grid, side * self.grid), BLANK_BACKGROUND)
         for cell, tile in enumerate(tiles):
-            row, column = divmod(cell, self.grid)
-            mosaic.paste(_load_tile(tile.path), (column * side, row * side))
+            if tile != BLANK:
+                row, column = divmod(cell, self.grid)
+                mosaic.paste(_load_tile(tile.path), (column * side, row * side))
         return mosaic
 
 
@@ -180,7 +184,7 @@ def commonest_attribute_accuracy(dataset: EasyVQAMosaicDataset, attribute_of_typ
         attribute = attribute_of_type.get(question_type)
         if attribute is None:
             continue
-        counts = Counter(getattr(tile, attribute) for tile in tiles)
+        counts = Counter(getattr(tile, attribute) for tile in tiles if tile != BLANK)
         most_frequent = [value for value, count in counts.items() if count == max(counts.values())]
         scores[question_type].append((answer in most_frequent) / len(most_frequent))
     return {question_type: sum(values) / len(values) for question_type, values in scores.items()}

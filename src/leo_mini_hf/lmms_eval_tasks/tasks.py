@@ -9,14 +9,15 @@ from PIL import Image
 from ..easyvqa.dataset import EasyVQADataset
 from ..easyvqa.evaluation import normalise_answer
 from ..easyvqa.mosaic import EasyVQAMosaicDataset
-from ..easyvqa.object_named import ObjectNamedMosaicDataset
+from ..easyvqa.object_named import DistinctObjectMosaicDataset, ObjectNamedMosaicDataset
 
-MOSAICS = {"mosaic": EasyVQAMosaicDataset, "object": ObjectNamedMosaicDataset}
+MOSAICS = {"mosaic": EasyVQAMosaicDataset, "object": ObjectNamedMosaicDataset,
+           "object-distinct": DistinctObjectMosaicDataset}
 
 
 class EasyVQATask(ConfigurableTask):
-    """Documents from `dataset_kwargs`: {source: easy-vqa, split} or {source: object | mosaic, split, grid, size,
-    seed}, in the order `leo-mini eval` reads them (so `--limit N` takes the same first N questions)."""
+    """Documents from `dataset_kwargs`: {source: easy-vqa, split} or {source: object | object-distinct | mosaic, split,
+    grid, size, seed}, in the order `leo-mini eval` reads them (so `--limit N` takes the same first N questions)."""
 
     def __init__(self, *args, config: dict | None = None, **kwargs) -> None:
         config = dict(config or {})
