@@ -494,8 +494,8 @@ def test_train_command_takes_part_learning_rates(tiny_checkpoint, tmp_path, caps
         cli(train_command(tiny_checkpoint, tmp_path / "frozen", data, "--part_learning_rates", "vision_experts=1e-3"))
     assert "no trained parameters in this model and stage" in capsys.readouterr().err
     def weights(model):
-        return {"token_reducer": model.model.token_reducer.queries,
-                "multi_modal_projector": model.model.multi_modal_projector.linear_1.weight}
+        return {"token_reducer": model.model.token_reducer.queries.detach(),
+                "multi_modal_projector": model.model.multi_modal_projector.linear_1.weight.detach()}
 
     start = weights(LeoMiniForConditionalGeneration.from_pretrained(tiny_checkpoint))
     steps = {}
