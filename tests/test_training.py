@@ -506,3 +506,15 @@ def test_train_command_takes_part_learning_rates(tiny_checkpoint, tmp_path, caps
     # one AdamW step moves each weight by about its learning rate: 0.1 for CoTR's queries, 5e-5 (default) elsewhere
     assert steps["fast"]["token_reducer"] > 100 * steps["plain"]["token_reducer"]
     assert steps["fast"]["multi_modal_projector"] == pytest.approx(steps["plain"]["multi_modal_projector"], rel=1e-3)
+
+
+def test_part_learning_rates_refuse_a_wrapped_model(tiny_checkpoint, tiny_processor, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    wrapped = get_peft_model(load(tiny_checkpoint), LoraConfig(r=2, target_modules=r".*language_model.*\.q_proj"))
+    trainer = LeoMiniTrainer(model=wrapped, args=default_training_arguments(output_dir=str(tmp_path), max_steps=1,
+                                                                            use_cpu=True),
+                             train_dataset=overfit_set(1), data_collator=LeoMiniDataCollator(tiny_processor),
+                             processing_class=tiny_processor, part_learning_rates={"projector": 1e-3})
+    with pytest.raises(ValueError, match="needs the LEO-MINI model itself"):
+        trainer.train()

@@ -102,10 +102,15 @@ class LeoMiniTrainer(Trainer):
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
         if self.optimizer is not None or not self.part_learning_rates:
             return super().create_optimizer(model)
-        optimizer = super().create_optimizer(model)
         opt_model = self.model if model is None else model
-        split_param_groups_by_part(optimizer, opt_model.parameter_parts(), opt_model.named_parameters(),
-                                   self.part_learning_rates)
+        parts = opt_model.parameter_parts() if hasattr(opt_model, "parameter_parts") else {}
+        named_parameters = dict(opt_model.named_parameters())
+        if not set(named_parameters) <= set(parts):
+            raise ValueError(f"part_learning_rates needs the LEO-MINI model itself, whose parameter names "
+                             f"parameter_parts() knows; got a {type(opt_model).__name__} (e.g. a PEFT wrapper): give "
+                             "its parts their rates with your own optimizer (Trainer(optimizers=...))")
+        optimizer = super().create_optimizer(model)
+        split_param_groups_by_part(optimizer, parts, named_parameters.items(), self.part_learning_rates)
         return optimizer
 
     def _pad_token_id(self) -> int:
