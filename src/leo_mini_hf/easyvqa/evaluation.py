@@ -133,8 +133,7 @@ def evaluate_checkpoint(model_dir, dataset_name: str = "easy-vqa", split: str = 
     from ..modeling import LeoMiniForConditionalGeneration
     from ..processor import LeoMiniProcessor
     from .dataset import EasyVQADataset
-    from .mosaic import EasyVQAMosaicDataset
-    from .object_named import DistinctObjectMosaicDataset, ObjectNamedMosaicDataset
+    from .object_named import MOSAIC_DATASETS
 
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be a positive number of questions, got {limit}")
@@ -144,8 +143,7 @@ def evaluate_checkpoint(model_dir, dataset_name: str = "easy-vqa", split: str = 
     if dataset_name == "easy-vqa":
         dataset = EasyVQADataset(split)
     else:
-        mosaics = {"mosaic": EasyVQAMosaicDataset, "object": ObjectNamedMosaicDataset,
-                   "object-distinct": DistinctObjectMosaicDataset}[dataset_name.rsplit("-", 1)[0]]
+        mosaics = MOSAIC_DATASETS[dataset_name.rsplit("-", 1)[0]]
         dataset = mosaics(split, int(dataset_name[-1]), size=limit or 400, seed=seed)
         limit = None  # the seeded mosaic set is the sample
     processor.budgets_per_text(num_visual_tokens, 1)  # a budget the model lacks is refused before any work

@@ -20,7 +20,6 @@ OBJECT_QUESTION_TYPES = ("colour of shape", "shape of colour", "colour and shape
 ANSWERS = {"object colour of shape": COLOURS, "object shape of colour": SHAPES, "object colour and shape": YES_NO}
 OBJECT_GENERATOR = "leo_mini_hf.easyvqa.object_named v1"  # recorded with results; the samples it names are unchanged
 DISTINCT_GENERATOR = "leo_mini_hf.easyvqa.object_named distinct v1"
-LAYOUTS = ("unique", "distinct")  # ObjectNamedMosaicDataset (the issue's task), DistinctObjectMosaicDataset
 
 
 class ObjectNamedMosaicDataset(EasyVQAMosaicDataset):
@@ -118,13 +117,20 @@ class DistinctObjectMosaicDataset(ObjectNamedMosaicDataset):
         return tiles, f"Is there a {colour} {shape}?", answer, cells[0] if answer == "yes" else None
 
 
+# every seeded mosaic set by the name `leo-mini eval --dataset <name>-<grid>` and the lmms-eval tasks give it
+MOSAIC_DATASETS = {"mosaic": EasyVQAMosaicDataset, "object": ObjectNamedMosaicDataset,
+                   "object-distinct": DistinctObjectMosaicDataset}
+# the object-named layouts: the issue's ("unique": one tile of the named value) and the one without an odd one out
+LAYOUT_DATASETS = {"unique": ObjectNamedMosaicDataset, "distinct": DistinctObjectMosaicDataset}
+LAYOUTS = tuple(LAYOUT_DATASETS)
+
+
 def object_named_dataset(split: str, grid: int, size: int, seed: int = 0, layout: str = "unique"):
     """The object-named mosaics of `layout`: "unique" (the issue's: one tile of the named value, the other cells
     filled) or "distinct" (three objects of distinct shapes and colours, blanks elsewhere)."""
-    if layout not in LAYOUTS:
+    if layout not in LAYOUT_DATASETS:
         raise ValueError(f"object-named layout must be one of {LAYOUTS}, got {layout!r}")
-    dataset_class = ObjectNamedMosaicDataset if layout == "unique" else DistinctObjectMosaicDataset
-    return dataset_class(split, grid, size=size, seed=seed)
+    return LAYOUT_DATASETS[layout](split, grid, size=size, seed=seed)
 
 
 def balanced_values(rng: random.Random, values: tuple[str, ...], answer: str, count: int) -> list[str]:

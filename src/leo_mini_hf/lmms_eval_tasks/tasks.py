@@ -8,11 +8,7 @@ from PIL import Image
 
 from ..easyvqa.dataset import EasyVQADataset
 from ..easyvqa.evaluation import normalise_answer
-from ..easyvqa.mosaic import EasyVQAMosaicDataset
-from ..easyvqa.object_named import DistinctObjectMosaicDataset, ObjectNamedMosaicDataset
-
-MOSAICS = {"mosaic": EasyVQAMosaicDataset, "object": ObjectNamedMosaicDataset,
-           "object-distinct": DistinctObjectMosaicDataset}
+from ..easyvqa.object_named import MOSAIC_DATASETS
 
 
 class EasyVQATask(ConfigurableTask):
@@ -37,9 +33,9 @@ def easy_vqa_documents(source: str = "easy-vqa", split: str = "test", grid: int 
         dataset = EasyVQADataset(split)
         return [{"question": question, "answer": answer, "image_path": str(path), "question_type": ""}
                 for question, answer, path in dataset.samples]
-    if source not in MOSAICS:
-        raise ValueError(f"easy-vqa task source must be 'easy-vqa' or one of {sorted(MOSAICS)}, got {source!r}")
-    dataset = MOSAICS[source](split, grid, size=size, seed=seed)
+    if source not in MOSAIC_DATASETS:
+        raise ValueError(f"easy-vqa task source must be 'easy-vqa' or one of {sorted(MOSAIC_DATASETS)}, got {source!r}")
+    dataset = MOSAIC_DATASETS[source](split, grid, size=size, seed=seed)
     documents = []
     for index in range(len(dataset)):
         _, question, answer, question_type = dataset.draw(index)
@@ -54,7 +50,8 @@ def doc_to_visual(doc: dict) -> list[Image.Image]:
         with Image.open(doc["image_path"]) as image:
             return [image.convert("RGB")]
     mosaic = doc["mosaic"]
-    dataset = MOSAICS[mosaic["source"]](mosaic["split"], mosaic["grid"], size=mosaic["size"], seed=mosaic["seed"])
+    dataset = MOSAIC_DATASETS[mosaic["source"]](mosaic["split"], mosaic["grid"], size=mosaic["size"],
+                                                seed=mosaic["seed"])
     return [dataset[mosaic["index"]]["messages"][0]["content"][0]["image"]]
 
 
