@@ -145,11 +145,11 @@ def token_cells(num_tokens: int, mosaic_grid: int) -> torch.Tensor:
     return (centres[:, None] * mosaic_grid + centres[None, :]).flatten()
 
 
-def cell_share(weights: torch.Tensor, cells: torch.Tensor, mosaic_grid: int) -> torch.Tensor:
+def cell_share(weights: torch.Tensor, cells: torch.Tensor, mosaic_grid: int, per_query: bool = False) -> torch.Tensor:
     """CoTR weights (n, N_V, N) → attention share of each mosaic cell (n, cells): mean over the queries, summed over
-    the tokens of the cell (`cells`: token_cells)."""
-    per_token = weights.mean(dim=1)
-    return torch.zeros(len(per_token), mosaic_grid**2, dtype=per_token.dtype).index_add(1, cells, per_token)
+    the tokens of the cell (`cells`: token_cells). per_query: each query's own share instead, (n, N_V, cells)."""
+    per_token = weights if per_query else weights.mean(dim=1)
+    return torch.zeros(*per_token.shape[:-1], mosaic_grid**2, dtype=per_token.dtype).index_add(-1, cells, per_token)
 
 
 @torch.no_grad()
@@ -168,7 +168,8 @@ def prompt_text_sums(model, inputs) -> torch.Tensor:
     """(B, d): the sum of each prompt's text-token embeddings, which CoTR is conditioned on, as the model's forward
     computes it (prompts only, no labels; only the user's words for a `cotr_text_source="user"` model)."""
     embeds = model.get_input_embeddings()(inputs["input_ids"])
-    text_mask = prompt_text_mask(inputs["input_ids"], embeds, inputs["attention_mask"], None, model.config.image_token_id)
+    text_mask = prompt_text_mask(inputs["input_ids"], embeds, inputs["attention_mask"], None,
+                                 model.config.image_token_id)
     if "text_condition_mask" in inputs:
         text_mask = text_mask & inputs["text_condition_mask"].bool()
     return prompt_text_sum(embeds, text_mask)
@@ -241,10 +242,10 @@ def named_cell_shares(model, samples: list[dict], processor, grid: int, num_visu
 
 @torch.no_grad()
 def named_tile_shares(model, processor, samples: list[dict], grid: int, num_visual_tokens: int | None = None,
-                      zero_text: bool = False) -> list[float]:
+                      zero_text: bool = False, per_query: bool = False) -> list:
     """Per sample (each naming a tile: its `named_cell`), CoTR's attention share (first expert, mean over the
     queries) on that tile's cell. num_visual_tokens: an elastic model's budget; zero_text: CoTR conditioned on a zero
-    prompt-text sum instead of the prompt's."""
+    prompt-text sum instead of the prompt's; per_query: a list of each query's share per sample instead."""
     inner = model.model
     cells = token_cells(inner.vision_experts[0].num_tokens, grid)
     shares = []
@@ -256,8 +257,8 @@ def named_tile_shares(model, processor, samples: list[dict], grid: int, num_visu
         if zero_text:
             text_sums = torch.zeros_like(text_sums)
         weights = inner.token_reducer.expert_attention(features, text_sums, num_visual_tokens)[0]
-        per_cell = cell_share(weights, cells, grid)
-        shares += [per_cell[row, sample["named_cell"]].item() for row, sample in enumerate(batch)]
+        per_cell = cell_share(weights, cells, grid, per_query)
+        shares += [per_cell[row, ..., sample["named_cell"]].tolist() for row, sample in enumerate(batch)]
     return shares
 
 

@@ -1,5 +1,6 @@
 """Which tile does a trained CoTR row's token pick, by the value the question names? For "colour of the <shape>"
-questions: CoTR's share on the named tile and the accuracy, split by the named shape. A reducer that selects by the
+questions: CoTR's share on the named tile (mean over its queries, and each query's) and the accuracy, split by the
+named shape. A reducer that selects by the
 question spreads its share evenly over the three shapes; one that is a fixed shape detector has a high share when
 its shape is named and a low one otherwise.
 
@@ -42,25 +43,30 @@ def main() -> None:
         items = [item for item in items if item[4] == KIND][: args.questions]
         samples = [dataset[index] for index, *_ in items]
         predictions = answer_questions(model, processor, samples, batch_size=16)
-        shares = named_tile_shares(model, processor, samples, grid)
+        shares = named_tile_shares(model, processor, samples, grid, per_query=True)  # [[share per query]]
         by_shape = defaultdict(lambda: {"share": [], "correct": []})
         for (index, tiles, question, answer, kind, cell), share, prediction in zip(items, shares, predictions):
             by_shape[tiles[cell].shape]["share"].append(share)
             by_shape[tiles[cell].shape]["correct"].append(normalise_answer(prediction) == answer)
-        result[f"{grid}x{grid}"] = {shape: {"questions": len(v["share"]),
-                                            "named_share": sum(v["share"]) / len(v["share"]),
-                                            "accuracy": sum(v["correct"]) / len(v["correct"])}
-                                   for shape, v in sorted(by_shape.items())}
+        result[f"{grid}x{grid}"] = {}
+        for shape, entry in sorted(by_shape.items()):
+            per_query = torch.tensor(entry["share"]).mean(dim=0)  # (N_V,): each query's mean share
+            result[f"{grid}x{grid}"][shape] = {"questions": len(entry["share"]),
+                                               "named_share": per_query.mean().item(),
+                                               "named_share_per_query": per_query.tolist(),
+                                               "accuracy": sum(entry["correct"]) / len(entry["correct"])}
         print(grid, json.dumps(result[f"{grid}x{grid}"]), flush=True)
     command = shlex.join(["python", "benchmarks/object_named_share_by_value.py", *sys.argv[1:]])
     lines = [f"# {args.row}: CoTR's share on the named tile and accuracy, by the shape the question names", "",
              f"Command: `{command}`  ", f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch "
              f"{torch.__version__}  ", f"\"What colour is the <shape>?\", the first {args.questions} such test "
              f"questions per grid (seed {args.seed}); uniform share: 1/4 (2×2), 1/9 (3×3).", "",
-             "| grid | named shape | questions | named-tile share | accuracy |", "|---|---|---|---|---|"]
+             "| grid | named shape | questions | named-tile share | share per query | accuracy |",
+             "|---|---|---|---|---|---|"]
     for grid, shapes in result.items():
         for shape, entry in shapes.items():
-            lines.append(f"| {grid} | {shape} | {entry['questions']} | {entry['named_share']:.3f} | "
+            per_query = " / ".join(f"{share:.2f}" for share in entry["named_share_per_query"])
+            lines.append(f"| {grid} | {shape} | {entry['questions']} | {entry['named_share']:.3f} | {per_query} | "
                          f"{entry['accuracy']:.2f} |")
     write_results(args.out / f"share_by_named_shape_{args.row}", {"command": command, "row": args.row,
                                                                    "result": result}, lines)
