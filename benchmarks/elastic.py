@@ -13,6 +13,7 @@ an interrupted evaluation continues on the same weights.
 
     python benchmarks/elastic.py                  # train (resumable), evaluate every budget, table and plot
     python benchmarks/elastic.py --report-only
+    python benchmarks/elastic.py --name cotr-elastic-w311 --budget-weights 3 1 1 --out benchmarks/results/elastic-w311
 """
 
 import argparse
@@ -60,7 +61,7 @@ def train(args, run_dir: Path) -> dict:
     if TrainingTimer.last_complete_checkpoint(run_dir) is None:
         probe_log.unlink(missing_ok=True)
     probe = AttentionShareProbe(model, processor, probe_log, args.probe_mosaics, num_visual_tokens=BUDGETS[0])
-    trainer, train_seconds = train_resumably(model, processor, train_set, run_dir, args, label=NAME,
+    trainer, train_seconds = train_resumably(model, processor, train_set, run_dir, args, label=args.name,
                                              callbacks=[probe], budget_weights=args.budget_weights)
     if cache is not None:
         cache.detach(model)
@@ -103,12 +104,12 @@ def evaluate_budget(model, processor, budget: int, args) -> dict:
 
 
 def run(args) -> dict:
-    run_dir = args.work_dir / "runs" / "elastic" / f"seed-{args.seed}" / NAME
+    run_dir = args.work_dir / "runs" / "elastic" / f"seed-{args.seed}" / args.name
     run_dir.mkdir(parents=True, exist_ok=True)
     if not (run_dir / "training.json").exists():
-        print(f"{NAME} (seed {args.seed}): training {args.steps} steps at budgets {BUDGETS} ...", flush=True)
+        print(f"{args.name} (seed {args.seed}): training {args.steps} steps at budgets {BUDGETS} ...", flush=True)
         train(args, run_dir)
-    result = {"name": NAME, "budgets": BUDGETS, **json.loads((run_dir / "training.json").read_text()),
+    result = {"name": args.name, "budgets": BUDGETS, **json.loads((run_dir / "training.json").read_text()),
               "evaluated_weights": "trained.safetensors (float16)", "at_budget": {}}
     model, processor = build_model(args)
     load_adapter_weights(model, run_dir / "trained.safetensors")
@@ -116,7 +117,7 @@ def run(args) -> dict:
     for budget in BUDGETS:
         path = run_dir / f"evaluation-{budget}.json"
         if not path.exists():
-            print(f"{NAME}: evaluating at {budget} visual tokens ...", flush=True)
+            print(f"{args.name}: evaluating at {budget} visual tokens ...", flush=True)
             path.write_text(json.dumps(evaluate_budget(model, processor, budget, args), indent=2))
         result["at_budget"][str(budget)] = json.loads(path.read_text())
     return result
@@ -213,12 +214,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_object_named_arguments(parser)
     parser.add_argument("--budget-weights", type=float, nargs=len(BUDGETS), help=f"one per budget {BUDGETS}")
+    parser.add_argument("--name", default=NAME, help="the row's name: its run folder and result file (a variant, "
+                                                     "e.g. with --budget-weights, needs its own, and its own --out)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "elastic")
     parser.add_argument("--object-named", type=Path, default=ROOT / "benchmarks" / "results" / "object-named",
                         help="object_named.py's results (the single-budget rows)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    path = args.out / f"seed-{args.seed}" / f"{NAME}.json"
+    path = args.out / f"seed-{args.seed}" / f"{args.name}.json"
     if not args.report_only and not path.exists():
         result = run(args)
         result["command"] = shlex.join(["python", "benchmarks/elastic.py", *sys.argv[1:]])
@@ -226,7 +229,7 @@ def main() -> None:
         path.write_text(json.dumps(result, indent=2))
     if path.exists():
         result = json.loads(path.read_text())
-        print(f"{NAME} (seed {args.seed}): {display_path(path)}")
+        print(f"{args.name} (seed {args.seed}): {display_path(path)}")
         write_report(result, single_budget_rows(args.object_named, args.seed), args.out, result["command"])
 
 
