@@ -262,6 +262,43 @@ def named_tile_shares(model, processor, samples: list[dict], grid: int, num_visu
     return shares
 
 
+@torch.no_grad()
+def score_term_spreads(model, processor, samples: list[dict]) -> dict:
+    """CoTR's four score terms (first expert, each times its scale) and how far each spreads over the expert's
+    tokens (standard deviation over tokens, mean over samples and queries): how much each can move the softmax; the
+    query term's also per query ("query_per_query").
+    Also the part of the text term that differs between questions (text sum minus its mean over a batch of 16).
+    Checked: the softmax of the four terms' sum equals `expert_attention`'s weights."""
+    reducer, inner = model.model.token_reducer, model.model
+    if reducer.score_scaling == "cosine" or reducer.position_embeddings is not None or len(inner.vision_experts) != 1:
+        raise ValueError("the term split here covers one expert, no position embedding, non-cosine scores")
+    spreads = {term: [] for term in ("query", "self", "cross", "text", "text_question_part", "total")}
+    query_spread_per_query = []  # (n, N_V) per batch
+    for start in range(0, len(samples), 16):
+        inputs = prompt_inputs(processor, samples[start:start + 16])
+        features = [expert(inputs["pixel_values"]) for expert in inner.vision_experts]
+        text_sum = prompt_text_sums(model, inputs)
+        tokens = reducer.visual_projections[0](features[0])  # (n, N, p)
+        pooled = tokens.mean(dim=1) if reducer.mean_pooling else tokens.sum(dim=1)
+        scales = reducer.term_scales(0)
+        terms = {"query": scales[0] * torch.einsum("qp,nkp->nqk", reducer.queries[0], tokens),
+                 "self": scales[1] * torch.einsum("np,nkp->nk", pooled, tokens).unsqueeze(1),
+                 "cross": torch.zeros_like(tokens[..., 0]).unsqueeze(1),  # one expert: no other experts
+                 "text": scales[3] * torch.einsum("np,nkp->nk", reducer.text_projections[0](text_sum),
+                                                  tokens).unsqueeze(1)}
+        terms["total"] = sum(terms.values())
+        # the part of the text term that differs between questions: the text sum minus its mean over the batch
+        question_part = reducer.text_projections[0](text_sum) - reducer.text_projections[0](text_sum).mean(dim=0)
+        terms["text_question_part"] = scales[3] * torch.einsum("np,nkp->nk", question_part, tokens).unsqueeze(1)
+        expected = reducer.expert_attention(features, text_sum)[0]
+        torch.testing.assert_close(terms["total"].softmax(dim=-1), expected, rtol=1e-4, atol=1e-6)
+        for term, scores in terms.items():
+            spreads[term].append(scores.std(dim=-1).mean(dim=1))  # (n,)
+        query_spread_per_query.append(terms["query"].std(dim=-1))
+    return {**{term: torch.cat(values).mean().item() for term, values in spreads.items()},
+            "query_per_query": torch.cat(query_spread_per_query).mean(dim=0).tolist()}
+
+
 def load_object_named_row(name: str, seed: int, work_dir: Path, results_dir: Path):
     """(model, processor) of a finished object_named.py row, in eval mode: its configuration from its result JSON,
     its trained weights from its run folder."""

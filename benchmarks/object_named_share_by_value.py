@@ -5,6 +5,11 @@ question spreads its share evenly over the three shapes; one that is a fixed sha
 its shape is named and a low one otherwise.
 
     python benchmarks/object_named_share_by_value.py [--row cotr-1] [--questions 150]
+    python benchmarks/object_named_share_by_value.py --elastic-run benchmarks/.work/runs/elastic/seed-0/cotr-elastic
+
+`--elastic-run`: an elastic.py run folder (its trained weights, or its last checkpoint while it trains), measured at
+its largest budget. Also reported: how far CoTR's query term spreads over the tokens, per query, against the terms
+every query shares (self, text): a query whose own term spreads little attends where the shared terms point.
 """
 
 import argparse
@@ -18,24 +23,44 @@ from pathlib import Path
 
 import torch
 
-from common import GRIDS, ROOT, load_object_named_row, named_tile_shares, write_results
+from common import GRIDS, ROOT, load_object_named_row, load_trained_weights, named_tile_shares, score_term_spreads, \
+    write_results
+from leo_mini_hf.conversion.smol import assemble_leo_mini_smol
 from leo_mini_hf.easyvqa.evaluation import answer_questions, normalise_answer
 from leo_mini_hf.easyvqa.object_named import ObjectNamedMosaicDataset
 
 KIND = "object colour of shape"
+ELASTIC_BUDGETS = [1, 4, 16]  # elastic.py's
+
+
+def load_elastic_run(run_dir: Path, work_dir: Path, label: str):
+    """(model, processor) of an elastic.py run in eval mode, from its trained weights or its last checkpoint."""
+    model, processor = assemble_leo_mini_smol(work_dir / "parts", num_visual_tokens=ELASTIC_BUDGETS[-1],
+                                              cotr_budgets=ELASTIC_BUDGETS)
+    loaded = load_trained_weights(model, run_dir)
+    if loaded is None:
+        raise ValueError(f"{run_dir} holds no trained weights and no complete checkpoint")
+    print(f"{label}: {loaded}", flush=True)
+    return model.eval(), processor
 
 
 @torch.no_grad()
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--row", default="cotr-1")
+    parser.add_argument("--elastic-run", type=Path, help="an elastic.py run folder instead of an object_named.py row")
+    parser.add_argument("--label", help="the result's name (default: the row, or elastic-<run folder>)")
     parser.add_argument("--questions", type=int, default=150, help="colour-of-shape test questions per grid")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work-dir", type=Path, default=ROOT / "benchmarks" / ".work")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "object-named")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    model, processor = load_object_named_row(args.row, args.seed, args.work_dir, args.out)
+    label = args.label or (f"elastic-{args.elastic_run.name}" if args.elastic_run else args.row)
+    if args.elastic_run:
+        model, processor = load_elastic_run(args.elastic_run, args.work_dir, label)
+    else:
+        model, processor = load_object_named_row(args.row, args.seed, args.work_dir, args.out)
     result = {}
     for grid in GRIDS:
         dataset = ObjectNamedMosaicDataset("test", grid, size=6 * args.questions, seed=args.seed)
@@ -48,29 +73,37 @@ def main() -> None:
         for (index, tiles, question, answer, kind, cell), share, prediction in zip(items, shares, predictions):
             by_shape[tiles[cell].shape]["share"].append(share)
             by_shape[tiles[cell].shape]["correct"].append(normalise_answer(prediction) == answer)
-        result[f"{grid}x{grid}"] = {}
+        spreads = score_term_spreads(model, processor, samples)
+        result[f"{grid}x{grid}"] = {"by_named_shape": {}, "score_term_spread_over_tokens": spreads}
         for shape, entry in sorted(by_shape.items()):
             per_query = torch.tensor(entry["share"]).mean(dim=0)  # (N_V,): each query's mean share
-            result[f"{grid}x{grid}"][shape] = {"questions": len(entry["share"]),
-                                               "named_share": per_query.mean().item(),
-                                               "named_share_per_query": per_query.tolist(),
-                                               "accuracy": sum(entry["correct"]) / len(entry["correct"])}
+            result[f"{grid}x{grid}"]["by_named_shape"][shape] = {
+                "questions": len(entry["share"]), "named_share": per_query.mean().item(),
+                "named_share_per_query": per_query.tolist(),
+                "accuracy": sum(entry["correct"]) / len(entry["correct"])}
         print(grid, json.dumps(result[f"{grid}x{grid}"]), flush=True)
     command = shlex.join(["python", "benchmarks/object_named_share_by_value.py", *sys.argv[1:]])
-    lines = [f"# {args.row}: CoTR's share on the named tile and accuracy, by the shape the question names", "",
+    lines = [f"# {label}: CoTR's share on the named tile and accuracy, by the shape the question names", "",
              f"Command: `{command}`  ", f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch "
              f"{torch.__version__}  ", f"\"What colour is the <shape>?\", the first {args.questions} such test "
              f"questions per grid (seed {args.seed}); uniform share: 1/4 (2×2), 1/9 (3×3).", "",
              "| grid | named shape | questions | named-tile share | share per query | accuracy |",
              "|---|---|---|---|---|---|"]
-    for grid, shapes in result.items():
-        for shape, entry in shapes.items():
+    for grid, entries in result.items():
+        for shape, entry in entries["by_named_shape"].items():
             per_query = " / ".join(f"{share:.2f}" for share in entry["named_share_per_query"])
             lines.append(f"| {grid} | {shape} | {entry['questions']} | {entry['named_share']:.3f} | {per_query} | "
                          f"{entry['accuracy']:.2f} |")
-    write_results(args.out / f"share_by_named_shape_{args.row}", {"command": command, "row": args.row,
-                                                                   "result": result}, lines)
-
+    lines += ["", "How far CoTR's score terms spread over the expert's tokens (standard deviation over tokens, mean "
+              "over these questions): the query term per query, and the terms all queries share.", "",
+              "| grid | query term, per query | self | text | text, question part |", "|---|---|---|---|---|"]
+    for grid, entries in result.items():
+        spread = entries["score_term_spread_over_tokens"]
+        per_query = " / ".join(f"{value:.2f}" for value in spread["query_per_query"])
+        lines.append(f"| {grid} | {per_query} | {spread['self']:.2f} | {spread['text']:.2f} | "
+                     f"{spread['text_question_part']:.3f} |")
+    write_results(args.out / f"share_by_named_shape_{label}", {"command": command, "row": label, "result": result},
+                  lines)
 
 if __name__ == "__main__":
     main()

@@ -26,8 +26,9 @@ from pathlib import Path
 
 import torch
 
-from common import GRIDS, ROOT, display_path, load_object_named_row, named_tile_shares, prompt_text_sums, write_results
-from leo_mini_hf.easyvqa.evaluation import answer_questions, normalise_answer, prompt_inputs
+from common import (GRIDS, ROOT, display_path, load_object_named_row, named_tile_shares, score_term_spreads,
+                    write_results)
+from leo_mini_hf.easyvqa.evaluation import answer_questions, normalise_answer
 from leo_mini_hf.easyvqa.object_named import ObjectNamedMosaicDataset
 from leo_mini_hf.modeling.token_reduction import ConditionalTokenReduction
 
@@ -92,39 +93,6 @@ class ZeroTextCondition:
 
     def __exit__(self, *exc):
         self.handle.remove()
-
-
-@torch.no_grad()
-def score_term_spreads(model, processor, samples: list[dict]) -> dict:
-    """CoTR's four score terms (first expert, each times its scale) and how far each spreads over the expert's
-    tokens (standard deviation over tokens, mean over samples and queries): how much each can move the softmax.
-    Also the part of the text term that differs between questions (text sum minus its mean over a batch of 16).
-    Checked: the softmax of the four terms' sum equals `expert_attention`'s weights."""
-    reducer, inner = model.model.token_reducer, model.model
-    if reducer.score_scaling == "cosine" or reducer.position_embeddings is not None or len(inner.vision_experts) != 1:
-        raise ValueError("the term split here covers one expert, no position embedding, non-cosine scores")
-    spreads = {term: [] for term in ("query", "self", "cross", "text", "text_question_part", "total")}
-    for start in range(0, len(samples), 16):
-        inputs = prompt_inputs(processor, samples[start:start + 16])
-        features = [expert(inputs["pixel_values"]) for expert in inner.vision_experts]
-        text_sum = prompt_text_sums(model, inputs)
-        tokens = reducer.visual_projections[0](features[0])  # (n, N, p)
-        pooled = tokens.mean(dim=1) if reducer.mean_pooling else tokens.sum(dim=1)
-        scales = reducer.term_scales(0)
-        terms = {"query": scales[0] * torch.einsum("qp,nkp->nqk", reducer.queries[0], tokens),
-                 "self": scales[1] * torch.einsum("np,nkp->nk", pooled, tokens).unsqueeze(1),
-                 "cross": torch.zeros_like(tokens[..., 0]).unsqueeze(1),  # one expert: no other experts
-                 "text": scales[3] * torch.einsum("np,nkp->nk", reducer.text_projections[0](text_sum),
-                                                  tokens).unsqueeze(1)}
-        terms["total"] = sum(terms.values())
-        # the part of the text term that differs between questions: the text sum minus its mean over the batch
-        question_part = reducer.text_projections[0](text_sum) - reducer.text_projections[0](text_sum).mean(dim=0)
-        terms["text_question_part"] = scales[3] * torch.einsum("np,nkp->nk", question_part, tokens).unsqueeze(1)
-        expected = reducer.expert_attention(features, text_sum)[0]
-        torch.testing.assert_close(terms["total"].softmax(dim=-1), expected, rtol=1e-4, atol=1e-6)
-        for term, scores in terms.items():
-            spreads[term].append(scores.std(dim=-1).mean(dim=1))  # (n,)
-    return {term: torch.cat(values).mean().item() for term, values in spreads.items()}
 
 
 def accuracy(model, processor, samples: list[dict], answers: list[str]) -> float:
