@@ -193,6 +193,7 @@ DEMO_WEIGHTS = ROOT / "src" / "leo_mini_hf" / "assets" / "leo-mini-smol-easyvqa.
 WARM_PARTS = {"projector+mmoe": {"projector", "mmoe_general_lora", "mmoe_routed_lora", "mmoe_routers"}}
 WARM_PARTS["reducer"] = WARM_PARTS["projector+mmoe"] | {"token_reducer"}
 GRIDS = (2, 3)
+ELASTIC_BUDGETS = [1, 4, 16]  # elastic.py's model: cotr_budgets, the largest is num_visual_tokens
 
 
 def warm_start(model, parts: set[str]) -> dict:
@@ -297,6 +298,14 @@ def score_term_spreads(model, processor, samples: list[dict]) -> dict:
         query_spread_per_query.append(terms["query"].std(dim=-1))
     return {**{term: torch.cat(values).mean().item() for term, values in spreads.items()},
             "query_per_query": torch.cat(query_spread_per_query).mean(dim=0).tolist()}
+
+
+def assemble_elastic_model(work_dir: Path):
+    """(model, processor) of LEO-MINI-Smol with `cotr_budgets=ELASTIC_BUDGETS`, fresh trainable parts."""
+    from leo_mini_hf.conversion.smol import assemble_leo_mini_smol
+
+    return assemble_leo_mini_smol(work_dir / "parts", num_visual_tokens=ELASTIC_BUDGETS[-1],
+                                  cotr_budgets=ELASTIC_BUDGETS)
 
 
 def load_object_named_row(name: str, seed: int, work_dir: Path, results_dir: Path):

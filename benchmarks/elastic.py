@@ -26,10 +26,9 @@ from pathlib import Path
 
 import torch
 
-from common import (GRIDS, ROOT, SHORT_TYPE_NAMES, WARM_PARTS, AttentionShareProbe, TrainingTimer,
-                    accuracy_by_tokens_figure, add_object_named_arguments, display_path, named_cell_shares, share_cell,
-                    train_resumably, warm_start, with_std_errors, write_results)
-from leo_mini_hf.conversion.smol import assemble_leo_mini_smol
+from common import (ELASTIC_BUDGETS, GRIDS, ROOT, SHORT_TYPE_NAMES, WARM_PARTS, AttentionShareProbe, TrainingTimer,
+                    accuracy_by_tokens_figure, add_object_named_arguments, assemble_elastic_model, display_path,
+                    named_cell_shares, share_cell, train_resumably, warm_start, with_std_errors, write_results)
 from leo_mini_hf.easyvqa.dataset import EasyVQADataset
 from leo_mini_hf.easyvqa.evaluation import evaluate_vqa, prefill_seconds
 from leo_mini_hf.easyvqa.object_named import ANSWERS, ObjectNamedMosaicDataset, object_named_training_mix
@@ -37,15 +36,13 @@ from leo_mini_hf.training.adapter_weights import load_adapter_weights, save_adap
 from leo_mini_hf.training.feature_cache import VisionFeatureCache
 from leo_mini_hf.training.stages import apply_training_stage
 
-BUDGETS = [1, 4, 16]
+BUDGETS = ELASTIC_BUDGETS
 NAME = "cotr-elastic"
 
 
 def build_model(args):
     torch.manual_seed(args.seed)
-    model, processor = assemble_leo_mini_smol(args.work_dir / "parts", num_visual_tokens=BUDGETS[-1],
-                                              cotr_budgets=BUDGETS)
-    return model, processor
+    return assemble_elastic_model(args.work_dir)
 
 
 def train(args, run_dir: Path) -> dict:

@@ -21,13 +21,12 @@ from pathlib import Path
 
 import torch
 
-from common import GRIDS, ROOT, named_tile_shares, with_std_errors, write_results
-from leo_mini_hf.conversion.smol import assemble_leo_mini_smol
+from common import (ELASTIC_BUDGETS, GRIDS, ROOT, assemble_elastic_model, named_tile_shares, with_std_errors,
+                    write_results)
 from leo_mini_hf.easyvqa.evaluation import answer_questions, evaluate_vqa, normalise_answer
 from leo_mini_hf.easyvqa.object_named import DistinctObjectMosaicDataset
 from leo_mini_hf.training.adapter_weights import load_adapter_weights
 
-ELASTIC_BUDGETS = [1, 4, 16]  # elastic.py's model
 COLOUR_OF_SHAPE = "object colour of shape"
 
 
@@ -57,8 +56,7 @@ def main() -> None:
     weights = args.work_dir / "runs" / "elastic" / f"seed-{args.seed}" / "cotr-elastic" / "trained.safetensors"
     if not weights.exists():
         raise SystemExit(f"{weights} is missing: run benchmarks/elastic.py first")
-    model, processor = assemble_leo_mini_smol(args.work_dir / "parts", num_visual_tokens=ELASTIC_BUDGETS[-1],
-                                              cotr_budgets=ELASTIC_BUDGETS)
+    model, processor = assemble_elastic_model(args.work_dir)
     load_adapter_weights(model, weights)
     model.eval()
     results = {}

@@ -23,20 +23,17 @@ from pathlib import Path
 
 import torch
 
-from common import GRIDS, ROOT, load_object_named_row, load_trained_weights, named_tile_shares, score_term_spreads, \
-    write_results
-from leo_mini_hf.conversion.smol import assemble_leo_mini_smol
+from common import (GRIDS, ROOT, assemble_elastic_model, load_object_named_row, load_trained_weights,
+                    named_tile_shares, score_term_spreads, write_results)
 from leo_mini_hf.easyvqa.evaluation import answer_questions, normalise_answer
 from leo_mini_hf.easyvqa.object_named import ObjectNamedMosaicDataset
 
 KIND = "object colour of shape"
-ELASTIC_BUDGETS = [1, 4, 16]  # elastic.py's
 
 
 def load_elastic_run(run_dir: Path, work_dir: Path, label: str):
     """(model, processor) of an elastic.py run in eval mode, from its trained weights or its last checkpoint."""
-    model, processor = assemble_leo_mini_smol(work_dir / "parts", num_visual_tokens=ELASTIC_BUDGETS[-1],
-                                              cotr_budgets=ELASTIC_BUDGETS)
+    model, processor = assemble_elastic_model(work_dir)
     loaded = load_trained_weights(model, run_dir)
     if loaded is None:
         raise ValueError(f"{run_dir} holds no trained weights and no complete checkpoint")
