@@ -61,6 +61,9 @@ ROWS = {
     "cotr-16": ({"num_visual_tokens": 16}, "reducer"),  # the issue's "16 if time allows"; elastic.py compares with it
     "cotr-1-lr10": ({"num_visual_tokens": 1}, "reducer"),  # CoTR's own learning rate: PART_LEARNING_RATE_FACTORS
     "cotr-1-user": ({"num_visual_tokens": 1, "cotr_text_source": "user"}, "reducer"),  # the user's words only
+    # the baselines at cotr-16's budget: does CoTR's text term add anything where 16 queries keep every shape?
+    "avgpool-16": ({"token_reduction": "avg_pool", "num_visual_tokens": 16}, "projector+mmoe"),
+    "queries-16": ({"num_visual_tokens": 16, "cotr_text_conditioning": False}, "projector+mmoe"),
 }
 TASK_FOLDERS = {"unique": "object-named", "distinct": "object-distinct"}  # results and run folders per layout
 # row → {part: factor}: those parts train at factor × --learning-rate (a Trainer parameter group), on the same schedule
