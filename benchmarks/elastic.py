@@ -13,7 +13,7 @@ an interrupted evaluation continues on the same weights.
 
     python benchmarks/elastic.py                  # train (resumable), evaluate every budget, table and plot
     python benchmarks/elastic.py --report-only
-    python benchmarks/elastic.py --name cotr-elastic-w311 --budget-weights 3 1 1 --out benchmarks/results/elastic-w311
+    python benchmarks/elastic.py --name cotr-elastic-w114 --budget-weights 1 1 4 --out benchmarks/results/elastic-w114
 """
 
 import argparse

@@ -1,8 +1,7 @@
 """Which tile does a trained CoTR row's token pick, by the value the question names? For "colour of the <shape>"
 questions: CoTR's share on the named tile (mean over its queries, and each query's) and the accuracy, split by the
-named shape. A reducer that selects by the
-question spreads its share evenly over the three shapes; one that is a fixed shape detector has a high share when
-its shape is named and a low one otherwise.
+named shape. A reducer that selects by the question spreads its share evenly over the three shapes; one that is a
+fixed shape detector has a high share when its shape is named and a low one otherwise.
 
     python benchmarks/object_named_share_by_value.py [--row cotr-1] [--questions 150]
     python benchmarks/object_named_share_by_value.py --elastic-run benchmarks/.work/runs/elastic/seed-0/cotr-elastic
