@@ -84,11 +84,12 @@ class TrainingTimer(TrainerCallback):
 
 
 def train_resumably(model, processor, train_set, run_dir: Path, args, label: str, callbacks=(),
-                    budget_weights=None, part_learning_rates=None) -> tuple:
+                    budget_weights=None, budget_loss="sampled", part_learning_rates=None) -> tuple:
     """Stage-3 training of one row (`args`: steps, batch_size, learning_rate, seed, checkpoint_steps): cosine
     schedule, 10% warm-up, a resumable checkpoint every `checkpoint_steps` (resumed from the last complete one), and
-    the checkpoints removed once done; an elastic model draws a budget per step (`budget_weights`, default uniform);
-    `part_learning_rates` ({part: rate}) gives parts their own learning rate.
+    the checkpoints removed once done; an elastic model draws a budget per step (`budget_weights`, default uniform)
+    or, with `budget_loss="summed"`, trains at every budget each step; `part_learning_rates` ({part: rate}) gives
+    parts their own learning rate.
     Returns (trainer, training seconds summed over resumed runs)."""
     from leo_mini_hf.training.collator import LeoMiniDataCollator
     from leo_mini_hf.training.trainer import LeoMiniTrainer, default_training_arguments
@@ -104,7 +105,8 @@ def train_resumably(model, processor, train_set, run_dir: Path, args, label: str
     timer = TrainingTimer()
     trainer = LeoMiniTrainer(model=model, args=training, train_dataset=train_set, callbacks=[timer, *callbacks],
                              data_collator=LeoMiniDataCollator(processor), processing_class=processor,
-                             budget_weights=budget_weights, part_learning_rates=part_learning_rates)
+                             budget_weights=budget_weights, budget_loss=budget_loss,
+                             part_learning_rates=part_learning_rates)
     checkpoint = TrainingTimer.last_complete_checkpoint(run_dir)
     if checkpoint is not None:
         timer.resume_from(checkpoint)

@@ -2,7 +2,8 @@
 
 The elastic row trains exactly as object_named.py's rows (same data mix, steps, batch, learning rate, seed, warm start
 from the shipped easy-vqa demo weights with all 16 of its CoTR queries), with `cotr_budgets=[1, 4, 16]`: each
-optimizer step trains at one budget drawn uniformly (or by `--budget-weights`), seeded by the step. Then it is
+optimizer step trains at one budget drawn uniformly (or by `--budget-weights`), seeded by the step, or with
+`--budget-loss summed` at every budget (one pass each, so a step costs about three). Then it is
 evaluated at every budget on the same test questions as the single-budget rows (object-named 2×2 and 3×3 with the
 swapped-image control, easy-vqa test), with CoTR's named-cell share and the prefill time per budget, and compared with
 object_named.py's `cotr-k` rows of the same seed (their JSON; a missing row is reported as missing).
@@ -14,6 +15,7 @@ an interrupted evaluation continues on the same weights.
     python benchmarks/elastic.py                  # train (resumable), evaluate every budget, table and plot
     python benchmarks/elastic.py --report-only
     python benchmarks/elastic.py --name cotr-elastic-w114 --budget-weights 1 1 4 --out benchmarks/results/elastic-w114
+    python benchmarks/elastic.py --name cotr-elastic-summed --budget-loss summed --out benchmarks/results/elastic-summed
 """
 
 import argparse
@@ -45,6 +47,14 @@ def build_model(args):
     return assemble_elastic_model(args.work_dir)
 
 
+def steps_per_budget(schedule, budget_loss: str, steps: int) -> dict:
+    """{budget: how many of the run's optimizer steps trained at it} (summed loss: every step, every budget of
+    non-zero weight)."""
+    if budget_loss == "summed":
+        return {str(k): steps if p > 0 else 0 for k, p in zip(schedule.budgets, schedule.probabilities)}
+    return {str(k): sum(schedule.budget(step) == k for step in range(steps)) for k in schedule.budgets}
+
+
 def train(args, run_dir: Path) -> dict:
     """Train the elastic row (resumable) and save its trained parts; returns what the result records of training."""
     model, processor = build_model(args)
@@ -59,19 +69,20 @@ def train(args, run_dir: Path) -> dict:
         probe_log.unlink(missing_ok=True)
     probe = AttentionShareProbe(model, processor, probe_log, args.probe_mosaics, num_visual_tokens=BUDGETS[0])
     trainer, train_seconds = train_resumably(model, processor, train_set, run_dir, args, label=args.name,
-                                             callbacks=[probe], budget_weights=args.budget_weights)
+                                             callbacks=[probe], budget_weights=args.budget_weights,
+                                             budget_loss=args.budget_loss)
     if cache is not None:
         cache.detach(model)
     record = {
         "warm_start": warm_start_record, "data": data_description,
-        "budget_weights": args.budget_weights, "probe_mosaics": args.probe_mosaics, "steps": args.steps,
+        "budget_weights": args.budget_weights, "budget_loss": args.budget_loss, "probe_mosaics": args.probe_mosaics,
+        "steps": args.steps,
         "batch_size": args.batch_size,
         "learning_rate": args.learning_rate, "seed": args.seed, "threads": torch.get_num_threads(),
         "train_seconds": round(train_seconds, 1), "seconds_per_step": round(train_seconds / args.steps, 3),
         "loss_curve": [log["loss"] for log in trainer.state.log_history if "loss" in log],
         "aux_loss_curve": [log["aux_loss"] for log in trainer.state.log_history if "aux_loss" in log],
-        "budget_per_step_counts": {str(k): sum(trainer.budget_schedule.budget(step) == k for step in range(args.steps))
-                                   for k in BUDGETS},
+        "budget_per_step_counts": steps_per_budget(trainer.budget_schedule, args.budget_loss, args.steps),
         "named_cell_share_during_training_at_budget_1": [
             json.loads(line) for line in probe_log.read_text().splitlines()] if probe_log.exists() else [],
     }
@@ -133,10 +144,12 @@ def single_budget_rows(object_named_dir: Path, seed: int) -> dict:
 def write_report(result: dict, alone: dict, out: Path, command: str) -> None:
     machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
     kinds = list(ANSWERS)
+    weighting = 'uniformly' if result['budget_weights'] is None else 'with weights ' + str(result['budget_weights'])
+    budget_draw = (f"every optimizer step at every budget, the losses weighted {weighting}"
+                   if result.get("budget_loss") == "summed" else f"one budget per optimizer step drawn {weighting}")
     lines = ["# Elastic CoTR: one LEO-MINI-Smol at 1, 4 and 16 visual tokens", "",
              f"Command: `{command}`  ", f"Machine: {machine}  ",
-             f"Elastic: `cotr_budgets={BUDGETS}`, one budget per optimizer step drawn "
-             f"{'uniformly' if result['budget_weights'] is None else 'with weights ' + str(result['budget_weights'])}"
+             f"Elastic: `cotr_budgets={BUDGETS}`, {budget_draw}"
              f" (steps per budget: {result['budget_per_step_counts']}); {result['steps']} steps, batch "
              f"{result['batch_size']}, lr {result['learning_rate']}, seed {result['seed']}, the same data and warm "
              "start as object_named.py's rows. *alone*: object_named.py's `cotr-k` row, trained for that budget only, "
@@ -211,6 +224,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_object_named_arguments(parser)
     parser.add_argument("--budget-weights", type=float, nargs=len(BUDGETS), help=f"one per budget {BUDGETS}")
+    parser.add_argument("--budget-loss", choices=["sampled", "summed"], default="sampled",
+                        help="sampled: one budget drawn per step; summed: every budget every step (one pass each)")
     parser.add_argument("--name", default=NAME, help="the row's name: its run folder and result file (a variant, "
                                                      "e.g. with --budget-weights, needs its own, and its own --out)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "elastic")

@@ -273,11 +273,12 @@ def elastic_trainer(checkpoint, processor, output_dir, **arguments):
     torch.manual_seed(0)
     model = LeoMiniForConditionalGeneration.from_pretrained(checkpoint)
     budget_weights = arguments.pop("budget_weights", None)
+    budget_loss = arguments.pop("budget_loss", "sampled")
     defaults = {"output_dir": str(output_dir), "per_device_train_batch_size": 4, "learning_rate": 5e-3,
                 "logging_steps": 1, "save_strategy": "no", "seed": 0, "use_cpu": True}
     return LeoMiniTrainer(model=model, args=default_training_arguments(**{**defaults, **arguments}),
                           train_dataset=overfit_set(), data_collator=LeoMiniDataCollator(processor),
-                          processing_class=processor, budget_weights=budget_weights)
+                          processing_class=processor, budget_weights=budget_weights, budget_loss=budget_loss)
 
 
 def test_training_draws_one_budget_per_step_and_a_resumed_run_replays_them(elastic_checkpoint, processor, tmp_path):
@@ -305,16 +306,46 @@ def test_training_draws_one_budget_per_step_and_a_resumed_run_replays_them(elast
                                rtol=1e-4, atol=1e-4)
 
 
-def test_budget_weights_need_an_elastic_model(tiny_checkpoint, tiny_processor, tmp_path):
-    with pytest.raises(ValueError, match="budget_weights need an elastic model"):
-        elastic_trainer(tiny_checkpoint, tiny_processor, tmp_path, max_steps=1, budget_weights=[1.0])
+@pytest.mark.parametrize("weights", [None, [0, 1, 3]])
+def test_summed_budget_loss_trains_every_budget_of_non_zero_weight_each_step(elastic_checkpoint, processor, tmp_path,
+                                                                             weights):
+    trainer = elastic_trainer(elastic_checkpoint, processor, tmp_path, max_steps=3, budget_loss="summed",
+                              budget_weights=weights)
+    counts, handle = reduced_token_counts(trainer.model)
+    trainer.train()
+    handle.remove()
+    trained = [1, 2, 4] if weights is None else [2, 4]
+    assert counts == trained * 3
+
+    model, config = trainer.model.train(), trainer.model.config
+    batch = LeoMiniDataCollator(processor)([overfit_set()[index] for index in range(4)])
+    keep = lambda budget: keep_visual_tokens(batch, budget, config.num_image_tokens,  # noqa: E731
+                                             config.image_token_id, processor.tokenizer.pad_token_id)
+    with torch.no_grad():
+        budget_losses = {budget: model(**keep(budget)).loss for budget in BUDGETS}
+        summed = trainer.compute_loss(model, batch)
+    probabilities = dict(zip(BUDGETS, np.asarray(weights or [1, 1, 1]) / sum(weights or [1, 1, 1])))
+    expected = sum(probabilities[budget] * budget_losses[budget] for budget in BUDGETS)
+    torch.testing.assert_close(summed, expected.float())
+    assert len({round(float(loss), 4) for loss in budget_losses.values()}) == 3  # the budgets' losses differ
+
+
+@pytest.mark.parametrize("arguments, match", [
+    ({"budget_weights": [1.0]}, "budget_weights and budget_loss need an elastic model"),
+    ({"budget_loss": "summed"}, "budget_weights and budget_loss need an elastic model"),
+    ({"budget_loss": "mean"}, "budget_loss must be one of"),
+])
+def test_budget_options_need_an_elastic_model_and_a_known_loss(tiny_checkpoint, tiny_processor, tmp_path, arguments,
+                                                              match):
+    with pytest.raises(ValueError, match=match):
+        elastic_trainer(tiny_checkpoint, tiny_processor, tmp_path, max_steps=1, **arguments)
 
 
 def test_train_and_eval_commands_take_budgets(elastic_checkpoint, tmp_path, capsys):
     out = tmp_path / "run"
     cli(["train", "--model", str(elastic_checkpoint), "--data", "easy-vqa", "--limit", "8", "--output_dir", str(out),
          "--max_steps", "2", "--per_device_train_batch_size", "4", "--use_cpu", "--report_to", "none",
-         "--budget_weights", "1,0,0"])
+         "--budget_weights", "1,0,0", "--budget_loss", "summed"])
     trained = LeoMiniForConditionalGeneration.from_pretrained(out)
     assert trained.config.cotr_budgets == BUDGETS
     assert LeoMiniProcessor.from_pretrained(out).visual_token_budgets == BUDGETS
@@ -323,6 +354,10 @@ def test_train_and_eval_commands_take_budgets(elastic_checkpoint, tmp_path, caps
         cli(["train", "--model", str(elastic_checkpoint), "--data", "easy-vqa", "--output_dir", str(tmp_path / "x"),
              "--budget_weights", "1,a,2", "--use_cpu"])
     assert "--budget_weights must be comma-separated numbers" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli(["train", "--model", str(elastic_checkpoint), "--data", "easy-vqa", "--output_dir", str(tmp_path / "x"),
+             "--budget_loss", "mean", "--use_cpu"])
+    assert "invalid choice: 'mean'" in capsys.readouterr().err
     cli(["eval", "--model", str(out), "--limit", "4", "--num-visual-tokens", "1"])
     assert '"count": 4' in capsys.readouterr().out
     with pytest.raises(SystemExit):

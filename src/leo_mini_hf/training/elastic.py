@@ -5,11 +5,14 @@ step, `LeoMiniTrainer` draws that step's budget k from `BudgetSchedule` and `kee
 image tokens of every image: the same input_ids the processor makes with `num_visual_tokens=k` (image tokens are all
 the same placeholder id). Drawing the budget in the trainer rather than in the collator ties it to the optimizer
 step, so gradient accumulation, data-loader workers and a resumed run all see the same sequence
-(`docs/design-choices.md`, "Elastic CoTR").
+(`docs/design-choices.md`, "Elastic CoTR"). `budget_loss="summed"` trains every step at every budget instead.
 """
 
 import numpy as np
 import torch
+
+# how an elastic model's training loss uses its budgets: one drawn per step, or all of them weighted
+BUDGET_LOSSES = ("sampled", "summed")
 
 # key → pad value (input_ids: the pad token)
 PER_TOKEN_KEYS = {"input_ids": None, "attention_mask": 0, "labels": -100, "text_condition_mask": 0}

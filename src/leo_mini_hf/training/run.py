@@ -12,6 +12,7 @@ from ..modeling.modeling_leo_mini import PARAMETER_PARTS
 from ..processor import LeoMiniProcessor
 from .collator import LeoMiniDataCollator
 from .data import LlavaConversationDataset
+from .elastic import BUDGET_LOSSES
 from .feature_cache import VisionFeatureCache
 from .stages import apply_training_stage, format_parameter_table
 from .trainer import LeoMiniTrainer
@@ -35,6 +36,12 @@ class TrainScriptArguments:
         default=None,
         metadata={"help": "elastic models (cotr_budgets): comma-separated sampling weights, one per budget, e.g. "
                           "'1,1,2' (default: uniform); each optimizer step trains at one drawn budget"},
+    )
+    budget_loss: str = field(
+        default="sampled",
+        metadata={"help": "elastic models: 'sampled' (one budget drawn per step) or 'summed' (every step trains at "
+                          "every budget, the losses weighted by --budget_weights; one pass per budget)",
+                  "choices": list(BUDGET_LOSSES)},
     )
     part_learning_rates: str | None = field(
         default=None,
@@ -114,7 +121,7 @@ def run_training(argv: list[str]) -> None:
                 from error
     trainer = LeoMiniTrainer(model=model, args=training, train_dataset=dataset,
                              data_collator=LeoMiniDataCollator(processor, script.max_length),
-                             processing_class=processor, budget_weights=budget_weights,
+                             processing_class=processor, budget_weights=budget_weights, budget_loss=script.budget_loss,
                              part_learning_rates=parse_part_learning_rates(script.part_learning_rates))
     trainer.train(resume_from_checkpoint=training.resume_from_checkpoint)
     if feature_cache is not None:

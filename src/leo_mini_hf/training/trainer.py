@@ -8,7 +8,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from ..hub.checkpoint_folder import add_remote_code
 from ..modeling.modeling_leo_mini import PARAMETER_PARTS
-from .elastic import BudgetSchedule, keep_visual_tokens
+from .elastic import BUDGET_LOSSES, BudgetSchedule, keep_visual_tokens
 
 
 class SaveRemoteCodeCallback(TrainerCallback):
@@ -70,22 +70,27 @@ class LeoMiniTrainer(Trainer):
 
     An elastic model (`config.cotr_budgets`) trains each optimizer step at one budget drawn from its budgets, with
     probabilities ∝ `budget_weights` (uniform by default), seeded by `args.seed` and the step (`BudgetSchedule`); the
-    batches come from the collator at the largest budget and keep the first k tokens of each image.
+    batches come from the collator at the largest budget and keep the first k tokens of each image. With
+    `budget_loss="summed"` every step instead trains at every budget: the loss is Σ_k p_k · loss_k with the same
+    probabilities p_k (so its scale is one budget's), at the cost of one forward and backward pass per budget.
 
     `part_learning_rates` ({part: rate}, parts as in `model.parameter_parts()`, e.g. {"token_reducer": 3e-3}) trains
     those parts at their own learning rate instead of `args.learning_rate`, on the same schedule.
     """
 
-    def __init__(self, *args, budget_weights: list[float] | None = None,
+    def __init__(self, *args, budget_weights: list[float] | None = None, budget_loss: str = "sampled",
                  part_learning_rates: dict[str, float] | None = None, **kwargs):
+        if budget_loss not in BUDGET_LOSSES:
+            raise ValueError(f"budget_loss must be one of {BUDGET_LOSSES}, got {budget_loss!r}")
         self.part_learning_rates = check_part_learning_rates(part_learning_rates)
         super().__init__(*args, **kwargs)
         config = self.model.config
         self.budget_schedule = None
         if getattr(config, "cotr_budgets", None) is not None:
             self.budget_schedule = BudgetSchedule(config.cotr_budgets, budget_weights, seed=self.args.seed)
-        elif budget_weights is not None:
-            raise ValueError("budget_weights need an elastic model: its config has no cotr_budgets")
+        elif budget_weights is not None or budget_loss != "sampled":
+            raise ValueError("budget_weights and budget_loss need an elastic model: its config has no cotr_budgets")
+        self.budget_loss = budget_loss
         if self.args.fsdp and not self.is_fsdp_enabled:
             warnings.warn(
                 f"FSDP was requested but accelerate runs {self.accelerator.distributed_type.value} here (FSDP needs "
@@ -123,11 +128,29 @@ class LeoMiniTrainer(Trainer):
                              "needs a pad token) or set text_config.pad_token_id")
         return pad_token_id
 
+    def step_budgets(self) -> list[tuple[float, int | None]]:
+        """(weight, budget) pairs this training step's loss sums over: [(1.0, None)] for a fixed-budget model, the
+        step's drawn budget for an elastic one, or every budget of non-zero weight with `budget_loss="summed"`."""
+        if self.budget_schedule is None:
+            return [(1.0, None)]
+        if self.budget_loss == "summed":
+            return [(float(probability), budget) for budget, probability
+                    in zip(self.budget_schedule.budgets, self.budget_schedule.probabilities) if probability > 0]
+        return [(1.0, self.step_budget())]
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if model.training and self.budget_schedule is not None:
-            config = self.model.config
-            inputs = keep_visual_tokens(inputs, self.step_budget(), config.num_image_tokens, config.image_token_id,
-                                        self._pad_token_id())
+        if not model.training or self.budget_schedule is None:
+            return self._compute_loss_once(model, inputs, return_outputs, num_items_in_batch)
+        config = self.model.config
+        loss, outputs = 0.0, None
+        for weight, budget in self.step_budgets():
+            budget_inputs = keep_visual_tokens(inputs, budget, config.num_image_tokens, config.image_token_id,
+                                               self._pad_token_id())
+            budget_loss, outputs = self._compute_loss_once(model, budget_inputs, True, num_items_in_batch)
+            loss = loss + weight * budget_loss
+        return (loss, outputs) if return_outputs else loss
+
+    def _compute_loss_once(self, model, inputs, return_outputs, num_items_in_batch):
         if model.training and inputs.get("labels") is not None and "logits_to_keep" not in inputs:
             # the same loss, without the vocabulary projection of the prompt positions (~20% of a step's compute
             # with SmolLM2's 49k vocabulary); evaluation keeps every position's logits for metrics
