@@ -111,7 +111,8 @@ def evaluate_budget(model, processor, budget: int, args) -> dict:
     return result
 
 
-def run(args) -> dict:
+def run(args, save) -> None:
+    """Train (resumable), then evaluate every budget, the largest first; `save(result)` after each budget."""
     run_dir = args.work_dir / "runs" / "elastic" / f"seed-{args.seed}" / args.name
     run_dir.mkdir(parents=True, exist_ok=True)
     if not (run_dir / "training.json").exists():
@@ -122,13 +123,13 @@ def run(args) -> dict:
     model, processor = build_model(args)
     load_adapter_weights(model, run_dir / "trained.safetensors")
     model.eval()
-    for budget in BUDGETS:
+    for budget in sorted(BUDGETS, reverse=True):  # the largest first: where an elastic model has lost so far
         path = run_dir / f"evaluation-{budget}.json"
         if not path.exists():
             print(f"{args.name}: evaluating at {budget} visual tokens ...", flush=True)
             path.write_text(json.dumps(evaluate_budget(model, processor, budget, args), indent=2))
         result["at_budget"][str(budget)] = json.loads(path.read_text())
-    return result
+        save(result)
 
 
 def single_budget_rows(object_named_dir: Path, seed: int) -> dict:
@@ -155,6 +156,8 @@ def write_report(result: dict, alone: dict, out: Path, command: str) -> None:
              "start as object_named.py's rows. *alone*: object_named.py's `cotr-k` row, trained for that budget only, "
              "the same steps, data and seed. ± one standard error; *Δ*: elastic − alone on all three question "
              "types, in standard errors of the difference.", "",
+             *([f"**Partial**: evaluated so far at {sorted(map(int, result['at_budget']))} tokens only.", ""]
+               if not result.get("complete", True) else []),
              "| tokens | model | " + " | ".join(f"{g}×{g} {SHORT_TYPE_NAMES[k]}" for g in GRIDS for k in kinds)
              + " | 2×2 all | 3×3 all | swapped 2×2 / 3×3 | easy-vqa | named-cell share 3×3 | prefill ms |",
              "|---" * (8 + len(GRIDS) * len(kinds)) + "|"]
@@ -234,11 +237,16 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     path = args.out / f"seed-{args.seed}" / f"{args.name}.json"
-    if not args.report_only and not path.exists():
-        result = run(args)
+
+    def save(result: dict) -> None:  # after each budget's evaluation: a partial result is committed as such
         result["command"] = shlex.join(["python", "benchmarks/elastic.py", *sys.argv[1:]])
+        result["complete"] = sorted(map(int, result["at_budget"])) == BUDGETS
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=2))
+        write_report(result, single_budget_rows(args.object_named, args.seed), args.out, result["command"])
+
+    if not args.report_only and not (path.exists() and json.loads(path.read_text()).get("complete", True)):
+        run(args, save)
     if path.exists():
         result = json.loads(path.read_text())
         print(f"{args.name} (seed {args.seed}): {display_path(path)}")
