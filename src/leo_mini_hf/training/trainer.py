@@ -128,11 +128,9 @@ class LeoMiniTrainer(Trainer):
                              "needs a pad token) or set text_config.pad_token_id")
         return pad_token_id
 
-    def step_budgets(self) -> list[tuple[float, int | None]]:
-        """(weight, budget) pairs this training step's loss sums over: [(1.0, None)] for a fixed-budget model, the
-        step's drawn budget for an elastic one, or every budget of non-zero weight with `budget_loss="summed"`."""
-        if self.budget_schedule is None:
-            return [(1.0, None)]
+    def step_budgets(self) -> list[tuple[float, int]]:
+        """An elastic model's (weight, budget) pairs this training step's loss sums over: the step's drawn budget,
+        or every budget of non-zero weight with `budget_loss="summed"`."""
         if self.budget_loss == "summed":
             return [(float(probability), budget) for budget, probability
                     in zip(self.budget_schedule.budgets, self.budget_schedule.probabilities) if probability > 0]
