@@ -118,6 +118,9 @@ def run(args, save) -> None:
     if not (run_dir / "training.json").exists():
         print(f"{args.name} (seed {args.seed}): training {args.steps} steps at budgets {BUDGETS} ...", flush=True)
         train(args, run_dir)
+    if args.train_only:
+        print(f"{args.name}: trained; {display_path(run_dir / 'training.json')}", flush=True)
+        return
     result = {"name": args.name, "budgets": BUDGETS, **json.loads((run_dir / "training.json").read_text()),
               "evaluated_weights": "trained.safetensors (float16)", "at_budget": {}}
     model, processor = build_model(args)
@@ -229,6 +232,8 @@ def main() -> None:
     parser.add_argument("--budget-weights", type=float, nargs=len(BUDGETS), help=f"one per budget {BUDGETS}")
     parser.add_argument("--budget-loss", choices=["sampled", "summed"], default="sampled",
                         help="sampled: one budget drawn per step; summed: every budget every step (one pass each)")
+    parser.add_argument("--train-only", action="store_true",
+                        help="train (or find trained) and stop: e.g. to time a few steps (training.json)")
     parser.add_argument("--name", default=NAME, help="the row's name: its run folder and result file (a variant, "
                                                      "e.g. with --budget-weights, needs its own, and its own --out)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "elastic")
