@@ -35,6 +35,7 @@ from leo_mini_hf.easyvqa.dataset import EasyVQADataset
 from leo_mini_hf.easyvqa.evaluation import evaluate_vqa, prefill_seconds
 from leo_mini_hf.easyvqa.object_named import ANSWERS, ObjectNamedMosaicDataset, object_named_training_mix
 from leo_mini_hf.training.adapter_weights import load_adapter_weights, save_adapter_weights
+from leo_mini_hf.training.elastic import BUDGET_LOSSES
 from leo_mini_hf.training.feature_cache import VisionFeatureCache
 from leo_mini_hf.training.stages import apply_training_stage
 
@@ -45,14 +46,6 @@ NAME = "cotr-elastic"
 def build_model(args):
     torch.manual_seed(args.seed)
     return assemble_elastic_model(args.work_dir)
-
-
-def steps_per_budget(schedule, budget_loss: str, steps: int) -> dict:
-    """{budget: how many of the run's optimizer steps trained at it} (summed loss: every step, every budget of
-    non-zero weight)."""
-    if budget_loss == "summed":
-        return {str(k): steps if p > 0 else 0 for k, p in zip(schedule.budgets, schedule.probabilities)}
-    return {str(k): sum(schedule.budget(step) == k for step in range(steps)) for k in schedule.budgets}
 
 
 def train(args, run_dir: Path) -> dict:
@@ -76,13 +69,13 @@ def train(args, run_dir: Path) -> dict:
     record = {
         "warm_start": warm_start_record, "data": data_description,
         "budget_weights": args.budget_weights, "budget_loss": args.budget_loss, "probe_mosaics": args.probe_mosaics,
-        "steps": args.steps,
-        "batch_size": args.batch_size,
+        "steps": args.steps, "batch_size": args.batch_size,
         "learning_rate": args.learning_rate, "seed": args.seed, "threads": torch.get_num_threads(),
         "train_seconds": round(train_seconds, 1), "seconds_per_step": round(train_seconds / args.steps, 3),
         "loss_curve": [log["loss"] for log in trainer.state.log_history if "loss" in log],
         "aux_loss_curve": [log["aux_loss"] for log in trainer.state.log_history if "aux_loss" in log],
-        "budget_per_step_counts": steps_per_budget(trainer.budget_schedule, args.budget_loss, args.steps),
+        "budget_per_step_counts": {str(k): sum(any(budget == k for _, budget in trainer.step_budgets(step))
+                                               for step in range(args.steps)) for k in BUDGETS},
         "named_cell_share_during_training_at_budget_1": [
             json.loads(line) for line in probe_log.read_text().splitlines()] if probe_log.exists() else [],
     }
@@ -230,7 +223,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_object_named_arguments(parser)
     parser.add_argument("--budget-weights", type=float, nargs=len(BUDGETS), help=f"one per budget {BUDGETS}")
-    parser.add_argument("--budget-loss", choices=["sampled", "summed"], default="sampled",
+    parser.add_argument("--budget-loss", choices=BUDGET_LOSSES, default="sampled",
                         help="sampled: one budget drawn per step; summed: every budget every step (one pass each)")
     parser.add_argument("--train-only", action="store_true",
                         help="train (or find trained) and stop: e.g. to time a few steps (training.json)")

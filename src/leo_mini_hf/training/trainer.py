@@ -128,13 +128,13 @@ class LeoMiniTrainer(Trainer):
                              "needs a pad token) or set text_config.pad_token_id")
         return pad_token_id
 
-    def step_budgets(self) -> list[tuple[float, int]]:
-        """An elastic model's (weight, budget) pairs this training step's loss sums over: the step's drawn budget,
-        or every budget of non-zero weight with `budget_loss="summed"`."""
+    def step_budgets(self, step: int | None = None) -> list[tuple[float, int]]:
+        """An elastic model's (weight, budget) pairs the loss of optimizer step `step` (default: this one) sums over:
+        the step's drawn budget, or every budget of non-zero weight with `budget_loss="summed"`."""
         if self.budget_loss == "summed":
             return [(float(probability), budget) for budget, probability
                     in zip(self.budget_schedule.budgets, self.budget_schedule.probabilities) if probability > 0]
-        return [(1.0, self.step_budget())]
+        return [(1.0, self.budget_schedule.budget(self.state.global_step if step is None else step))]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not model.training or self.budget_schedule is None:
