@@ -142,6 +142,7 @@ def write_report(result: dict, alone: dict, out: Path, command: str) -> None:
     machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
     kinds = list(ANSWERS)
     weighting = 'uniformly' if result['budget_weights'] is None else 'with weights ' + str(result['budget_weights'])
+    alone_steps = " / ".join(sorted({str(row["steps"]) for row in alone.values()})) or "no"
     budget_draw = (f"every optimizer step at every budget, the losses weighted {weighting}"
                    if result.get("budget_loss") == "summed" else f"one budget per optimizer step drawn {weighting}")
     lines = ["# Elastic CoTR: one LEO-MINI-Smol at 1, 4 and 16 visual tokens", "",
@@ -150,8 +151,8 @@ def write_report(result: dict, alone: dict, out: Path, command: str) -> None:
              f" (steps per budget: {result['budget_per_step_counts']}); {result['steps']} steps, batch "
              f"{result['batch_size']}, lr {result['learning_rate']}, seed {result['seed']}, the same data and warm "
              "start as object_named.py's rows. *alone*: object_named.py's `cotr-k` row, trained for that budget only, "
-             "the same steps, data and seed. ± one standard error; *Δ*: elastic − alone on all three question "
-             "types, in standard errors of the difference.", "",
+             f"{alone_steps} steps, the same data and seed. ± one standard error; *Δ*: elastic − alone on all three "
+             "question types, in standard errors of the difference.", "",
              *([f"**Partial**: evaluated so far at {sorted(map(int, result['at_budget']))} tokens only.", ""]
                if not result.get("complete", True) else []),
              "| tokens | model | " + " | ".join(f"{g}×{g} {SHORT_TYPE_NAMES[k]}" for g in GRIDS for k in kinds)
