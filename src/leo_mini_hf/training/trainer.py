@@ -100,9 +100,11 @@ class LeoMiniTrainer(Trainer):
         self.add_callback(SaveRemoteCodeCallback())
         self._aux_loss_sum, self._aux_loss_count = 0.0, 0
 
-    def step_budget(self) -> int | None:
-        """This optimizer step's visual-token budget (elastic models), else None."""
-        return None if self.budget_schedule is None else self.budget_schedule.budget(self.state.global_step)
+    def step_budget(self, step: int | None = None) -> int | None:
+        """The budget drawn for optimizer step `step` (default: this one) of an elastic model, else None."""
+        if self.budget_schedule is None:
+            return None
+        return self.budget_schedule.budget(self.state.global_step if step is None else step)
 
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
         if self.optimizer is not None or not self.part_learning_rates:
@@ -134,7 +136,7 @@ class LeoMiniTrainer(Trainer):
         if self.budget_loss == "summed":
             return [(float(probability), budget) for budget, probability
                     in zip(self.budget_schedule.budgets, self.budget_schedule.probabilities) if probability > 0]
-        return [(1.0, self.budget_schedule.budget(self.state.global_step if step is None else step))]
+        return [(1.0, self.step_budget(step))]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not model.training or self.budget_schedule is None:
