@@ -271,11 +271,14 @@ def score_term_spreads(model, processor, samples: list[dict]) -> dict:
     tokens (standard deviation over tokens, mean over samples and queries): how much each can move the softmax; the
     query term's also per query ("query_per_query").
     Also the part of the text term that differs between questions (text sum minus its mean over a batch of 16).
+    A text-free reducer (`cotr_text_conditioning=False`) has no text terms: their keys are absent.
     Checked: the softmax of the four terms' sum equals `expert_attention`'s weights."""
     reducer, inner = model.model.token_reducer, model.model
     if reducer.score_scaling == "cosine" or reducer.position_embeddings is not None or len(inner.vision_experts) != 1:
         raise ValueError("the term split here covers one expert, no position embedding, non-cosine scores")
-    spreads = {term: [] for term in ("query", "self", "cross", "text", "text_question_part", "total")}
+    has_text = reducer.text_projections is not None
+    spreads = {term: [] for term in ("query", "self", "cross", "text", "text_question_part", "total")
+               if has_text or not term.startswith("text")}
     query_spread_per_query = []  # (n, N_V) per batch
     for start in range(0, len(samples), 16):
         inputs = prompt_inputs(processor, samples[start:start + 16])
@@ -286,13 +289,14 @@ def score_term_spreads(model, processor, samples: list[dict]) -> dict:
         scales = reducer.term_scales(0)
         terms = {"query": scales[0] * torch.einsum("qp,nkp->nqk", reducer.queries[0], tokens),
                  "self": scales[1] * torch.einsum("np,nkp->nk", pooled, tokens).unsqueeze(1),
-                 "cross": torch.zeros_like(tokens[..., 0]).unsqueeze(1),  # one expert: no other experts
-                 "text": scales[3] * torch.einsum("np,nkp->nk", reducer.text_projections[0](text_sum),
-                                                  tokens).unsqueeze(1)}
+                 "cross": torch.zeros_like(tokens[..., 0]).unsqueeze(1)}  # one expert: no other experts
+        if has_text:
+            projected_text = reducer.text_projections[0](text_sum)  # (n, p)
+            terms["text"] = scales[3] * torch.einsum("np,nkp->nk", projected_text, tokens).unsqueeze(1)
         terms["total"] = sum(terms.values())
-        # the part of the text term that differs between questions: the text sum minus its mean over the batch
-        question_part = reducer.text_projections[0](text_sum) - reducer.text_projections[0](text_sum).mean(dim=0)
-        terms["text_question_part"] = scales[3] * torch.einsum("np,nkp->nk", question_part, tokens).unsqueeze(1)
+        if has_text:  # the part of the text term that differs between questions: minus its mean over the batch
+            question_part = projected_text - projected_text.mean(dim=0)
+            terms["text_question_part"] = scales[3] * torch.einsum("np,nkp->nk", question_part, tokens).unsqueeze(1)
         expected = reducer.expert_attention(features, text_sum)[0]
         torch.testing.assert_close(terms["total"].softmax(dim=-1), expected, rtol=1e-4, atol=1e-6)
         for term, scores in terms.items():

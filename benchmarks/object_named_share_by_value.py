@@ -96,8 +96,9 @@ def main() -> None:
     for grid, entries in result.items():
         spread = entries["score_term_spread_over_tokens"]
         per_query = " / ".join(f"{value:.2f}" for value in spread["query_per_query"])
-        lines.append(f"| {grid} | {per_query} | {spread['self']:.2f} | {spread['text']:.2f} | "
-                     f"{spread['text_question_part']:.3f} |")
+        text, question_part = (f"{spread['text']:.2f}", f"{spread['text_question_part']:.3f}") if "text" in spread \
+            else ("– (no text term)", "–")
+        lines.append(f"| {grid} | {per_query} | {spread['self']:.2f} | {text} | {question_part} |")
     write_results(args.out / f"share_by_named_shape_{label}", {"command": command, "row": label, "result": result},
                   lines)
 
