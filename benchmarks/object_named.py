@@ -8,10 +8,10 @@ CoTR's projections and first k queries for CoTR rows (`-cold` rows: CoTR fresh).
 (cosine rows' score scales) start fresh; each result lists what started warm.
 
 Per row: exact-match accuracy per question type with standard errors on seeded 2×2 and 3×3 test mosaics and on
-easy-vqa test, the same mosaic questions with images swapped (the question-only control), and for CoTR rows the
-share of CoTR's attention on the named tile's cell against that cell's share of the expert's tokens, measured also
-every `--checkpoint-steps` during training (is the reduction still moving?). Resumable: a row's JSON is skipped when
-present; a row interrupted while training resumes from its last checkpoint.
+easy-vqa test, the same mosaic questions with images swapped (the question-only control), and for CoTR and
+learned-query rows the share of the reducer's attention on the named tile's cell against that cell's share of the
+expert's tokens, measured also every `--checkpoint-steps` during training (is the reduction still moving?).
+Resumable: a row's JSON is skipped when present; a row interrupted while training resumes from its last checkpoint.
 
     python benchmarks/object_named.py                         # every row at seed 0, then table and plot
     python benchmarks/object_named.py --seed 1 --only cotr-1 cotr-4 avgpool-1 avgpool-4
@@ -84,13 +84,12 @@ def run_row(name: str, args) -> dict:
     train_set, data_description = object_named_training_mix(args.seed, args.train_size, args.layout)
     run_dir = args.work_dir / "runs" / TASK_FOLDERS[args.layout] / f"seed-{args.seed}" / name
     run_dir.mkdir(parents=True, exist_ok=True)
-    is_cotr = isinstance(model.model.token_reducer, ConditionalTokenReduction) and overrides.get(
-        "cotr_text_conditioning", True)
+    attends = isinstance(model.model.token_reducer, ConditionalTokenReduction)  # CoTR or text-free queries
     probe_log = run_dir / "attention_share.jsonl"
     if TrainingTimer.last_complete_checkpoint(run_dir) is None:
         probe_log.unlink(missing_ok=True)  # a row starting over starts its log over
     callbacks = [AttentionShareProbe(model, processor, probe_log, args.probe_mosaics, layout=args.layout)
-                 ] if is_cotr else []
+                 ] if attends else []
     part_learning_rates = {part: factor * args.learning_rate
                            for part, factor in PART_LEARNING_RATE_FACTORS.get(name, {}).items()} or None
     trainer, train_seconds = train_resumably(model, processor, train_set, run_dir, args, label=name,
@@ -115,7 +114,7 @@ def run_row(name: str, args) -> dict:
                                                                 seed=args.seed))
         result["test_images_swapped"][set_name] = with_std_errors(evaluate_vqa(
             model, processor, dataset, batch_size=16, seed=args.seed, swap_images=True))
-        if is_cotr:
+        if attends:
             samples = [dataset[i] for i in range(min(len(dataset), args.share_mosaics))]
             result["named_cell_share"][set_name] = named_cell_shares(model, samples, processor, dataset.grid)
     easy = EasyVQADataset("test")
@@ -165,9 +164,10 @@ def write_report(results: list[dict], out: Path, command: str) -> None:
              f"{first['test']['object-2x2']['count']} questions per grid (a third per type) and "
              f"{first['test']['easy-vqa']['count']} easy-vqa test questions; ± one standard error. *swapped*: the same "
              "mosaic questions, each shown another test mosaic (the question-only control). *named-cell share*: "
-             "CoTR's attention (mean over queries) on the named tile's cell, against that cell's share of the "
-             "expert's tokens. *cotr-1-lr10*: cotr-1 with CoTR at 10× the learning rate (its own parameter group); "
-             "*cotr-1-user*: cotr-1 whose text term sums only the user's words (`cotr_text_source=\"user\"`).",
+             "the reducer's attention (CoTR or learned queries; mean over queries) on the named tile's cell, against "
+             "that cell's share of the expert's tokens. *cotr-1-lr10*: cotr-1 with CoTR at 10× the learning rate "
+             "(its own parameter group); *cotr-1-user*: cotr-1 whose text term sums only the user's words "
+             "(`cotr_text_source=\"user\"`).",
              *layout_note, "",
              "| row | seed | method | tokens | warm | "
              + " | ".join(f"{g}×{g} {short[k]}" for g in GRIDS for k in kinds)
@@ -190,8 +190,8 @@ def write_report(results: list[dict], out: Path, command: str) -> None:
                      f"{share_cell(r, 'object-2x2')} | {share_cell(r, 'object-3x3')} | {r['seconds_per_step']:.2f} |")
     during = [r for r in rows if r.get("named_cell_share_during_training")]
     if during:
-        lines += ["", f"Named-cell share during training (all types; {during[0]['probe_mosaics']} test mosaics per grid "
-                  "at each checkpoint):", "",
+        lines += ["", "Named-cell share during training (all types; "
+                  f"{during[0]['probe_mosaics']} test mosaics per grid at each checkpoint):", "",
                   "| row | seed | step | 2×2 | 3×3 |", "|---|---|---|---|---|"]
         for r in during:
             for entry in r["named_cell_share_during_training"]:
