@@ -203,12 +203,21 @@ def write_report(results: list[dict], out: Path, command: str) -> None:
 
 
 def plot(rows: list[dict], path: Path) -> None:
+    seeds = sorted({r["seed"] for r in rows})
+    markers = dict(zip(seeds, "osD^v"))  # one marker per seed, one colour per method
+
     def draw(axis, grid):
-        for method in METHOD:
-            points = sorted((r["visual_tokens"], r["test"][f"object-{grid}x{grid}"]["accuracy"]) for r in rows
-                            if family(r["name"]) == method and r["name"].rsplit("-", 1)[1].isdigit())  # no variants
-            if points:
-                axis.plot(*zip(*points), marker="o", linestyle="", label=METHOD[method])
+        for colour, method in enumerate(METHOD):
+            for seed in seeds:
+                points = sorted((r["visual_tokens"], r["test"][f"object-{grid}x{grid}"]["accuracy"],
+                                 r["test"][f"object-{grid}x{grid}"]["std_error"]) for r in rows
+                                if family(r["name"]) == method and r["name"].rsplit("-", 1)[1].isdigit()  # no variants
+                                and r["seed"] == seed)
+                if points:
+                    tokens, accuracies, errors = zip(*points)
+                    label = METHOD[method] + (f", seed {seed}" if len(seeds) > 1 else "")
+                    axis.errorbar(tokens, accuracies, yerr=errors, fmt=markers[seed], color=f"C{colour}", capsize=3,
+                                  label=label)
 
     accuracy_by_tokens_figure(path, draw, legend_columns=3)
 
