@@ -1,6 +1,7 @@
 """`leo-mini export`: a checkpoint folder → a verified, Hub-ready folder with a model card."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -39,17 +40,26 @@ sys.meta_path.insert(0, _Block())
 """
 
 # The verification child exits as soon as its parent is gone (a killed `leo-mini export` leaves no orphan running).
+# The parent passes its pid as the last argument. On Linux the kernel kills the child when the parent dies
+# (PR_SET_PDEATHSIG); a thread that polls the parent pid could not run while `import torch` holds the GIL for seconds.
+# Checking the parent after setting the signal covers a parent that died before: during the child's start-up.
 EXIT_WITH_PARENT = """
-import os, threading, time
-def _exit_when_orphaned(parent=os.getppid()):
-    while os.getppid() == parent:
+import ctypes, os, signal, sys, threading, time
+_parent = int(sys.argv.pop())
+if sys.platform.startswith("linux"):
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+def _exit_when_orphaned():
+    while os.getppid() == _parent:
         time.sleep(0.2)
     os._exit(1)
-threading.Thread(target=_exit_when_orphaned, daemon=True).start()
+if os.getppid() != _parent:
+    os._exit(1)
+threading.Thread(target=_exit_when_orphaned, daemon=True).start()  # elsewhere, and a second guard on Linux
 """
 
 RELOAD_CHECK = EXIT_WITH_PARENT + BLOCK_PACKAGE_IMPORT + """
 import json
+import os
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 folder = sys.argv[1]
@@ -83,8 +93,8 @@ def verify_export(source_tensors: dict, folder: Path, model, dtype) -> None:
         expected = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
         if exported[key].dtype != expected.dtype or not torch.equal(exported[key], expected):
             raise ValueError(f"Export changed tensor {key}")
-    reload = subprocess.run([sys.executable, "-c", RELOAD_CHECK, str(folder)], capture_output=True, text=True,
-                            timeout=1800)
+    reload = subprocess.run([sys.executable, "-c", RELOAD_CHECK, str(folder), str(os.getpid())], capture_output=True,
+                            text=True, timeout=1800)
     if reload.returncode != 0:
         raise ValueError(f"The exported folder does not reload without leo_mini_hf:\n{reload.stderr[-2000:]}")
     reloaded = torch.tensor(json.loads(reload.stdout.strip().splitlines()[-1]))
