@@ -59,7 +59,6 @@ threading.Thread(target=_exit_when_orphaned, daemon=True).start()  # elsewhere, 
 
 RELOAD_CHECK = EXIT_WITH_PARENT + BLOCK_PACKAGE_IMPORT + """
 import json
-import os
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 folder = sys.argv[1]
