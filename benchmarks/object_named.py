@@ -204,7 +204,7 @@ def write_report(results: list[dict], out: Path, command: str) -> None:
 
 def plot(rows: list[dict], path: Path) -> None:
     seeds = sorted({r["seed"] for r in rows})
-    markers = dict(zip(seeds, "osD^v"))  # one marker per seed, one colour per method
+    markers = {seed: "osD^v"[index % 5] for index, seed in enumerate(seeds)}  # per seed; one colour per method
 
     def draw(axis, grid):
         for colour, method in enumerate(METHOD):
