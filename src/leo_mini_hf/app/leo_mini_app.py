@@ -33,7 +33,8 @@ def load_model(model_id_or_folder: str):
 
 
 class LeoMiniChat:
-    """Answers one question about one image as a stream of (answer so far, statistics, CoTR heat map)."""
+    """Answers one question about one image as a stream of (answer so far, statistics, None); the last carries the
+    CoTR heat map."""
 
     def __init__(self, model, processor, max_new_tokens: int = 32):
         self.model, self.processor, self.max_new_tokens = model, processor, max_new_tokens
@@ -72,23 +73,22 @@ class LeoMiniChat:
 
         worker = threading.Thread(target=generate, daemon=True)
         worker.start()
-        text, first_token_seconds, heat_map = "", None, None
+        # The heat map is sent once, with the finished answer: Gradio rewrites an image's cached file on every send,
+        # and a rewrite while the browser still downloads the previous send cuts that download short.
+        text, first_token_seconds = "", None
         try:
             for piece in streamer:
                 if first_token_seconds is None:
                     first_token_seconds = time.perf_counter() - started
-                    if attention:
-                        heat_map = self.heat_map(inputs["pixel_values"][0], attention[0])
                 text += piece
-                yield text, self._statistics(budget, first_token_seconds, None), heat_map
+                yield text, self._statistics(budget, first_token_seconds, None), None
             worker.join()
         finally:
             if hook is not None:
                 hook.remove()
         if failure:
             raise gr.Error(f"Generation failed: {failure[0]}")
-        if heat_map is None and attention:
-            heat_map = self.heat_map(inputs["pixel_values"][0], attention[0])
+        heat_map = self.heat_map(inputs["pixel_values"][0], attention[0]) if attention else None
         yield text, self._statistics(budget, first_token_seconds, time.perf_counter() - started), heat_map
 
     def _inputs(self, image, question, budget: int) -> dict:
@@ -127,8 +127,8 @@ class LeoMiniChat:
 
     def heat_map(self, pixel_values: torch.Tensor, expert_weights: list[torch.Tensor]) -> Image.Image:
         """The image as the experts saw it, tinted by CoTR's attention: each expert's softmax weights (1, N_V, N)
-        averaged over the queries, laid on its token grid, upsampled, averaged over the experts, scaled to its max (shown
-        as its square root). pixel_values: (3, S, S) as the processor made them."""
+        averaged over the queries, laid on its token grid, upsampled, averaged over the experts, scaled to its max
+        (shown as its square root). pixel_values: (3, S, S) as the processor made them."""
         side = pixel_values.shape[-1]
         grids = []
         for weights in expert_weights:
