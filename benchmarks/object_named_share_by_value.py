@@ -9,6 +9,7 @@ fixed shape detector has a high share when its shape is named and a low one othe
 `--elastic-run`: an elastic.py run folder (its trained weights, or its last checkpoint while it trains), measured at
 its largest budget. Also reported: how far CoTR's query term spreads over the tokens, per query, against the terms
 every query shares (self, text): a query whose own term spreads little attends where the shared terms point.
+A row whose reducer has no attention (`avgpool-*`) gets the accuracy by named shape only.
 """
 
 import argparse
@@ -57,6 +58,7 @@ def main() -> None:
         model, processor = load_elastic_run(args.elastic_run, args.work_dir, label)
     else:
         model, processor = load_object_named_row(args.row, args.seed, args.work_dir, args.out)
+    has_attention = hasattr(model.model.token_reducer, "expert_attention")
     result = {}
     for grid in GRIDS:
         dataset = ObjectNamedMosaicDataset("test", grid, size=6 * args.questions, seed=args.seed)
@@ -64,12 +66,13 @@ def main() -> None:
         items = [item for item in items if item[4] == KIND][: args.questions]
         samples = [dataset[index] for index, *_ in items]
         predictions = answer_questions(model, processor, samples, batch_size=16)
-        shares = named_tile_shares(model, processor, samples, grid, per_query=True)  # [[share per query]]
+        shares = named_tile_shares(model, processor, samples, grid, per_query=True) if has_attention \
+            else [[float("nan")]] * len(samples)  # [[share per query]]
         by_shape = defaultdict(lambda: {"share": [], "correct": []})
         for (index, tiles, question, answer, kind, cell), share, prediction in zip(items, shares, predictions):
             by_shape[tiles[cell].shape]["share"].append(share)
             by_shape[tiles[cell].shape]["correct"].append(normalise_answer(prediction) == answer)
-        spreads = score_term_spreads(model, processor, samples)
+        spreads = score_term_spreads(model, processor, samples) if has_attention else None
         result[f"{grid}x{grid}"] = {"by_named_shape": {}, "score_term_spread_over_tokens": spreads}
         for shape, entry in sorted(by_shape.items()):
             per_query = torch.tensor(entry["share"]).mean(dim=0)  # (N_V,): each query's mean share
@@ -87,18 +90,21 @@ def main() -> None:
              "|---|---|---|---|---|---|"]
     for grid, entries in result.items():
         for shape, entry in entries["by_named_shape"].items():
-            per_query = " / ".join(f"{share:.2f}" for share in entry["named_share_per_query"])
-            lines.append(f"| {grid} | {shape} | {entry['questions']} | {entry['named_share']:.3f} | {per_query} | "
+            per_query = " / ".join(f"{share:.2f}" for share in entry["named_share_per_query"]) if has_attention \
+                else "– (no attention)"
+            named_share = f"{entry['named_share']:.3f}" if has_attention else "–"
+            lines.append(f"| {grid} | {shape} | {entry['questions']} | {named_share} | {per_query} | "
                          f"{entry['accuracy']:.2f} |")
-    lines += ["", "How far CoTR's score terms spread over the expert's tokens (standard deviation over tokens, mean "
-              "over these questions): the query term per query, and the terms all queries share.", "",
-              "| grid | query term, per query | self | text | text, question part |", "|---|---|---|---|---|"]
-    for grid, entries in result.items():
-        spread = entries["score_term_spread_over_tokens"]
-        per_query = " / ".join(f"{value:.2f}" for value in spread["query_per_query"])
-        text, question_part = (f"{spread['text']:.2f}", f"{spread['text_question_part']:.3f}") if "text" in spread \
-            else ("– (no text term)", "–")
-        lines.append(f"| {grid} | {per_query} | {spread['self']:.2f} | {text} | {question_part} |")
+    if has_attention:
+        lines += ["", "How far CoTR's score terms spread over the expert's tokens (standard deviation over tokens, "
+                  "mean over these questions): the query term per query, and the terms all queries share.", "",
+                  "| grid | query term, per query | self | text | text, question part |", "|---|---|---|---|---|"]
+        for grid, entries in result.items():
+            spread = entries["score_term_spread_over_tokens"]
+            per_query = " / ".join(f"{value:.2f}" for value in spread["query_per_query"])
+            text, question_part = (f"{spread['text']:.2f}", f"{spread['text_question_part']:.3f}") \
+                if "text" in spread else ("– (no text term)", "–")
+            lines.append(f"| {grid} | {per_query} | {spread['self']:.2f} | {text} | {question_part} |")
     write_results(args.out / f"share_by_named_shape_{label}", {"command": command, "row": label, "result": result},
                   lines)
 
