@@ -67,7 +67,7 @@ def main() -> None:
         samples = [dataset[index] for index, *_ in items]
         predictions = answer_questions(model, processor, samples, batch_size=16)
         shares = named_tile_shares(model, processor, samples, grid, per_query=True) if has_attention \
-            else [[float("nan")]] * len(samples)  # [[share per query]]
+            else [None] * len(samples)  # [[share per query]]
         by_shape = defaultdict(lambda: {"share": [], "correct": []})
         for (index, tiles, question, answer, kind, cell), share, prediction in zip(items, shares, predictions):
             by_shape[tiles[cell].shape]["share"].append(share)
@@ -75,11 +75,11 @@ def main() -> None:
         spreads = score_term_spreads(model, processor, samples) if has_attention else None
         result[f"{grid}x{grid}"] = {"by_named_shape": {}, "score_term_spread_over_tokens": spreads}
         for shape, entry in sorted(by_shape.items()):
-            per_query = torch.tensor(entry["share"]).mean(dim=0)  # (N_V,): each query's mean share
-            result[f"{grid}x{grid}"]["by_named_shape"][shape] = {
-                "questions": len(entry["share"]), "named_share": per_query.mean().item(),
-                "named_share_per_query": per_query.tolist(),
-                "accuracy": sum(entry["correct"]) / len(entry["correct"])}
+            summary = {"questions": len(entry["correct"]), "accuracy": sum(entry["correct"]) / len(entry["correct"])}
+            if has_attention:
+                per_query = torch.tensor(entry["share"]).mean(dim=0)  # (N_V,): each query's mean share
+                summary |= {"named_share": per_query.mean().item(), "named_share_per_query": per_query.tolist()}
+            result[f"{grid}x{grid}"]["by_named_shape"][shape] = summary
         print(grid, json.dumps(result[f"{grid}x{grid}"]), flush=True)
     command = shlex.join(["python", "benchmarks/object_named_share_by_value.py", *sys.argv[1:]])
     lines = [f"# {label}: CoTR's share on the named tile and accuracy, by the shape the question names", "",
