@@ -9,7 +9,9 @@ fixed shape detector has a high share when its shape is named and a low one othe
 `--elastic-run`: an elastic.py run folder (its trained weights, or its last checkpoint while it trains), measured at
 its largest budget. Also reported: how far CoTR's query term spreads over the tokens, per query, against the terms
 every query shares (self, text): a query whose own term spreads little attends where the shared terms point.
-A row whose reducer has no attention (`avgpool-*`) gets the accuracy by named shape only.
+A row whose reducer has no attention (`avgpool-*`) gets the accuracy by named shape only. For every row: how often
+the answer is the colour of a circle, a rectangle or a triangle tile, by the named shape (which shape's colour the
+model reports when it is wrong).
 """
 
 import argparse
@@ -25,6 +27,7 @@ import torch
 
 from common import (GRIDS, ROOT, assemble_elastic_model, load_object_named_row, load_trained_weights,
                     named_tile_shares, score_term_spreads, write_results)
+from leo_mini_hf.easyvqa.dataset import SHAPES
 from leo_mini_hf.easyvqa.evaluation import answer_questions, normalise_answer
 from leo_mini_hf.easyvqa.object_named import ObjectNamedMosaicDataset
 
@@ -68,14 +71,21 @@ def main() -> None:
         predictions = answer_questions(model, processor, samples, batch_size=16)
         shares = named_tile_shares(model, processor, samples, grid, per_query=True) if has_attention \
             else [None] * len(samples)  # [[share per query]]
-        by_shape = defaultdict(lambda: {"share": [], "correct": []})
+        by_shape = defaultdict(lambda: {"share": [], "correct": [], "colour_of": defaultdict(int)})
         for (index, tiles, question, answer, kind, cell), share, prediction in zip(items, shares, predictions):
-            by_shape[tiles[cell].shape]["share"].append(share)
-            by_shape[tiles[cell].shape]["correct"].append(normalise_answer(prediction) == answer)
+            entry = by_shape[tiles[cell].shape]
+            entry["share"].append(share)
+            entry["correct"].append(normalise_answer(prediction) == answer)
+            # which shapes' tiles have the answered colour: a reader of one fixed shape answers its colour whatever
+            # shape is named
+            for shape in {tile.shape for tile in tiles if tile.colour == normalise_answer(prediction)}:
+                entry["colour_of"][shape] += 1
         spreads = score_term_spreads(model, processor, samples) if has_attention else None
         result[f"{grid}x{grid}"] = {"by_named_shape": {}, "score_term_spread_over_tokens": spreads}
         for shape, entry in sorted(by_shape.items()):
-            summary = {"questions": len(entry["correct"]), "accuracy": sum(entry["correct"]) / len(entry["correct"])}
+            count = len(entry["correct"])
+            summary = {"questions": count, "accuracy": sum(entry["correct"]) / count,
+                       "answered_colour_of": {shape: entry["colour_of"][shape] / count for shape in SHAPES}}
             if has_attention:
                 per_query = torch.tensor(entry["share"]).mean(dim=0)  # (N_V,): each query's mean share
                 summary |= {"named_share": per_query.mean().item(), "named_share_per_query": per_query.tolist()}
@@ -86,15 +96,18 @@ def main() -> None:
              f"Command: `{command}`  ", f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch "
              f"{torch.__version__}  ", f"\"What colour is the <shape>?\", the first {args.questions} such test "
              f"questions per grid (seed {args.seed}); uniform share: 1/4 (2×2), 1/9 (3×3).", "",
-             "| grid | named shape | questions | named-tile share | share per query | accuracy |",
-             "|---|---|---|---|---|---|"]
+             "*Answered the colour of a …* : the share of answers that are the colour of some tile of that shape "
+             "(the named tile's colour counts for the named shape).", "",
+             "| grid | named shape | questions | named-tile share | share per query | accuracy | answered the colour "
+             "of a circle / rectangle / triangle |", "|---|---|---|---|---|---|---|"]
     for grid, entries in result.items():
         for shape, entry in entries["by_named_shape"].items():
             per_query = " / ".join(f"{share:.2f}" for share in entry["named_share_per_query"]) if has_attention \
                 else "– (no attention)"
             named_share = f"{entry['named_share']:.3f}" if has_attention else "–"
+            colour_of = " / ".join(f"{entry['answered_colour_of'][value]:.2f}" for value in SHAPES)
             lines.append(f"| {grid} | {shape} | {entry['questions']} | {named_share} | {per_query} | "
-                         f"{entry['accuracy']:.2f} |")
+                         f"{entry['accuracy']:.2f} | {colour_of} |")
     if has_attention:
         lines += ["", "How far CoTR's score terms spread over the expert's tokens (standard deviation over tokens, "
                   "mean over these questions): the query term per query, and the terms all queries share.", "",
