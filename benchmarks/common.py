@@ -195,6 +195,8 @@ DEMO_WEIGHTS = ROOT / "src" / "leo_mini_hf" / "assets" / "leo-mini-smol-easyvqa.
 WARM_PARTS = {"projector+mmoe": {"projector", "mmoe_general_lora", "mmoe_routed_lora", "mmoe_routers"}}
 WARM_PARTS["reducer"] = WARM_PARTS["projector+mmoe"] | {"token_reducer"}
 GRIDS = (2, 3)
+# object-named layout → the folder its rows' runs (.work/runs/) and results (results/) go in
+OBJECT_NAMED_FOLDERS = {"unique": "object-named", "distinct": "object-distinct"}
 ELASTIC_BUDGETS = [1, 4, 16]  # elastic.py's model: cotr_budgets, the largest is num_visual_tokens
 
 
@@ -316,12 +318,13 @@ def assemble_elastic_model(work_dir: Path):
 
 def load_object_named_row(name: str, seed: int, work_dir: Path, results_dir: Path):
     """(model, processor) of a finished object_named.py row, in eval mode: its configuration from its result JSON,
-    its trained weights from its run folder."""
+    its trained weights from its run folder (that of the row's layout)."""
     from leo_mini_hf.conversion.smol import assemble_leo_mini_smol
 
-    overrides = json.loads((results_dir / f"seed-{seed}" / f"{name}.json").read_text())["overrides"]
-    model, processor = assemble_leo_mini_smol(work_dir / "parts", **overrides)
-    load_adapter_weights(model, work_dir / "runs" / "object-named" / f"seed-{seed}" / name / "trained.safetensors")
+    row = json.loads((results_dir / f"seed-{seed}" / f"{name}.json").read_text())
+    model, processor = assemble_leo_mini_smol(work_dir / "parts", **row["overrides"])
+    run_dir = work_dir / "runs" / OBJECT_NAMED_FOLDERS[row.get("layout", "unique")] / f"seed-{seed}" / name
+    load_adapter_weights(model, run_dir / "trained.safetensors")
     return model.eval(), processor
 
 

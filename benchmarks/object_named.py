@@ -33,9 +33,9 @@ from pathlib import Path
 
 import torch
 
-from common import (GRIDS, ROOT, SHORT_TYPE_NAMES, WARM_PARTS, AttentionShareProbe, TrainingTimer,
-                    accuracy_by_tokens_figure, add_object_named_arguments, display_path, named_cell_shares, share_cell,
-                    train_resumably, warm_start, with_std_errors, write_results)
+from common import (GRIDS, OBJECT_NAMED_FOLDERS, ROOT, SHORT_TYPE_NAMES, WARM_PARTS, AttentionShareProbe,
+                    TrainingTimer, accuracy_by_tokens_figure, add_object_named_arguments, display_path,
+                    named_cell_shares, share_cell, train_resumably, warm_start, with_std_errors, write_results)
 from leo_mini_hf.conversion.smol import assemble_leo_mini_smol
 from leo_mini_hf.easyvqa.dataset import EasyVQADataset
 from leo_mini_hf.easyvqa.evaluation import evaluate_vqa, prefill_seconds
@@ -65,7 +65,6 @@ ROWS = {
     "avgpool-16": ({"token_reduction": "avg_pool", "num_visual_tokens": 16}, "projector+mmoe"),
     "queries-16": ({"num_visual_tokens": 16, "cotr_text_conditioning": False}, "projector+mmoe"),
 }
-TASK_FOLDERS = {"unique": "object-named", "distinct": "object-distinct"}  # results and run folders per layout
 # row → {part: factor}: those parts train at factor × --learning-rate (a Trainer parameter group), on the same schedule
 PART_LEARNING_RATE_FACTORS = {"cotr-1-lr10": {"token_reducer": 10.0}}
 METHOD = {"cotr": "CoTR", "cotr-cos": "CoTR, cosine scores", "avgpool": "average pooling",
@@ -82,7 +81,7 @@ def run_row(name: str, args) -> dict:
     if cache is not None:
         cache.attach(model)
     train_set, data_description = object_named_training_mix(args.seed, args.train_size, args.layout)
-    run_dir = args.work_dir / "runs" / TASK_FOLDERS[args.layout] / f"seed-{args.seed}" / name
+    run_dir = args.work_dir / "runs" / OBJECT_NAMED_FOLDERS[args.layout] / f"seed-{args.seed}" / name
     run_dir.mkdir(parents=True, exist_ok=True)
     attends = isinstance(model.model.token_reducer, ConditionalTokenReduction)  # CoTR or text-free queries
     probe_log = run_dir / "attention_share.jsonl"
@@ -231,7 +230,7 @@ def main() -> None:
                              "three objects of distinct shapes and colours, blanks elsewhere (no odd one out)")
     parser.add_argument("--out", type=Path, help="default: results/object-named (unique) or results/object-distinct")
     args = parser.parse_args()
-    args.out = args.out or ROOT / "benchmarks" / "results" / TASK_FOLDERS[args.layout]
+    args.out = args.out or ROOT / "benchmarks" / "results" / OBJECT_NAMED_FOLDERS[args.layout]
     torch.set_num_threads(args.threads)
     for name in [] if args.report_only else args.only or ROWS:
         path = args.out / f"seed-{args.seed}" / f"{name}.json"

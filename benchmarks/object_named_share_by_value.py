@@ -4,6 +4,7 @@ named shape. A reducer that selects by the question spreads its share evenly ove
 fixed shape detector has a high share when its shape is named and a low one otherwise.
 
     python benchmarks/object_named_share_by_value.py [--row cotr-1] [--questions 150]
+    python benchmarks/object_named_share_by_value.py --layout distinct --row cotr-1   # results/object-distinct
     python benchmarks/object_named_share_by_value.py --elastic-run benchmarks/.work/runs/elastic/seed-0/cotr-elastic
 
 `--elastic-run`: an elastic.py run folder (its trained weights, or its last checkpoint while it trains), measured at
@@ -25,11 +26,11 @@ from pathlib import Path
 
 import torch
 
-from common import (GRIDS, ROOT, assemble_elastic_model, load_object_named_row, load_trained_weights,
-                    named_tile_shares, score_term_spreads, write_results)
+from common import (GRIDS, OBJECT_NAMED_FOLDERS, ROOT, assemble_elastic_model, load_object_named_row,
+                    load_trained_weights, named_tile_shares, score_term_spreads, write_results)
 from leo_mini_hf.easyvqa.dataset import SHAPES
 from leo_mini_hf.easyvqa.evaluation import answer_questions, normalise_answer
-from leo_mini_hf.easyvqa.object_named import ObjectNamedMosaicDataset
+from leo_mini_hf.easyvqa.object_named import LAYOUTS, object_named_dataset
 
 KIND = "object colour of shape"
 
@@ -53,8 +54,11 @@ def main() -> None:
     parser.add_argument("--questions", type=int, default=150, help="colour-of-shape test questions per grid")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work-dir", type=Path, default=ROOT / "benchmarks" / ".work")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "object-named")
+    parser.add_argument("--layout", choices=LAYOUTS, default="unique", help="the object-named layout of the row and "
+                        "its test mosaics (object_named.py --layout)")
+    parser.add_argument("--out", type=Path, help="default: results/object-named (unique) or results/object-distinct")
     args = parser.parse_args()
+    args.out = args.out or ROOT / "benchmarks" / "results" / OBJECT_NAMED_FOLDERS[args.layout]
     torch.set_num_threads(2)
     label = args.label or (f"elastic-{args.elastic_run.name}" if args.elastic_run else args.row)
     if args.elastic_run:
@@ -64,7 +68,7 @@ def main() -> None:
     has_attention = hasattr(model.model.token_reducer, "expert_attention")
     result = {}
     for grid in GRIDS:
-        dataset = ObjectNamedMosaicDataset("test", grid, size=6 * args.questions, seed=args.seed)
+        dataset = object_named_dataset("test", grid, 6 * args.questions, args.seed, args.layout)
         items = [(index, *dataset.draw_with_named_cell(index)) for index in range(len(dataset))]
         items = [item for item in items if item[4] == KIND][: args.questions]
         samples = [dataset[index] for index, *_ in items]
