@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import TrainerCallback
@@ -274,10 +275,12 @@ def score_term_spreads(model, processor, samples: list[dict]) -> dict:
     query term's also per query ("query_per_query").
     Also the part of the text term that differs between questions (text sum minus its mean over a batch of 16).
     A text-free reducer (`cotr_text_conditioning=False`) has no text terms: their keys are absent.
-    Checked: the softmax of the four terms' sum equals `expert_attention`'s weights."""
+    With cosine scores every vector is L2-normalised first, as in CoTR, and the question part is that of the
+    normalised text vector. Checked: the softmax of the four terms' sum equals `expert_attention`'s weights."""
     reducer, inner = model.model.token_reducer, model.model
-    if reducer.score_scaling == "cosine" or reducer.position_embeddings is not None or len(inner.vision_experts) != 1:
-        raise ValueError("the term split here covers one expert, no position embedding, non-cosine scores")
+    if reducer.position_embeddings is not None or len(inner.vision_experts) != 1:
+        raise ValueError("the term split here covers one expert and no position embedding")
+    normalise = F.normalize if reducer.score_scaling == "cosine" else (lambda vectors, dim: vectors)
     has_text = reducer.text_projections is not None
     spreads = {term: [] for term in ("query", "self", "cross", "text", "text_question_part", "total")
                if has_text or not term.startswith("text")}
@@ -288,12 +291,13 @@ def score_term_spreads(model, processor, samples: list[dict]) -> dict:
         text_sum = prompt_text_sums(model, inputs)
         tokens = reducer.visual_projections[0](features[0])  # (n, N, p)
         pooled = tokens.mean(dim=1) if reducer.mean_pooling else tokens.sum(dim=1)
+        tokens = normalise(tokens, dim=-1)
         scales = reducer.term_scales(0)
-        terms = {"query": scales[0] * torch.einsum("qp,nkp->nqk", reducer.queries[0], tokens),
-                 "self": scales[1] * torch.einsum("np,nkp->nk", pooled, tokens).unsqueeze(1),
+        terms = {"query": scales[0] * torch.einsum("qp,nkp->nqk", normalise(reducer.queries[0], dim=-1), tokens),
+                 "self": scales[1] * torch.einsum("np,nkp->nk", normalise(pooled, dim=-1), tokens).unsqueeze(1),
                  "cross": torch.zeros_like(tokens[..., 0]).unsqueeze(1)}  # one expert: no other experts
         if has_text:
-            projected_text = reducer.text_projections[0](text_sum)  # (n, p)
+            projected_text = normalise(reducer.text_projections[0](text_sum), dim=-1)  # (n, p)
             terms["text"] = scales[3] * torch.einsum("np,nkp->nk", projected_text, tokens).unsqueeze(1)
         terms["total"] = sum(terms.values())
         if has_text:  # the part of the text term that differs between questions: minus its mean over the batch
