@@ -74,7 +74,7 @@ def main() -> None:
         samples = [dataset[index] for index, *_ in items]
         predictions = answer_questions(model, processor, samples, batch_size=16)
         shares = named_tile_shares(model, processor, samples, grid, per_query=True) if has_attention \
-            else [None] * len(samples)  # [[share per query]]
+            else [None] * len(samples)  # [[share per query]]; None without attention
         by_shape = defaultdict(lambda: {"share": [], "correct": [], "colour_of": defaultdict(int)})
         for (index, tiles, question, answer, kind, cell), share, prediction in zip(items, shares, predictions):
             entry = by_shape[tiles[cell].shape]
@@ -82,14 +82,14 @@ def main() -> None:
             entry["correct"].append(normalise_answer(prediction) == answer)
             # which shapes' tiles have the answered colour: a reader of one fixed shape answers its colour whatever
             # shape is named
-            for shape in {tile.shape for tile in tiles if tile.colour == normalise_answer(prediction)}:
-                entry["colour_of"][shape] += 1
+            for tile_shape in {tile.shape for tile in tiles if tile.colour == normalise_answer(prediction)}:
+                entry["colour_of"][tile_shape] += 1
         spreads = score_term_spreads(model, processor, samples) if has_attention else None
         result[f"{grid}x{grid}"] = {"by_named_shape": {}, "score_term_spread_over_tokens": spreads}
         for shape, entry in sorted(by_shape.items()):
             count = len(entry["correct"])
             summary = {"questions": count, "accuracy": sum(entry["correct"]) / count,
-                       "answered_colour_of": {shape: entry["colour_of"][shape] / count for shape in SHAPES}}
+                       "answered_colour_of": {value: entry["colour_of"][value] / count for value in SHAPES}}
             if has_attention:
                 per_query = torch.tensor(entry["share"]).mean(dim=0)  # (N_V,): each query's mean share
                 summary |= {"named_share": per_query.mean().item(), "named_share_per_query": per_query.tolist()}
