@@ -12,6 +12,7 @@ reading the question. This script measures that shortcut and whether trained row
   (scored against the original answer: a model that still gives it ignores the word that names the tile).
 
     python benchmarks/object_named_shortcut.py [--rows cotr-1 avgpool-1] [--questions 100]
+    python benchmarks/object_named_shortcut.py --rows cotr-cos-1 --name shortcut_cotr-cos-1   # its own result files
 """
 
 import argparse
@@ -137,6 +138,7 @@ def main() -> None:
     parser.add_argument("--work-dir", type=Path, default=ROOT / "benchmarks" / ".work")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "object-named")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--name", default="shortcut", help="the result files' name in --out (default: shortcut)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     probes = {grid: probe_samples(grid, args.questions, args.seed) for grid in GRIDS}
@@ -178,9 +180,9 @@ def main() -> None:
             lines.append(f"| {key} | {name} | " + " | ".join(f"{spread[term]:.4f}" for term in
                                                            ("query", "self", "cross", "text", "text_question_part",
                                                             "total")) + " |")
-    write_results(args.out / "shortcut", {"command": command, "machine": machine, "odd_one_out_rule": rule,
-                                          "rows": rows}, lines)
-    print(f"written {display_path(args.out / 'shortcut.md')}")
+    write_results(args.out / args.name, {"command": command, "machine": machine, "odd_one_out_rule": rule,
+                                         "rows": rows}, lines)
+    print(f"written {display_path(args.out / f'{args.name}.md')}")
 
 
 if __name__ == "__main__":
