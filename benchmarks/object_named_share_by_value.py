@@ -77,12 +77,12 @@ def main() -> None:
             else [None] * len(samples)  # [[share per query]]; None without attention
         by_shape = defaultdict(lambda: {"share": [], "correct": [], "colour_of": defaultdict(int)})
         for (index, tiles, question, answer, kind, cell), share, prediction in zip(items, shares, predictions):
-            entry = by_shape[tiles[cell].shape]
+            entry, answered = by_shape[tiles[cell].shape], normalise_answer(prediction)
             entry["share"].append(share)
-            entry["correct"].append(normalise_answer(prediction) == answer)
+            entry["correct"].append(answered == answer)
             # which shapes' tiles have the answered colour: a reader of one fixed shape answers its colour whatever
             # shape is named
-            for tile_shape in {tile.shape for tile in tiles if tile.colour == normalise_answer(prediction)}:
+            for tile_shape in {tile.shape for tile in tiles if tile.colour == answered}:
                 entry["colour_of"][tile_shape] += 1
         spreads = score_term_spreads(model, processor, samples) if has_attention else None
         result[f"{grid}x{grid}"] = {"by_named_shape": {}, "score_term_spread_over_tokens": spreads}
