@@ -96,7 +96,8 @@ def main() -> None:
             result[f"{grid}x{grid}"]["by_named_shape"][shape] = summary
         print(grid, json.dumps(result[f"{grid}x{grid}"]), flush=True)
     command = shlex.join(["python", "benchmarks/object_named_share_by_value.py", *sys.argv[1:]])
-    lines = [f"# {label}: CoTR's share on the named tile and accuracy, by the shape the question names", "",
+    title = "the reducer's attention share on the named tile and accuracy" if has_attention else "accuracy"
+    lines = [f"# {label}: {title}, by the shape the question names", "",
              f"Command: `{command}`  ", f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch "
              f"{torch.__version__}  ", f"\"What colour is the <shape>?\", the first {args.questions} such test "
              f"questions per grid (seed {args.seed}); uniform share: 1/4 (2×2), 1/9 (3×3).", "",
