@@ -304,7 +304,9 @@ def score_term_spreads(model, processor, samples: list[dict]) -> dict:
             question_part = projected_text - projected_text.mean(dim=0)
             terms["text_question_part"] = scales[3] * torch.einsum("np,nkp->nk", question_part, tokens).unsqueeze(1)
         expected = reducer.expert_attention(features, text_sum)[0]
-        torch.testing.assert_close(terms["total"].softmax(dim=-1), expected, rtol=1e-4, atol=1e-6)
+        # float32 logits of a few hundred (cotr-1-lr10) round to ~1e-5 apart between the two sums; a wrong split
+        # would differ by whole attention shares
+        torch.testing.assert_close(terms["total"].softmax(dim=-1), expected, rtol=1e-4, atol=1e-4)
         for term, scores in terms.items():
             spreads[term].append(scores.std(dim=-1).mean(dim=1))  # (n,)
         query_spread_per_query.append(terms["query"].std(dim=-1))
