@@ -50,7 +50,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--row", default="cotr-1")
     parser.add_argument("--elastic-run", type=Path, help="an elastic.py run folder instead of an object_named.py row")
-    parser.add_argument("--label", help="the result's name (default: the row, or elastic-<run folder>)")
+    parser.add_argument("--label", help="the result's name (default: the row, ROW-seedN at a seed other than 0, "
+                        "or elastic-<run folder>)")
     parser.add_argument("--questions", type=int, default=150, help="colour-of-shape test questions per grid")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work-dir", type=Path, default=ROOT / "benchmarks" / ".work")
@@ -60,7 +61,8 @@ def main() -> None:
     args = parser.parse_args()
     args.out = args.out or ROOT / "benchmarks" / "results" / OBJECT_NAMED_FOLDERS[args.layout]
     torch.set_num_threads(2)
-    label = args.label or (f"elastic-{args.elastic_run.name}" if args.elastic_run else args.row)
+    row_label = args.row if args.seed == 0 else f"{args.row}-seed{args.seed}"  # a seed-1 row keeps seed 0's result
+    label = args.label or (f"elastic-{args.elastic_run.name}" if args.elastic_run else row_label)
     if args.elastic_run:
         model, processor = load_elastic_run(args.elastic_run, args.work_dir, label)
     else:
