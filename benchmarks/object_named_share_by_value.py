@@ -5,6 +5,7 @@ fixed shape detector has a high share when its shape is named and a low one othe
 
     python benchmarks/object_named_share_by_value.py [--row cotr-1] [--questions 150]
     python benchmarks/object_named_share_by_value.py --layout distinct --row cotr-1   # results/object-distinct
+    python benchmarks/object_named_share_by_value.py --row cotr-1 --seed 1 --kind shape-of-colour
     python benchmarks/object_named_share_by_value.py --elastic-run benchmarks/.work/runs/elastic/seed-0/cotr-elastic
 
 `--elastic-run`: an elastic.py run folder (its trained weights, or its last checkpoint while it trains), measured at
@@ -12,7 +13,8 @@ its largest budget. Also reported: how far CoTR's query term spreads over the to
 every query shares (self, text): a query whose own term spreads little attends where the shared terms point.
 A row whose reducer has no attention (`avgpool-*`) gets the accuracy by named shape only. For every row: how often
 the answer is the colour of a circle, a rectangle or a triangle tile, by the named shape (which shape's colour the
-model reports when it is wrong).
+model reports when it is wrong). `--kind shape-of-colour`: "What shape is the <colour> one?" questions instead, split
+by the named tile's shape (the answer), with how often each shape is answered.
 """
 
 import argparse
@@ -32,7 +34,21 @@ from leo_mini_hf.easyvqa.dataset import SHAPES
 from leo_mini_hf.easyvqa.evaluation import answer_questions, normalise_answer
 from leo_mini_hf.easyvqa.object_named import LAYOUTS, object_named_dataset
 
-KIND = "object colour of shape"
+# --kind → (question type, its wording, the answer-spread column's heading, its JSON key)
+KINDS = {
+    "colour-of-shape": ("object colour of shape", "What colour is the <shape>?",
+                        "answered the colour of a circle / rectangle / triangle", "answered_colour_of"),
+    "shape-of-colour": ("object shape of colour", "What shape is the <colour> one?",
+                        "answered circle / rectangle / triangle", "answered_shape"),
+}
+
+
+def answered_shapes(tiles, answered: str, kind: str) -> set[str]:
+    """The shapes an answer points at: for a colour, the shapes of the tiles of that colour (a reader of one fixed
+    shape answers its colour whatever shape is named); for a shape, that shape."""
+    if kind == "colour-of-shape":
+        return {tile.shape for tile in tiles if tile.colour == answered}
+    return {answered} & set(SHAPES)
 
 
 def load_elastic_run(run_dir: Path, work_dir: Path, label: str):
@@ -52,7 +68,9 @@ def main() -> None:
     parser.add_argument("--elastic-run", type=Path, help="an elastic.py run folder instead of an object_named.py row")
     parser.add_argument("--label", help="the result's name (default: the row, ROW-seedN at a seed other than 0, "
                         "or elastic-<run folder>)")
-    parser.add_argument("--questions", type=int, default=150, help="colour-of-shape test questions per grid")
+    parser.add_argument("--questions", type=int, default=150, help="test questions of the kind per grid")
+    parser.add_argument("--kind", choices=KINDS, default="colour-of-shape",
+                        help="the question type; shape-of-colour groups by the named tile's shape, the answer")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work-dir", type=Path, default=ROOT / "benchmarks" / ".work")
     parser.add_argument("--layout", choices=LAYOUTS, default="unique", help="the object-named layout of the row and "
@@ -63,6 +81,7 @@ def main() -> None:
     torch.set_num_threads(2)
     row_label = args.row if args.seed == 0 else f"{args.row}-seed{args.seed}"  # a seed-1 row keeps seed 0's result
     label = args.label or (f"elastic-{args.elastic_run.name}" if args.elastic_run else row_label)
+    question_type, wording, spread_heading, spread_key = KINDS[args.kind]
     if args.elastic_run:
         model, processor = load_elastic_run(args.elastic_run, args.work_dir, label)
     else:
@@ -72,26 +91,24 @@ def main() -> None:
     for grid in GRIDS:
         dataset = object_named_dataset("test", grid, 6 * args.questions, args.seed, args.layout)
         items = [(index, *dataset.draw_with_named_cell(index)) for index in range(len(dataset))]
-        items = [item for item in items if item[4] == KIND][: args.questions]
+        items = [item for item in items if item[4] == question_type][: args.questions]
         samples = [dataset[index] for index, *_ in items]
         predictions = answer_questions(model, processor, samples, batch_size=16)
         shares = named_tile_shares(model, processor, samples, grid, per_query=True) if has_attention \
             else [None] * len(samples)  # [[share per query]]; None without attention
-        by_shape = defaultdict(lambda: {"share": [], "correct": [], "colour_of": defaultdict(int)})
+        by_shape = defaultdict(lambda: {"share": [], "correct": [], "answered": defaultdict(int)})
         for (index, tiles, question, answer, kind, cell), share, prediction in zip(items, shares, predictions):
             entry, answered = by_shape[tiles[cell].shape], normalise_answer(prediction)
             entry["share"].append(share)
             entry["correct"].append(answered == answer)
-            # which shapes' tiles have the answered colour: a reader of one fixed shape answers its colour whatever
-            # shape is named
-            for tile_shape in {tile.shape for tile in tiles if tile.colour == answered}:
-                entry["colour_of"][tile_shape] += 1
+            for tile_shape in answered_shapes(tiles, answered, args.kind):
+                entry["answered"][tile_shape] += 1
         spreads = score_term_spreads(model, processor, samples) if has_attention else None
         result[f"{grid}x{grid}"] = {"by_named_shape": {}, "score_term_spread_over_tokens": spreads}
         for shape, entry in sorted(by_shape.items()):
             count = len(entry["correct"])
             summary = {"questions": count, "accuracy": sum(entry["correct"]) / count,
-                       "answered_colour_of": {value: entry["colour_of"][value] / count for value in SHAPES}}
+                       spread_key: {value: entry["answered"][value] / count for value in SHAPES}}
             if has_attention:
                 per_query = torch.tensor(entry["share"]).mean(dim=0)  # (N_V,): each query's mean share
                 summary |= {"named_share": per_query.mean().item(), "named_share_per_query": per_query.tolist()}
@@ -99,22 +116,26 @@ def main() -> None:
         print(grid, json.dumps(result[f"{grid}x{grid}"]), flush=True)
     command = shlex.join(["python", "benchmarks/object_named_share_by_value.py", *sys.argv[1:]])
     title = "the reducer's attention share on the named tile and accuracy" if has_attention else "accuracy"
-    lines = [f"# {label}: {title}, by the shape the question names", "",
+    by_what = ("the shape the question names" if args.kind == "colour-of-shape"
+               else "the named tile's shape (the answer)")
+    spread_note = ("*Answered the colour of a …* : the share of answers that are the colour of some tile of that shape "
+                   "(the named tile's colour counts for the named shape)." if args.kind == "colour-of-shape" else
+                   "*Answered …* : the share of answers that are each shape.")
+    lines = [f"# {label}: {title}, by {by_what}", "",
              f"Command: `{command}`  ", f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch "
-             f"{torch.__version__}  ", f"\"What colour is the <shape>?\", the first {args.questions} such test "
-             f"questions per grid (seed {args.seed}); uniform share: 1/4 (2×2), 1/9 (3×3).", "",
-             "*Answered the colour of a …* : the share of answers that are the colour of some tile of that shape "
-             "(the named tile's colour counts for the named shape).", "",
-             "| grid | named shape | questions | named-tile share | share per query | accuracy | answered the colour "
-             "of a circle / rectangle / triangle |", "|---|---|---|---|---|---|---|"]
+             f"{torch.__version__}  ", f"\"{wording}\", the first {args.questions} such test "
+             f"questions per grid (seed {args.seed}); uniform share: 1/4 (2×2), 1/9 (3×3).", "", spread_note, "",
+             f"| grid | named tile's shape | questions | named-tile share | share per query | accuracy | "
+             f"{spread_heading} |",
+             "|---|---|---|---|---|---|---|"]
     for grid, entries in result.items():
         for shape, entry in entries["by_named_shape"].items():
             per_query = " / ".join(f"{share:.2f}" for share in entry["named_share_per_query"]) if has_attention \
                 else "– (no attention)"
             named_share = f"{entry['named_share']:.3f}" if has_attention else "–"
-            colour_of = " / ".join(f"{entry['answered_colour_of'][value]:.2f}" for value in SHAPES)
+            answered = " / ".join(f"{entry[spread_key][value]:.2f}" for value in SHAPES)
             lines.append(f"| {grid} | {shape} | {entry['questions']} | {named_share} | {per_query} | "
-                         f"{entry['accuracy']:.2f} | {colour_of} |")
+                         f"{entry['accuracy']:.2f} | {answered} |")
     if has_attention:
         lines += ["", "How far CoTR's score terms spread over the expert's tokens (standard deviation over tokens, "
                   "mean over these questions): the query term per query, and the terms all queries share.", "",
@@ -125,8 +146,8 @@ def main() -> None:
             text, question_part = (f"{spread['text']:.2f}", f"{spread['text_question_part']:.3f}") \
                 if "text" in spread else ("– (no text term)", "–")
             lines.append(f"| {grid} | {per_query} | {spread['self']:.2f} | {text} | {question_part} |")
-    write_results(args.out / f"share_by_named_shape_{label}", {"command": command, "row": label, "result": result},
-                  lines)
+    name = f"share_by_named_shape_{label}" + ("" if args.kind == "colour-of-shape" else f"_{args.kind}")
+    write_results(args.out / name, {"command": command, "row": label, "kind": args.kind, "result": result}, lines)
 
 if __name__ == "__main__":
     main()
