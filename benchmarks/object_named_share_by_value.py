@@ -25,6 +25,7 @@ import shlex
 import sys
 from collections import defaultdict
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -34,19 +35,37 @@ from leo_mini_hf.easyvqa.dataset import SHAPES
 from leo_mini_hf.easyvqa.evaluation import answer_questions, normalise_answer
 from leo_mini_hf.easyvqa.object_named import LAYOUTS, object_named_dataset
 
-# --kind → (question type, its wording, the answer-spread column's heading, its JSON key)
+
+class QuestionKind(NamedTuple):
+    """What `--kind` measures and how its result is worded."""
+
+    question_type: str  # the dataset's question type
+    answer: str  # "colour" or "shape"
+    wording: str
+    grouped_by: str  # what the rows are split by
+    answer_spread_heading: str
+    answer_spread_key: str  # its JSON key
+    answer_spread_note: str
+    file_suffix: str  # after share_by_named_shape_<label>
+
+
 KINDS = {
-    "colour-of-shape": ("object colour of shape", "What colour is the <shape>?",
-                        "answered the colour of a circle / rectangle / triangle", "answered_colour_of"),
-    "shape-of-colour": ("object shape of colour", "What shape is the <colour> one?",
-                        "answered circle / rectangle / triangle", "answered_shape"),
+    "colour-of-shape": QuestionKind(
+        "object colour of shape", "colour", "What colour is the <shape>?", "the shape the question names",
+        "answered the colour of a circle / rectangle / triangle", "answered_colour_of",
+        "*Answered the colour of a …* : the share of answers that are the colour of some tile of that shape "
+        "(the named tile's colour counts for the named shape).", ""),
+    "shape-of-colour": QuestionKind(
+        "object shape of colour", "shape", "What shape is the <colour> one?", "the named tile's shape (the answer)",
+        "answered circle / rectangle / triangle", "answered_shape",
+        "*Answered …* : the share of answers that are each shape.", "_shape-of-colour"),
 }
 
 
-def answered_shapes(tiles, answered: str, kind: str) -> set[str]:
+def answered_shapes(tiles, answered: str, kind: QuestionKind) -> set[str]:
     """The shapes an answer points at: for a colour, the shapes of the tiles of that colour (a reader of one fixed
     shape answers its colour whatever shape is named); for a shape, that shape."""
-    if kind == "colour-of-shape":
+    if kind.answer == "colour":
         return {tile.shape for tile in tiles if tile.colour == answered}
     return {answered} & set(SHAPES)
 
@@ -81,7 +100,7 @@ def main() -> None:
     torch.set_num_threads(2)
     row_label = args.row if args.seed == 0 else f"{args.row}-seed{args.seed}"  # a seed-1 row keeps seed 0's result
     label = args.label or (f"elastic-{args.elastic_run.name}" if args.elastic_run else row_label)
-    question_type, wording, spread_heading, spread_key = KINDS[args.kind]
+    kind = KINDS[args.kind]
     if args.elastic_run:
         model, processor = load_elastic_run(args.elastic_run, args.work_dir, label)
     else:
@@ -91,24 +110,24 @@ def main() -> None:
     for grid in GRIDS:
         dataset = object_named_dataset("test", grid, 6 * args.questions, args.seed, args.layout)
         items = [(index, *dataset.draw_with_named_cell(index)) for index in range(len(dataset))]
-        items = [item for item in items if item[4] == question_type][: args.questions]
+        items = [item for item in items if item[4] == kind.question_type][: args.questions]
         samples = [dataset[index] for index, *_ in items]
         predictions = answer_questions(model, processor, samples, batch_size=16)
         shares = named_tile_shares(model, processor, samples, grid, per_query=True) if has_attention \
             else [None] * len(samples)  # [[share per query]]; None without attention
         by_shape = defaultdict(lambda: {"share": [], "correct": [], "answered": defaultdict(int)})
-        for (index, tiles, question, answer, kind, cell), share, prediction in zip(items, shares, predictions):
+        for (index, tiles, question, answer, _, cell), share, prediction in zip(items, shares, predictions):
             entry, answered = by_shape[tiles[cell].shape], normalise_answer(prediction)
             entry["share"].append(share)
             entry["correct"].append(answered == answer)
-            for tile_shape in answered_shapes(tiles, answered, args.kind):
+            for tile_shape in answered_shapes(tiles, answered, kind):
                 entry["answered"][tile_shape] += 1
         spreads = score_term_spreads(model, processor, samples) if has_attention else None
         result[f"{grid}x{grid}"] = {"by_named_shape": {}, "score_term_spread_over_tokens": spreads}
         for shape, entry in sorted(by_shape.items()):
             count = len(entry["correct"])
             summary = {"questions": count, "accuracy": sum(entry["correct"]) / count,
-                       spread_key: {value: entry["answered"][value] / count for value in SHAPES}}
+                       kind.answer_spread_key: {value: entry["answered"][value] / count for value in SHAPES}}
             if has_attention:
                 per_query = torch.tensor(entry["share"]).mean(dim=0)  # (N_V,): each query's mean share
                 summary |= {"named_share": per_query.mean().item(), "named_share_per_query": per_query.tolist()}
@@ -116,24 +135,20 @@ def main() -> None:
         print(grid, json.dumps(result[f"{grid}x{grid}"]), flush=True)
     command = shlex.join(["python", "benchmarks/object_named_share_by_value.py", *sys.argv[1:]])
     title = "the reducer's attention share on the named tile and accuracy" if has_attention else "accuracy"
-    by_what = ("the shape the question names" if args.kind == "colour-of-shape"
-               else "the named tile's shape (the answer)")
-    spread_note = ("*Answered the colour of a …* : the share of answers that are the colour of some tile of that shape "
-                   "(the named tile's colour counts for the named shape)." if args.kind == "colour-of-shape" else
-                   "*Answered …* : the share of answers that are each shape.")
-    lines = [f"# {label}: {title}, by {by_what}", "",
+    lines = [f"# {label}: {title}, by {kind.grouped_by}", "",
              f"Command: `{command}`  ", f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch "
-             f"{torch.__version__}  ", f"\"{wording}\", the first {args.questions} such test "
-             f"questions per grid (seed {args.seed}); uniform share: 1/4 (2×2), 1/9 (3×3).", "", spread_note, "",
+             f"{torch.__version__}  ", f"\"{kind.wording}\", the first {args.questions} such test "
+             f"questions per grid (seed {args.seed}); uniform share: 1/4 (2×2), 1/9 (3×3).", "",
+             kind.answer_spread_note, "",
              f"| grid | named tile's shape | questions | named-tile share | share per query | accuracy | "
-             f"{spread_heading} |",
+             f"{kind.answer_spread_heading} |",
              "|---|---|---|---|---|---|---|"]
     for grid, entries in result.items():
         for shape, entry in entries["by_named_shape"].items():
             per_query = " / ".join(f"{share:.2f}" for share in entry["named_share_per_query"]) if has_attention \
                 else "– (no attention)"
             named_share = f"{entry['named_share']:.3f}" if has_attention else "–"
-            answered = " / ".join(f"{entry[spread_key][value]:.2f}" for value in SHAPES)
+            answered = " / ".join(f"{entry[kind.answer_spread_key][value]:.2f}" for value in SHAPES)
             lines.append(f"| {grid} | {shape} | {entry['questions']} | {named_share} | {per_query} | "
                          f"{entry['accuracy']:.2f} | {answered} |")
     if has_attention:
@@ -146,8 +161,9 @@ def main() -> None:
             text, question_part = (f"{spread['text']:.2f}", f"{spread['text_question_part']:.3f}") \
                 if "text" in spread else ("– (no text term)", "–")
             lines.append(f"| {grid} | {per_query} | {spread['self']:.2f} | {text} | {question_part} |")
-    name = f"share_by_named_shape_{label}" + ("" if args.kind == "colour-of-shape" else f"_{args.kind}")
+    name = f"share_by_named_shape_{label}{kind.file_suffix}"
     write_results(args.out / name, {"command": command, "row": label, "kind": args.kind, "result": result}, lines)
+
 
 if __name__ == "__main__":
     main()
