@@ -382,9 +382,10 @@ SHORT_TYPE_NAMES = {"object colour of shape": "colour", "object shape of colour"
                     "object colour and shape": "binding"}
 
 
-def accuracy_by_tokens_figure(path: Path, draw, legend_columns: int) -> None:
-    """One panel per mosaic grid of test accuracy against visual tokens (log 2 axis); `draw(axis, grid)` plots the
-    points of that grid with labels. Saved to `path` (nothing without matplotlib)."""
+def accuracy_by_tokens_figure(path: Path, draw, legend_columns: int, title: str = "object-named mosaics") -> None:
+    """One panel per mosaic grid ("<title> 2×2", ...) of test accuracy against visual tokens (log 2 axis, a factor 2 of
+    room either side of the points, so one budget alone stays readable); `draw(axis, grid)` plots the points of that
+    grid with labels. Saved to `path` (nothing without matplotlib)."""
     try:
         import matplotlib
 
@@ -397,9 +398,10 @@ def accuracy_by_tokens_figure(path: Path, draw, legend_columns: int) -> None:
     for axis, grid in zip(axes[0], GRIDS):
         axis.set_xscale("log", base=2)
         draw(axis, grid)
+        axis.set_xlim(axis.dataLim.x0 / 2, axis.dataLim.x1 * 2)
         axis.set_xlabel("visual tokens per image in the LLM")
         axis.set_ylabel("test accuracy, all three question types")
-        axis.set_title(f"object-named mosaics {grid}×{grid}", fontsize=10)
+        axis.set_title(f"{title} {grid}×{grid}", fontsize=10)
         axis.grid(alpha=0.3)
     handles, labels = axes[0][0].get_legend_handles_labels()
     figure.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0), ncol=legend_columns, fontsize=8,

@@ -218,7 +218,9 @@ def plot(rows: list[dict], path: Path) -> None:
                     axis.errorbar(tokens, accuracies, yerr=errors, fmt=markers[seed], color=f"C{colour}", capsize=3,
                                   label=label)
 
-    accuracy_by_tokens_figure(path, draw, legend_columns=3)
+    distinct = rows[0].get("layout") == "distinct"
+    accuracy_by_tokens_figure(path, draw, legend_columns=3,
+                              title="object-named mosaics, distinct layout," if distinct else "object-named mosaics")
 
 
 def main() -> None:
