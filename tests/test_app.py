@@ -111,6 +111,128 @@ def test_an_elastic_model_answers_at_the_budget_chosen_in_the_page(tmp_path):
     assert len(radios) == 1 and [choice[0] for choice in radios[0].choices] == ["1", "2", "4"]
 
 
+def call_ask(url: str, payload: list) -> tuple[str, str]:
+    """One raw `/ask` call over Gradio's HTTP API, as any client on the network can make it, not as gradio_client
+    makes it (that one uploads local files first). Returns (last SSE event name, the whole stream's text)."""
+    import httpx
+
+    with httpx.Client(base_url=url, timeout=60) as http:
+        event_id = http.post("/gradio_api/call/ask", json={"data": payload}).raise_for_status().json()["event_id"]
+        stream = http.get(f"/gradio_api/call/ask/{event_id}").raise_for_status().text
+    events = [line.removeprefix("event: ") for line in stream.splitlines() if line.startswith("event: ")]
+    return events[-1], stream
+
+
+@pytest.fixture(scope="module")
+def tiny_app(tiny_checkpoint):
+    """The app on the random tiny checkpoint, served on 127.0.0.1 (the file-access tests need no real answers)."""
+    app_module = import_app()
+    chat = app_module.LeoMiniChat(*app_module.load_model(str(tiny_checkpoint)), max_new_tokens=2)
+    app = app_module.build_app(chat, app_module.bundled_examples(DEMO_EXAMPLES))
+    _, url, _ = app_module.launch(app, port=free_port(), allowed_paths=[DEMO_EXAMPLES], block=False)
+    yield app, url
+    app.close()
+
+
+def server_paths(tmp_path, upload_folder: Path) -> tuple[list[str], Path]:
+    """Paths an API call may name that the app must not read: an image and a secret outside its uploads, a missing
+    file, a system file, a folder, a traversal out of the upload folder, and a link inside it that points out."""
+    secret_image = tmp_path / "secret.png"
+    Image.new("RGB", (40, 40), (12, 34, 56)).save(secret_image)
+    (tmp_path / "shadow").write_text("root:SECRET-HASH:19000")
+    upload_folder.mkdir(parents=True, exist_ok=True)
+    link = upload_folder / f"link-{os.getpid()}-{tmp_path.name}.png"
+    link.unlink(missing_ok=True)
+    link.symlink_to(secret_image)
+    return [str(secret_image), str(tmp_path / "shadow"), str(tmp_path / "missing.png"), "/etc/passwd", "/",
+            os.path.join(upload_folder, os.path.relpath(secret_image, upload_folder)), str(link)], link
+
+
+def ask_handler(app):
+    """The function the app runs for `/ask`, as Gradio calls it (unprocessed inputs)."""
+    return next(function.fn for function in app.fns.values() if function.api_name == "ask")
+
+
+def test_the_ask_handler_opens_only_uploads_and_examples_with_one_message_for_everything_else(tiny_app, tmp_path):
+    """The handler's own check, whatever Gradio's version checks before it: every server path gets the same
+    gr.Error, and nothing of the file (no answer, no heat map); an uploaded copy and a bundled example are answered."""
+    import gradio as gr
+
+    app, _ = tiny_app
+    handler = ask_handler(app)
+    paths, link = server_paths(tmp_path, Path(app.GRADIO_CACHE))
+    try:
+        messages = set()
+        for path in paths:
+            for image in (path, {"path": path, "meta": {"_type": "gradio.FileData"}}):
+                with pytest.raises(gr.Error) as refused:
+                    list(handler(image, "what colour?"))
+                messages.add(refused.value.message)
+    finally:
+        link.unlink()
+    assert messages == {import_app().NOT_AN_UPLOAD}
+    upload = Path(app.GRADIO_CACHE) / f"upload-{tmp_path.name}" / "secret.png"
+    upload.parent.mkdir(parents=True)
+    shutil.copyfile(paths[0], upload)
+    for image in (str(upload), {"path": str(DEMO_EXAMPLES / QUESTIONS[0]["image"])}):
+        *_, (_, statistics, heat_map) = handler(image, "what colour?")
+        assert "visual tokens" in statistics and heat_map is not None
+    shutil.rmtree(upload.parent)
+
+
+def test_api_calls_naming_server_files_get_nothing_of_them(tiny_app, tmp_path):
+    """Over the HTTP API, as any client on the network can call it (gradio_client would upload local files first):
+    each server path is refused, the message is the same for all but for the path as given, and names no error of
+    the file's; an upload of the same image is answered."""
+    app, url = tiny_app
+    paths, link = server_paths(tmp_path, Path(app.GRADIO_CACHE))
+    try:
+        streams = set()
+        for path in paths:
+            event, stream = call_ask(url, [{"path": path, "meta": {"_type": "gradio.FileData"}}, "what colour?"])
+            assert event == "error", (path, stream)
+            streams.add(stream.replace(path, "<path>").replace(os.path.normpath(path), "<path>"))
+    finally:
+        link.unlink()
+    assert len(streams) == 1, f"the answer differs with the path: it tells what is on the server: {streams}"
+    message = streams.pop()
+    for leak in ("SECRET", "FileNotFound", "UnidentifiedImage", "IsADirectory", "Errno", "/file=", "heat"):
+        assert leak not in message
+    with open(paths[0], "rb") as image:
+        uploaded = httpx_upload(url, image)
+    event, stream = call_ask(url, [{"path": uploaded, "meta": {"_type": "gradio.FileData"}}, "what colour?"])
+    assert event == "complete", stream
+
+
+def httpx_upload(url: str, file) -> str:
+    import httpx
+
+    response = httpx.post(f"{url.rstrip('/')}/gradio_api/upload", files={"files": file}, timeout=60)
+    return response.raise_for_status().json()[0]
+
+
+def test_uploads_are_bounded_in_size_and_deleted_when_the_server_stops(tiny_checkpoint, tmp_path):
+    import httpx
+
+    app_module = import_app()
+    chat = app_module.LeoMiniChat(*app_module.load_model(str(tiny_checkpoint)), max_new_tokens=2)
+    app = app_module.build_app(chat, [])
+    _, url, _ = app_module.launch(app, port=free_port(), block=False)
+    try:
+        image = tmp_path / "small.png"
+        Image.new("RGB", (40, 40), (255, 0, 0)).save(image)
+        with open(image, "rb") as opened:
+            uploaded = Path(httpx_upload(url, opened))
+        assert uploaded.is_file()
+        too_big = 25 * 1024 * 1024 + 1  # MAX_UPLOAD_SIZE
+        response = httpx.post(f"{url.rstrip('/')}/gradio_api/upload", timeout=60,
+                              files={"files": ("big.png", b"\x89PNG" + bytes(too_big))})
+        assert response.status_code == 413, response.text
+    finally:
+        app.close()
+    assert not uploaded.exists(), "the upload stayed on the server's disk after it stopped"
+
+
 @pytest.mark.slow
 def test_bad_input_gives_a_message_and_the_next_question_still_works(smol_app, tmp_path):
     client = gradio_client.Client(smol_app, verbose=False)

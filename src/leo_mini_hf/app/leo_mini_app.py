@@ -20,6 +20,9 @@ from PIL import Image  # noqa: E402
 from transformers import AutoModelForImageTextToText, AutoProcessor, TextIteratorStreamer  # noqa: E402
 
 MAX_QUESTION_CHARACTERS = 1000
+MAX_UPLOAD_SIZE = "25mb"  # Gradio refuses larger uploads; a 64 MP image (the processor's bound) fits compressed
+CACHE_CLEANUP = (3600, 3600)  # Gradio deletes the app's uploads older than an hour, hourly, and all at shutdown
+NOT_AN_UPLOAD = "Upload the image to this page first: the app reads only images uploaded to it or its examples."
 REDUCTIONS = {"cotr": "CoTR", "avg_pool": "average pooling", "none": "no reduction"}
 THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],  # local fonts: nothing from a CDN
                           font_mono=["ui-monospace", "SFMono-Regular", "monospace"])
@@ -151,9 +154,28 @@ class LeoMiniChat:
         return Image.fromarray((blended.clip(0, 1) * 255).astype(np.uint8))
 
 
+def readable_image(image, folders: list[Path]) -> str:
+    """The path of an image the app may open: a regular file inside one of `folders` (Gradio's upload folder and the
+    examples), symbolic links resolved. Everything else, whatever the path, gets the same gr.Error (NOT_AN_UPLOAD):
+    an API call must not learn whether a file on the server exists or what it holds. `image`: the handler's
+    unprocessed input, an upload record ({"path": ...}), a path, or None."""
+    path = image.get("path") if isinstance(image, dict) else image
+    if not path:
+        raise gr.Error("Upload an image first (PNG, JPEG, WebP, ...).")
+    if not isinstance(path, str) or "\x00" in path:
+        raise gr.Error(NOT_AN_UPLOAD)
+    resolved = Path(os.path.realpath(path))
+    if not any(resolved.is_relative_to(folder) for folder in folders) or not resolved.is_file():
+        raise gr.Error(NOT_AN_UPLOAD)
+    return str(resolved)
+
+
 def build_app(chat: LeoMiniChat, examples: list[list[str]], title: str = "LEO-MINI") -> gr.Blocks:
-    """The page: image and question in, streamed answer, token counts and timings, and CoTR's heat map out."""
-    with gr.Blocks(analytics_enabled=False, title=title) as app:
+    """The page: image and question in, streamed answer, token counts and timings, and CoTR's heat map out.
+
+    The handler opens only files uploaded to the app or the bundled examples (`readable_image`); uploads are deleted
+    an hour after they arrive and when the server stops (`CACHE_CLEANUP`)."""
+    with gr.Blocks(analytics_enabled=False, title=title, delete_cache=CACHE_CLEANUP) as app:
         gr.Markdown(f"# {title}\nAsk about an image. The answer streams in; beside it, how many visual tokens the "
                     f"LLM read ({chat.tokens_before} from the vision experts, {chat.tokens_after} after "
                     f"{chat.reduction}) and where the reduction looked.")
@@ -174,7 +196,13 @@ def build_app(chat: LeoMiniChat, examples: list[list[str]], title: str = "LEO-MI
                                     interactive=False, elem_id="heat-map")
         if examples:
             gr.Examples(examples, inputs=[image, question], label="Examples (easy-vqa test images)")
-        handler = {"fn": chat.answer, "inputs": inputs, "outputs": [answer, statistics, heat_map],
+        folders = [Path(os.path.realpath(app.GRADIO_CACHE))]
+        folders += sorted({Path(os.path.realpath(image_path)).parent for image_path, _ in examples})
+
+        def answer_upload(image, question, *budget):
+            yield from chat.answer(readable_image(image, folders), question, *budget)
+
+        handler = {"fn": answer_upload, "inputs": inputs, "outputs": [answer, statistics, heat_map],
                    "preprocess": False}  # the handler reads the upload itself and explains what it cannot use
         ask.click(**handler, api_name="ask")
         question.submit(**handler, api_visibility="private")
@@ -192,11 +220,13 @@ def bundled_examples(folder) -> list[list[str]]:
     return [[str(folder / item["image"]), item["question"]] for item in json.loads(questions.read_text())]
 
 
-def launch(app: gr.Blocks, host: str = "127.0.0.1", port: int | None = None, allowed_paths=(), block: bool = True):
-    """Serve the app (no share link, no server-side rendering, errors shown in the page)."""
+def launch(app: gr.Blocks, host: str = "127.0.0.1", port: int | None = None, allowed_paths=(), block: bool = True,
+           max_file_size: str | int = MAX_UPLOAD_SIZE):
+    """Serve the app (no share link, no server-side rendering, errors shown in the page, uploads of at most
+    `max_file_size`)."""
     return app.launch(server_name=host, server_port=port, share=False, ssr_mode=False, show_error=True,
                       theme=THEME, allowed_paths=[str(path) for path in allowed_paths], prevent_thread_lock=not block,
-                      quiet=True, footer_links=["api"])
+                      quiet=True, footer_links=["api"], max_file_size=max_file_size)
 
 
 def main(model: str, examples_dir: str = "examples", max_new_tokens: int = 32) -> None:
