@@ -87,7 +87,7 @@ def run_config(name: str, args) -> dict:
         "task": args.task,
         "overrides": CONFIGS[name],
         "visual_tokens": model.config.num_image_tokens,
-        "expert_tokens": model.model.vision_experts[0].num_tokens,
+        "expert_tokens": model.vision_experts[0].num_tokens,
         "steps": args.steps,
         "batch_size": args.batch_size,
         "learning_rate": args.learning_rate,

@@ -141,7 +141,7 @@ def cases(work: Path, checkpoint: Path):
             from leo_mini_hf.training.feature_cache import VisionFeatureCache
 
             frozen = tiny_model()
-            for param in frozen.model.vision_experts.parameters():
+            for param in frozen.vision_experts.parameters():
                 param.requires_grad_(False)
             plain = frozen.get_image_features(pixels(config))
             cache_dir = work / f"cache-{damage}"

@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import TrainerCallback
@@ -231,7 +230,7 @@ def named_cell_shares(model, samples: list[dict], processor, grid: int, num_visu
     for samples that name a tile; with the cell's share of the expert's tokens (what uniform attention gives it).
     num_visual_tokens: an elastic model's budget (its first k queries)."""
     samples = [sample for sample in samples if sample["named_cell"] is not None]
-    cells = token_cells(model.model.vision_experts[0].num_tokens, grid)
+    cells = token_cells(model.vision_experts[0].num_tokens, grid)
     token_share = torch.bincount(cells, minlength=grid**2).float() / len(cells)
     by_type: dict[str, list[tuple[float, float]]] = {}
     for sample, share in zip(samples, named_tile_shares(model, processor, samples, grid, num_visual_tokens)):
@@ -252,17 +251,18 @@ def named_tile_shares(model, processor, samples: list[dict], grid: int, num_visu
     """Per sample (each naming a tile: its `named_cell`), CoTR's attention share (first expert, mean over the
     queries) on that tile's cell. num_visual_tokens: an elastic model's budget; zero_text: CoTR conditioned on a zero
     prompt-text sum instead of the prompt's; per_query: a list of each query's share per sample instead."""
-    inner = model.model
-    cells = token_cells(inner.vision_experts[0].num_tokens, grid)
+    cells = token_cells(model.vision_experts[0].num_tokens, grid)
     shares = []
     for start in range(0, len(samples), 16):
         batch = samples[start:start + 16]
         inputs = prompt_inputs(processor, batch, num_visual_tokens)
-        features = [expert(inputs["pixel_values"]) for expert in inner.vision_experts]
         text_sums = prompt_text_sums(model, inputs)
         if zero_text:
             text_sums = torch.zeros_like(text_sums)
-        weights = inner.token_reducer.expert_attention(features, text_sums, num_visual_tokens)[0]
+        budgets = None if num_visual_tokens is None else torch.full((len(batch),), num_visual_tokens)
+        _, weights = model.get_image_features(inputs["pixel_values"], text_sums, budgets,
+                                              output_reduction_weights=True)
+        weights = weights[0]  # the first expert's
         per_cell = cell_share(weights, cells, grid, per_query)
         shares += [per_cell[row, ..., sample["named_cell"]].tolist() for row, sample in enumerate(batch)]
     return shares
@@ -270,43 +270,28 @@ def named_tile_shares(model, processor, samples: list[dict], grid: int, num_visu
 
 @torch.no_grad()
 def score_term_spreads(model, processor, samples: list[dict]) -> dict:
-    """CoTR's four score terms (first expert, each times its scale) and how far each spreads over the expert's
-    tokens (standard deviation over tokens, mean over samples and queries): how much each can move the softmax; the
-    query term's also per query ("query_per_query").
-    Also the part of the text term that differs between questions (text sum minus its mean over a batch of 16).
-    A text-free reducer (`cotr_text_conditioning=False`) has no text terms: their keys are absent.
-    With cosine scores every vector is L2-normalised first, as in CoTR, and the question part is that of the
-    normalised text vector. Checked: the softmax of the four terms' sum equals `expert_attention`'s weights."""
-    reducer, inner = model.model.token_reducer, model.model
-    if reducer.position_embeddings is not None or len(inner.vision_experts) != 1:
+    """CoTR's four score terms (first expert, each times its scale: `score_terms`) and how far each spreads over the
+    expert's tokens (standard deviation over tokens, mean over samples and queries): how much each can move the
+    softmax; the query term's also per query ("query_per_query").
+    Also the part of the text term that differs between questions: the text term minus the text term of the batch's
+    mean prompt-text sum (batches of 16; with cosine scores, the mean sum's direction).
+    A text-free reducer (`cotr_text_conditioning=False`) has no text terms: their keys are absent."""
+    reducer = model.token_reducer
+    if reducer.position_embeddings is not None or len(model.vision_experts) != 1:
         raise ValueError("the term split here covers one expert and no position embedding")
-    normalise = F.normalize if reducer.score_scaling == "cosine" else (lambda vectors, dim: vectors)
     has_text = reducer.text_projections is not None
     spreads = {term: [] for term in ("query", "self", "cross", "text", "text_question_part", "total")
                if has_text or not term.startswith("text")}
     query_spread_per_query = []  # (n, N_V) per batch
     for start in range(0, len(samples), 16):
         inputs = prompt_inputs(processor, samples[start:start + 16])
-        features = [expert(inputs["pixel_values"]) for expert in inner.vision_experts]
+        features = [expert(inputs["pixel_values"]) for expert in model.vision_experts]
         text_sum = prompt_text_sums(model, inputs)
-        tokens = reducer.visual_projections[0](features[0])  # (n, N, p)
-        pooled = tokens.mean(dim=1) if reducer.mean_pooling else tokens.sum(dim=1)
-        tokens = normalise(tokens, dim=-1)
-        scales = reducer.term_scales(0)
-        terms = {"query": scales[0] * torch.einsum("qp,nkp->nqk", normalise(reducer.queries[0], dim=-1), tokens),
-                 "self": scales[1] * torch.einsum("np,nkp->nk", normalise(pooled, dim=-1), tokens).unsqueeze(1),
-                 "cross": torch.zeros_like(tokens[..., 0]).unsqueeze(1)}  # one expert: no other experts
-        if has_text:
-            projected_text = normalise(reducer.text_projections[0](text_sum), dim=-1)  # (n, p)
-            terms["text"] = scales[3] * torch.einsum("np,nkp->nk", projected_text, tokens).unsqueeze(1)
+        terms = reducer.score_terms(features, text_sum)[0]
         terms["total"] = sum(terms.values())
-        if has_text:  # the part of the text term that differs between questions: minus its mean over the batch
-            question_part = projected_text - projected_text.mean(dim=0)
-            terms["text_question_part"] = scales[3] * torch.einsum("np,nkp->nk", question_part, tokens).unsqueeze(1)
-        expected = reducer.expert_attention(features, text_sum)[0]
-        # float32 logits of a few hundred (cotr-1-lr10) round to ~1e-5 apart between the two sums; a wrong split
-        # would differ by whole attention shares
-        torch.testing.assert_close(terms["total"].softmax(dim=-1), expected, rtol=1e-4, atol=1e-4)
+        if has_text:
+            mean_text = text_sum.mean(dim=0, keepdim=True).expand_as(text_sum)
+            terms["text_question_part"] = terms["text"] - reducer.score_terms(features, mean_text)[0]["text"]
         for term, scores in terms.items():
             spreads[term].append(scores.std(dim=-1).mean(dim=1))  # (n,)
         query_spread_per_query.append(terms["query"].std(dim=-1))

@@ -63,12 +63,12 @@ def main() -> None:
     model = LeoMiniForConditionalGeneration.from_pretrained(folder).eval()
     rows = []
     breaks = decode_step_graph_breaks(model, batch_inputs(processor, 1))
-    eager_forward = model.model.language_model.forward
+    eager_forward = model.language_model.forward
     for batch in (1, 8):
         inputs = batch_inputs(processor, batch)
-        model.model.language_model.forward = eager_forward
+        model.language_model.forward = eager_forward
         eager_tokens, eager_prefill, eager_rate = timed_generate(model, inputs, args.new_tokens)
-        model.model.language_model.forward = torch.compile(eager_forward, dynamic=False)
+        model.language_model.forward = torch.compile(eager_forward, dynamic=False)
         started = time.perf_counter()
         timed_generate(model, inputs, 2)  # compiles: prefill and decode shapes
         compile_seconds = time.perf_counter() - started

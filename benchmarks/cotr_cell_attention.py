@@ -36,10 +36,10 @@ def cell_shares(model, processor, image, mosaic_grid: int) -> tuple[torch.Tensor
     and spreads of the attention logits log α (centred per query): over tokens (how peaked the scores are) and over
     the questions (all that the text moves: every other score term is the same for one image)."""
     pixel_values, text_sum = cell_questions(model, processor, image, mosaic_grid)
-    inner = model.model
-    features = [expert(pixel_values).expand(len(text_sum), -1, -1) for expert in inner.vision_experts]
-    weights = inner.token_reducer.expert_attention(features, text_sum)[0]  # first expert: (cells, N_V, N)
-    expert = inner.vision_experts[0]
+    _, weights = model.get_image_features(pixel_values.expand(len(text_sum), -1, -1, -1), text_sum,
+                                          output_reduction_weights=True)
+    weights = weights[0]  # first expert: (cells, N_V, N)
+    expert = model.vision_experts[0]
     cells = token_cells(expert.num_tokens, mosaic_grid)
     log_weights = weights.clamp(min=1e-30).log()
     logits = log_weights - log_weights.mean(dim=-1, keepdim=True)
@@ -68,7 +68,7 @@ def main() -> None:
     results = []
     for name in args.only:
         model, processor = assemble_leo_mini_smol(args.parts, **CONFIGS[name])
-        if not isinstance(model.model.token_reducer, ConditionalTokenReduction):
+        if not isinstance(model.token_reducer, ConditionalTokenReduction):
             raise ValueError(f"{name} has no CoTR (token_reduction={model.config.token_reduction!r})")
         weights_path = load_trained_weights(model, args.runs_dir / name)
         if weights_path is None:
@@ -82,7 +82,7 @@ def main() -> None:
                         for i in range(len(mosaics))]
             shares = torch.stack([share for share, _ in measured])
             spreads = {key: sum(spread[key] for _, spread in measured) / len(measured) for key in measured[0][1]}
-            token_share = torch.bincount(token_cells(model.model.vision_experts[0].num_tokens, grid)).float()
+            token_share = torch.bincount(token_cells(model.vision_experts[0].num_tokens, grid)).float()
             row[f"{grid}x{grid}"] = {**steering_of(shares), **spreads,
                                      "uniform_share": (token_share / token_share.sum()).mean().item(),
                                      "mosaics": mosaics.description()}

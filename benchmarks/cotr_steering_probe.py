@@ -36,7 +36,7 @@ def mosaic_features(model, processor, split: str, size: int, seed: int) -> tuple
     for index in range(len(mosaics)):
         pixel_values, text_sum = cell_questions(model, processor, mosaics[index]["messages"][0]["content"][0]["image"],
                                                 GRID)
-        features.append(model.model.vision_experts[0](pixel_values)[0])
+        features.append(model.vision_experts[0](pixel_values)[0])
     return torch.stack(features), text_sum
 
 
@@ -68,7 +68,7 @@ def main() -> None:
     train_features, text_sum = mosaic_features(model, processor, "train", args.train_mosaics, args.seed)
     test_features, _ = mosaic_features(model, processor, "test", args.test_mosaics, args.seed)
     print(f"expert features: {time.perf_counter() - started:.0f} s", flush=True)
-    cells = token_cells(model.model.vision_experts[0].num_tokens, GRID)
+    cells = token_cells(model.vision_experts[0].num_tokens, GRID)
     num_cells = len(text_sum)
     results = []
     for name in args.only:

@@ -94,12 +94,12 @@ def leo_mini_paper_counts(token_reduction: str = "cotr", full_token_grid: int | 
     model.set_attn_implementation("eager")
     pixels = torch.empty(1, 3, config.image_size, config.image_size, device="meta")
     with torch.device("meta"):
-        features = [expert(pixels) for expert in model.model.vision_experts]
-    vision = flops_of(lambda: [expert(pixels) for expert in model.model.vision_experts])
+        features = [expert(pixels) for expert in model.vision_experts]
+    vision = flops_of(lambda: [expert(pixels) for expert in model.vision_experts])
     text_sum = torch.empty(1, config.text_config.hidden_size, device="meta")
-    reducer = flops_of(lambda: model.model.token_reducer(features, text_sum)) if token_reduction == "cotr" else 0
-    reduced = model.model.token_reducer(features, text_sum)  # without reduction: the grids resampled
-    projector = flops_of(lambda: model.model.multi_modal_projector(reduced))
+    reducer = flops_of(lambda: model.token_reducer(features, text_sum)) if token_reduction == "cotr" else 0
+    reduced = model.token_reducer(features, text_sum)  # without reduction: the grids resampled
+    projector = flops_of(lambda: model.multi_modal_projector(reduced))
     tokens = config.num_image_tokens
     return {"visual_tokens": tokens, "vision": vision, "reducer": reducer, "projector": projector,
             "llm": llm_flops(LLAMA3_8B, tokens), "mmoe": mmoe_flops(config, tokens + TEXT_TOKENS)
@@ -125,7 +125,7 @@ def llava_paper_counts(text_config: dict, crops: int) -> dict:
     vision = flops_of(lambda: model.model.vision_tower(pixels, output_hidden_states=True))
     tokens = crops * 576
     features = torch.empty(1, tokens, 1024, device="meta")
-    projector = flops_of(lambda: model.model.multi_modal_projector(features))
+    projector = flops_of(lambda: model.model.multi_modal_projector(features))  # LLaVA's inner model
     return {"visual_tokens": tokens, "vision": vision, "reducer": 0, "projector": projector,
             "llm": llm_flops(text_config, tokens), "mmoe": 0, "text_config": text_config}
 
@@ -273,8 +273,8 @@ def cotr_router_share(model, inputs, repeats: int = 10) -> dict:
             spent[key] += time.perf_counter() - starts.pop(id(module))
         return hook
 
-    handles = [model.model.token_reducer.register_forward_pre_hook(before("cotr")),
-               model.model.token_reducer.register_forward_hook(after("cotr"))]
+    handles = [model.token_reducer.register_forward_pre_hook(before("cotr")),
+               model.token_reducer.register_forward_hook(after("cotr"))]
     for module in model.modules():
         if isinstance(module, MMoERouter):
             handles += [module.register_forward_pre_hook(before("routers")), module.register_forward_hook(after("routers"))]

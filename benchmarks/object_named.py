@@ -83,7 +83,7 @@ def run_row(name: str, args) -> dict:
     train_set, data_description = object_named_training_mix(args.seed, args.train_size, args.layout)
     run_dir = args.work_dir / "runs" / OBJECT_NAMED_FOLDERS[args.layout] / f"seed-{args.seed}" / name
     run_dir.mkdir(parents=True, exist_ok=True)
-    attends = isinstance(model.model.token_reducer, ConditionalTokenReduction)  # CoTR or text-free queries
+    attends = isinstance(model.token_reducer, ConditionalTokenReduction)  # CoTR or text-free queries
     probe_log = run_dir / "attention_share.jsonl"
     if TrainingTimer.last_complete_checkpoint(run_dir) is None:
         probe_log.unlink(missing_ok=True)  # a row starting over starts its log over
@@ -98,7 +98,7 @@ def run_row(name: str, args) -> dict:
              for grid in GRIDS}
     result = {
         "name": name, "layout": args.layout, "overrides": overrides, "warm_start": warm_start_record,
-        "visual_tokens": model.config.num_image_tokens, "expert_tokens": model.model.vision_experts[0].num_tokens,
+        "visual_tokens": model.config.num_image_tokens, "expert_tokens": model.vision_experts[0].num_tokens,
         "probe_mosaics": args.probe_mosaics, "steps": args.steps, "batch_size": args.batch_size,
         "learning_rate": args.learning_rate, "part_learning_rates": part_learning_rates, "seed": args.seed,
         "threads": torch.get_num_threads(), "data": data_description,

@@ -105,7 +105,7 @@ def main() -> None:
         model, processor = load_elastic_run(args.elastic_run, args.work_dir, label)
     else:
         model, processor = load_object_named_row(args.row, args.seed, args.work_dir, args.out)
-    has_attention = hasattr(model.model.token_reducer, "expert_attention")
+    has_attention = hasattr(model.token_reducer, "expert_attention")
     result = {}
     for grid in GRIDS:
         dataset = object_named_dataset("test", grid, 6 * args.questions, args.seed, args.layout)

@@ -103,7 +103,7 @@ def accuracy(model, processor, samples: list[dict], answers: list[str]) -> float
 
 def probe_row(name: str, args, probes: dict) -> dict:
     model, processor = load_object_named_row(name, args.seed, args.work_dir, args.out)
-    is_cotr = isinstance(model.model.token_reducer, ConditionalTokenReduction)
+    is_cotr = isinstance(model.token_reducer, ConditionalTokenReduction)
     result = {}
     for grid, by_type in probes.items():
         for kind, items in by_type.items():
@@ -116,7 +116,7 @@ def probe_row(name: str, args, probes: dict) -> dict:
                          model, processor, [with_question(i["sample"], i["counterfactual"]) for i in counterfactual],
                          [i["answer"] for i in counterfactual]) if counterfactual else None}
             if is_cotr:
-                with ZeroTextCondition(model.model.token_reducer):
+                with ZeroTextCondition(model.token_reducer):
                     entry["cotr_text_zeroed"] = accuracy(model, processor, samples, answers)
                 entry["named_share"] = mean(named_tile_shares(model, processor, samples, grid))
                 entry["named_share_text_zeroed"] = mean(named_tile_shares(model, processor, samples, grid,

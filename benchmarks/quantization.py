@@ -75,7 +75,7 @@ def main() -> None:
             "easy_vqa_accuracy": sum(a == s["answer"] for a, s in zip(answers, samples)) / len(samples),
             "demo_correct": sum(a == s["answer"] for a, s in zip(answers[len(samples):], demo)),
             "agreement_with_float32": sum(a == r for a, r in zip(answers, reference)) / len(answers),
-            "own_modules_dtype": str(model.model.token_reducer.queries.dtype),
+            "own_modules_dtype": str(model.token_reducer.queries.dtype),
         }
         rows.append(row)
         print(row, flush=True)

@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -73,7 +74,7 @@ def test_the_heat_map_tints_the_tokens_cotr_attended(tiny_checkpoint):
     app_module = import_app()
     chat = app_module.LeoMiniChat(*app_module.load_model(str(tiny_checkpoint)))
     side = chat.model.config.image_size
-    grid = math.isqrt(chat.model.model.vision_experts[0].num_tokens)
+    grid = math.isqrt(chat.model.vision_experts[0].num_tokens)
     pixel_values = chat.processor(images=Image.new("RGB", (side, side), (0, 0, 255)), text="<image>",
                                   return_tensors="pt")["pixel_values"][0]
     weights = torch.zeros(1, chat.tokens_after, grid * grid)
@@ -97,12 +98,14 @@ def test_an_elastic_model_answers_at_the_budget_chosen_in_the_page(tmp_path):
     Image.new("RGB", (40, 40), (255, 0, 0)).save(image)
     for budget in ("1", "2", None):
         reduced = []
-        hook = chat.model.model.token_reducer.register_forward_hook(lambda m, a, out: reduced.append(out.shape[1]))
+        hook = chat.model.token_reducer.register_forward_hook(  # (tokens, weights) when the heat map asks
+            lambda m, a, out: reduced.append((out[0] if isinstance(out, tuple) else out).shape[1]))
         steps = list(chat.answer(str(image), "What colour?", budget))
         hook.remove()
         expected = int(budget or 4)
         heat_maps = [heat_map for *_, heat_map in steps if heat_map is not None]
-        assert reduced == [expected] and f"→ {expected}**" in steps[-1][1]
+        # reduced at the chosen budget by the generation's prefill, and again by the heat map's (its weights)
+        assert reduced == [expected, expected] and f"→ {expected}**" in steps[-1][1]
         # sent once, with the answer: every send rewrites Gradio's cached file while the browser may be downloading it
         assert len(steps) > 1 and len(heat_maps) == 1 and isinstance(steps[-1][2], Image.Image)
     with pytest.raises(gr.Error, match=r"3 visual tokens is not one of this model's budgets \[1, 2, 4\]"):
@@ -231,6 +234,71 @@ def test_uploads_are_bounded_in_size_and_deleted_when_the_server_stops(tiny_chec
     finally:
         app.close()
     assert not uploaded.exists(), "the upload stayed on the server's disk after it stopped"
+
+
+def generation_threads() -> list[threading.Thread]:
+    return [thread for thread in threading.enumerate() if thread.name == "leo-mini-generate"]
+
+
+def test_a_cancelled_answer_stops_its_generation_and_leaves_no_thread(tiny_checkpoint, tmp_path):
+    """Closing the handler's stream (what Gradio does to a cancelled request) stops the generation within a token
+    and returns only when its worker thread has ended."""
+    app_module = import_app()
+    chat = app_module.LeoMiniChat(*app_module.load_model(str(tiny_checkpoint)), max_new_tokens=300)
+    image = tmp_path / "red.png"
+    Image.new("RGB", (40, 40), (255, 0, 0)).save(image)
+    forwards = []
+    hook = chat.model.language_model.register_forward_hook(lambda *args: forwards.append(1))
+    try:
+        steps = chat.answer(str(image), "What colour?")
+        next(steps)
+        steps.close()
+        assert generation_threads() == []
+        stopped_at = len(forwards)
+        time.sleep(0.3)
+        assert len(forwards) == stopped_at < 10, "the generation went on after its request was cancelled"
+    finally:
+        hook.remove()
+
+
+def test_cancelled_requests_leave_no_generation_running_and_the_next_answer_is_unchanged(tiny_checkpoint, tmp_path):
+    """Over the queue, as the page cancels: 8 submit-and-cancel pairs; no more than one generation ever runs at once
+    (the concurrency limit), none is left running, and the next answer equals the one given on a quiet server."""
+    app_module = import_app()
+    chat = app_module.LeoMiniChat(*app_module.load_model(str(tiny_checkpoint)), max_new_tokens=300)
+    image = tmp_path / "red.png"
+    Image.new("RGB", (40, 40), (255, 0, 0)).save(image)
+    quiet = list(chat.answer(str(image), "What colour?"))[-1][0]
+    app = app_module.build_app(chat, [])
+    _, url, _ = app_module.launch(app, port=free_port(), block=False)
+    most_at_once, sampling = [0], threading.Event()
+
+    def sample():
+        while not sampling.is_set():
+            most_at_once[0] = max(most_at_once[0], len(generation_threads()))
+            time.sleep(0.005)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        client = gradio_client.Client(url, verbose=False)
+        for _ in range(8):
+            job = client.submit(gradio_client.handle_file(str(image)), "What colour?", api_name="/ask")
+            deadline = time.monotonic() + 60
+            while not job.outputs() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert job.outputs(), "no streamed output to cancel"
+            job.cancel()
+        deadline = time.monotonic() + 30
+        while generation_threads() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert generation_threads() == [], "a cancelled request left its generation running"
+        assert ask(client, image, "What colour?")[0] == quiet
+    finally:
+        sampling.set()
+        sampler.join()
+        app.close()
+    assert most_at_once[0] == 1
 
 
 @pytest.mark.slow

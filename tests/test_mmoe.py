@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from conftest import tiny_config, tiny_model
+from conftest import image_prompt, random_pixels, tiny_config, tiny_model
 from leo_mini_hf.modeling.mmoe import MMoELinear, MMoERouting, load_balancing_loss
 
 
@@ -16,16 +16,21 @@ def make_layer(batch=2, seq=5, **overrides):
     with torch.no_grad():
         layer.general_lora_B.normal_()
         layer.experts_lora_B.normal_()
-    layer.routing = MMoERouting(torch.randn(batch, 6), None, config.mmoe_top_k)
-    return layer, layer.routing, torch.randn(batch, seq, 12)
+    return layer, MMoERouting(torch.randn(batch, 6)), torch.randn(batch, seq, 12)
+
+
+def routed(layer, routing, x):
+    """The layer's output on x with `routing` active, as inside a LEO-MINI forward."""
+    with routing.active():
+        return layer(x)
 
 
 @pytest.mark.parametrize("weighting", ["softmax", "renormalized"])
 @pytest.mark.parametrize("top_k", [1, 2])
 def test_mmoe_linear_matches_formula(weighting, top_k):
     layer, state, x = make_layer(mmoe_expert_weighting=weighting, mmoe_top_k=top_k)
-    output = layer(x)
-    probs = state.router_probs["layer"]
+    output = routed(layer, state, x)
+    probs = state.router_logits["layer"].softmax(-1)
     expected = torch.empty_like(output)
     for b in range(x.shape[0]):
         for t in range(x.shape[1]):
@@ -42,27 +47,28 @@ def test_mmoe_linear_matches_formula(weighting, top_k):
 
 def test_per_sample_routing_gives_one_expert_per_sample():
     layer, state, x = make_layer(mmoe_router_uses_hidden_state=False, seq=9)
-    layer(x)
-    probs = state.router_probs["layer"]
+    routed(layer, state, x)
+    probs = state.router_logits["layer"].softmax(-1)
     assert probs.shape == (2, 1, 3)
 
 
 def test_per_token_routing_depends_on_hidden_state():
     layer, state, x = make_layer(seq=9)
-    layer(x)
-    probs = state.router_probs["layer"]
+    routed(layer, state, x)
+    probs = state.router_logits["layer"].softmax(-1)
     assert probs.shape == (2, 9, 3)
     assert not torch.allclose(probs[:, 0], probs[:, 1])
 
 
 def test_layer_without_context_raises():
     layer, state, x = make_layer()
-    layer.routing = MMoERouting(torch.randn(5, 6), None, 1)
     with pytest.raises(ValueError, match="routing context"):
-        layer(x)
-    layer.routing = None
+        routed(layer, MMoERouting(torch.randn(5, 6)), x)
     with pytest.raises(ValueError, match="routing context"):
-        layer(x)
+        layer(x)  # no routing active
+    routed(layer, state, x)
+    with pytest.raises(ValueError, match="routing context"):
+        layer(x)  # the routing is active only inside its block
 
 
 def test_balance_loss_values_and_gradient():
@@ -121,17 +127,87 @@ def test_unknown_target_module_raises():
 def test_general_lora_only_ablation_has_no_router_and_no_aux_loss():
     model = tiny_model(mmoe_num_experts=0)
     assert "mmoe_routers" not in set(model.parameter_parts().values())
-    assert model(input_ids=torch.tensor([[1, 10, 11]])).aux_loss is None
+    outputs = model(input_ids=torch.tensor([[1, 10, 11]]), labels=torch.tensor([[1, 10, 11]]),
+                    output_router_logits=True)
+    assert outputs.aux_loss is None and outputs.router_logits is None
 
 
-def test_model_talks_to_mmoe_through_one_routing_per_forward():
-    """Each forward hands every MMoE layer the same routing (its context in, all router probabilities out), and the
-    model's aux_loss is that routing's balance loss."""
+def test_the_model_returns_every_layers_router_logits_and_the_balance_loss_is_a_function_of_them():
+    """As Mixtral: `output_router_logits=True` returns one (B, T, E) tensor per MMoE layer, in the LLM's order, and
+    aux_loss is `load_balancing_loss` of them; no MMoE layer keeps any state of the call."""
     model = tiny_model()
-    outputs = model(input_ids=torch.tensor([[1, 10, 11, 12]]))
-    routings = {id(layer.routing) for layer in model.model.mmoe.layers}
-    assert len(routings) == 1 and len(model.model.mmoe.layers) == model.config.text_config.num_hidden_layers
-    routing = model.model.mmoe.layers[0].routing
-    torch.testing.assert_close(routing.context, outputs.routing_context)
-    assert set(routing.router_probs) == {layer.layer_name for layer in model.model.mmoe.layers}
-    torch.testing.assert_close(routing.balance_loss(), outputs.aux_loss)
+    input_ids = torch.tensor([[1, 10, 11, 12], [1, 13, 14, 15]])
+    attention_mask = torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1]])
+    outputs = model(input_ids=input_ids, attention_mask=attention_mask, output_router_logits=True)
+    layers = model.mmoe.layers
+    assert len(outputs.router_logits) == len(layers) == model.config.text_config.num_hidden_layers
+    assert all(logits.shape == (2, 4, model.config.mmoe_num_experts) for logits in outputs.router_logits)
+    expected = load_balancing_loss([logits.softmax(-1) for logits in outputs.router_logits], model.config.mmoe_top_k,
+                                   attention_mask)
+    torch.testing.assert_close(outputs.aux_loss, expected)
+    assert not any(hasattr(layer, "routing") for layer in layers)
+    plain = model(input_ids=input_ids, attention_mask=attention_mask)
+    assert plain.router_logits is None and plain.aux_loss is None  # decoding does no training-only work
+    torch.testing.assert_close(plain.logits, outputs.logits)
+    with_labels = model(input_ids=input_ids, attention_mask=attention_mask, labels=input_ids)
+    torch.testing.assert_close(with_labels.aux_loss, expected)
+
+
+def test_a_forward_interrupted_by_another_on_the_same_model_keeps_its_own_routing():
+    """Thread A pauses before the LLM's last layer while thread B runs a whole forward on the same model: A's logits
+    must equal its uninterrupted ones (when routing lived on the shared layers, B's overwrote A's mid-forward)."""
+    import threading
+
+    model = tiny_model()
+    config = model.config
+    inputs_a = {"input_ids": torch.tensor([image_prompt(config)]), "pixel_values": random_pixels(config, seed=1)}
+    inputs_b = {"input_ids": torch.tensor([image_prompt(config, text_before=(20, 21))]),
+                "pixel_values": random_pixels(config, seed=2)}
+    with torch.no_grad():
+        alone = model(**inputs_a).logits
+    a_paused, b_done = threading.Event(), threading.Event()
+
+    def pause_a(module, args):
+        if threading.current_thread().name == "A" and not a_paused.is_set():
+            a_paused.set()
+            assert b_done.wait(timeout=60)
+
+    hook = model.language_model.layers[-1].register_forward_pre_hook(pause_a)
+    results = {}
+
+    def run_a():
+        with torch.no_grad():
+            results["a"] = model(**inputs_a).logits
+
+    thread_a = threading.Thread(target=run_a, name="A")
+    try:
+        thread_a.start()
+        assert a_paused.wait(timeout=60)
+        with torch.no_grad():
+            model(**inputs_b)
+        b_done.set()
+        thread_a.join(timeout=60)
+    finally:
+        hook.remove()
+    torch.testing.assert_close(results["a"], alone, rtol=0, atol=0)
+
+
+def test_threads_generating_at_once_on_one_model_give_the_one_at_a_time_answers():
+    """4 threads, 5 generations each, on one model with non-zero adapters: every answer equals its one-at-a-time
+    answer (the routing travels with each call)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = tiny_model()
+    config = model.config
+    prompts = [{"input_ids": torch.tensor([image_prompt(config, text_before=(10 + i, 11))]),
+                "pixel_values": random_pixels(config, seed=i)} for i in range(4)]
+
+    def answer(inputs):
+        with torch.inference_mode():
+            return model.generate(**inputs, max_new_tokens=6, do_sample=False).tolist()
+
+    alone = [answer(inputs) for inputs in prompts]
+    assert len({str(a) for a in alone}) > 1  # the prompts route differently, or the test could not fail
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        together = list(pool.map(answer, prompts * 5))
+    assert together == alone * 5

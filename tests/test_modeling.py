@@ -22,7 +22,7 @@ def test_shapes_through_every_stage(model):
     assert projected.shape == (2, config.num_visual_tokens, config.text_config.hidden_size)
 
     prompt = image_prompt(config, num_images=2)
-    output = model(input_ids=torch.tensor([prompt]), pixel_values=pixels)
+    output = model(input_ids=torch.tensor([prompt]), pixel_values=pixels, output_router_logits=True)
     assert output.logits.shape == (1, len(prompt), config.text_config.vocab_size)
     assert output.image_hidden_states.shape == (2, config.num_visual_tokens, config.text_config.hidden_size)
     assert output.routing_context.shape == (1, 2 * config.text_config.hidden_size)
@@ -99,6 +99,30 @@ def test_activation_checkpointing_gives_the_same_gradients():
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_activation_checkpointing_keeps_a_users_context_fn_and_refuses_reentrant():
+    """Recomputed MMoE layers need their forward's routing, which only torch's non-reentrant checkpoint can restore:
+    a reentrant request is refused by name; a user's own `context_fn` still runs, in the forward and the
+    recomputation."""
+    import contextlib
+
+    config = tiny_config()
+    input_ids = torch.tensor([image_prompt(config) + [20, 21, 2]])
+    with pytest.raises(ValueError, match="use_reentrant=False"):
+        tiny_model().activation_checkpointing_enable({"use_reentrant": True})
+    entered = []
+
+    @contextlib.contextmanager
+    def record(phase):
+        entered.append(phase)
+        yield
+
+    model = tiny_model().train()
+    model.activation_checkpointing_enable({"context_fn": lambda: (record("forward"), record("recompute"))})
+    model(input_ids=input_ids, pixel_values=random_pixels(config), labels=input_ids).loss.backward()
+    layers = config.text_config.num_hidden_layers  # the CLIP expert's layers are checkpointed too
+    assert entered.count("forward") >= entered.count("recompute") >= layers
 
 
 def test_save_and_load_round_trip(tmp_path, model):

@@ -79,6 +79,12 @@ def test_cotr_matches_literal_equations(scaling, shared_query, pooling, position
 
     assert fast.shape == (2, 5, 12 + 20 + 8)
     torch.testing.assert_close(fast, slow, rtol=1e-10, atol=1e-10)
+    # the terms one by one (what the benchmarks' probes read) make the same weights
+    terms = module.score_terms(expert_features, text_tokens.sum(dim=1))
+    assert [sorted(expert_terms) for expert_terms in terms] == [["cross", "query", "self", "text"]] * 3
+    by_terms = [sum(expert_terms.values()).softmax(dim=-1) @ features
+                for expert_terms, features in zip(terms, expert_features)]
+    torch.testing.assert_close(torch.cat(by_terms, dim=-1), slow, rtol=1e-10, atol=1e-10)
 
 
 def test_position_embeddings_let_cotr_tell_identical_tokens_apart():
@@ -301,3 +307,53 @@ def test_average_pooling_baseline():
     torch.testing.assert_close(output.image_hidden_states, expected)
     with pytest.raises(ValueError, match="square num_visual_tokens"):
         tiny_config(token_reduction="avg_pool", num_visual_tokens=5)
+
+
+def test_the_model_returns_the_cotr_weights_that_made_its_visual_tokens():
+    """`output_reduction_weights=True` (or the config option): per expert the softmax weights (n, N_V, N_i), rows
+    summing to 1, that mix the expert's tokens into exactly the visual tokens the LLM received; None by default and
+    for the fixed reducers, whose weights are not learned."""
+    model = tiny_model()
+    config = model.config
+    pixels = random_pixels(config, num_images=2)
+    inputs = {"input_ids": torch.tensor([image_prompt(config, num_images=2)]), "pixel_values": pixels}
+    outputs = model(**inputs, output_reduction_weights=True)
+    expert_features = [expert(pixels) for expert in model.vision_experts]
+    weights = outputs.reduction_weights
+    assert [tuple(w.shape) for w in weights] == [(2, config.num_visual_tokens, f.shape[1]) for f in expert_features]
+    for alpha in weights:
+        torch.testing.assert_close(alpha.sum(dim=-1), torch.ones(alpha.shape[:2]))
+    mixed = torch.cat([alpha @ features for alpha, features in zip(weights, expert_features)], dim=-1)
+    torch.testing.assert_close(model.multi_modal_projector(mixed), outputs.image_hidden_states)
+    assert model(**inputs).reduction_weights is None
+    model.config.output_reduction_weights = True
+    try:
+        torch.testing.assert_close(model(**inputs).reduction_weights, weights)
+    finally:
+        model.config.output_reduction_weights = False
+    pooling = tiny_model(token_reduction="avg_pool", num_visual_tokens=4)
+    pooled = pooling(input_ids=torch.tensor([image_prompt(pooling.config)]), pixel_values=random_pixels(pooling.config),
+                     output_reduction_weights=True)
+    assert pooled.reduction_weights is None and pooled.image_hidden_states is not None
+    generated = model.generate(**inputs, max_new_tokens=3, do_sample=False, output_reduction_weights=True)
+    assert generated.tolist() == model.generate(**inputs, max_new_tokens=3, do_sample=False).tolist()
+
+
+def test_an_elastic_batch_returns_each_images_weights_at_its_budget():
+    """Images at budgets 1 and 4 in one prompt: image j's weights fill its first k_j rows (zeros after), and equal the
+    weights of that image reduced alone at its budget."""
+    model = tiny_model(cotr_budgets=[1, 2, 4], num_visual_tokens=4)
+    config = model.config
+    image = config.image_token_id
+    pixels = random_pixels(config, num_images=2)
+    outputs = model(input_ids=torch.tensor([[1, 10, image, 11, image, image, image, image, 12]]),
+                    pixel_values=pixels, output_reduction_weights=True)
+    for alpha in outputs.reduction_weights:
+        assert alpha.shape[:2] == (2, 4) and alpha[0, 1:].abs().sum() == 0
+        torch.testing.assert_close(alpha[:, :1].sum(dim=-1), torch.ones(2, 1))
+    for j, budget in enumerate((1, 4)):  # the same prompt text (CoTR's condition), one image
+        alone = model(input_ids=torch.tensor([[1, 10, *[image] * budget, 11, 12]]), pixel_values=pixels[j:j + 1],
+                      output_reduction_weights=True).reduction_weights
+        for mixed, single in zip(outputs.reduction_weights, alone):
+            assert single.shape[1] == budget
+            torch.testing.assert_close(mixed[j:j + 1, :budget], single)

@@ -99,7 +99,7 @@ def run_trained_demo(model_dir: str | None, image: str | None, question: str | N
         progress.update(progress.total - progress.n)
     model = pipe.model
     pipe.processor.budgets_per_text(num_visual_tokens, 1)  # a budget the model lacks is refused before any work
-    experts = model.model.vision_experts
+    experts = model.vision_experts
     if model_dir:
         print(f"LEO-MINI checkpoint {folder}: {model.config.text_config.model_type} LLM + "
               f"{', '.join(type(expert.model).__name__ for expert in experts)}")
@@ -147,7 +147,7 @@ def run_random_demo(preset: str, seed: int, max_new_tokens: int, num_visual_toke
     print(f"built random '{preset}' LEO-MINI in {time.perf_counter() - started:.2f} s "
           f"({sum(p.numel() for p in model.parameters()):,} parameters)")
 
-    experts = model.model.vision_experts
+    experts = model.vision_experts
     for index, expert in enumerate(experts):
         print(f"  expert {index}: {type(expert.model).__name__:<24} {expert.num_tokens:>5} tokens x {expert.hidden_size}")
     tokens_before = sum(expert.num_tokens for expert in experts)

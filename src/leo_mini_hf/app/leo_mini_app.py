@@ -17,7 +17,13 @@ import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
-from transformers import AutoModelForImageTextToText, AutoProcessor, TextIteratorStreamer  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    TextIteratorStreamer,
+)
 
 MAX_QUESTION_CHARACTERS = 1000
 MAX_UPLOAD_SIZE = "25mb"  # Gradio refuses larger uploads; a 64 MP image (the processor's bound) fits compressed
@@ -26,6 +32,16 @@ NOT_AN_UPLOAD = "Upload the image to this page first: the app reads only images 
 REDUCTIONS = {"cotr": "CoTR", "avg_pool": "average pooling", "none": "no reduction"}
 THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],  # local fonts: nothing from a CDN
                           font_mono=["ui-monospace", "SFMono-Regular", "monospace"])
+
+
+class StopWhenCancelled(StoppingCriteria):
+    """Stops a generation once its request is cancelled (the page closed, the API call cancelled)."""
+
+    def __init__(self, cancelled: threading.Event):
+        self.cancelled = cancelled
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.cancelled.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 def load_model(model_id_or_folder: str):
@@ -41,7 +57,7 @@ class LeoMiniChat:
 
     def __init__(self, model, processor, max_new_tokens: int = 32):
         self.model, self.processor, self.max_new_tokens = model, processor, max_new_tokens
-        experts = model.model.vision_experts
+        experts = model.vision_experts
         self.tokens_before = sum(expert.num_tokens for expert in experts)
         self.tokens_after = model.config.num_image_tokens  # the default budget: the largest
         self.budgets = list(getattr(model.config, "cotr_budgets", None) or [self.tokens_after])  # elastic: several
@@ -49,35 +65,34 @@ class LeoMiniChat:
 
     def answer(self, image, question, num_visual_tokens=None):
         """Gradio event handler (unprocessed inputs: the image's upload record or path, the question text, and for an
-        elastic model the visual-token budget)."""
+        elastic model the visual-token budget).
+
+        The generation runs in a worker thread and streams its text here. Closing this generator (Gradio does when
+        the request is cancelled) stops the generation within one token and waits for the worker: a request never
+        leaves a generation running behind it, so the app runs at most its concurrency limit of them."""
         started = time.perf_counter()
         budget = self.tokens_after if num_visual_tokens in (None, "") else num_visual_tokens
         if str(budget) not in {str(k) for k in self.budgets}:
             raise gr.Error(f"{budget} visual tokens is not one of this model's budgets {self.budgets}.")
         budget = int(budget)
         inputs = self._inputs(image, question, budget)
-        attention: list[torch.Tensor] = []
-        reducer = self.model.model.token_reducer
-        hook = (reducer.register_forward_hook(lambda module, args, kwargs, output: attention.append(
-            [weights.detach() for weights in module.expert_attention(*args, **kwargs)]), with_kwargs=True)
-            if hasattr(reducer, "expert_attention") else None)  # CoTR's weights, at the prefill
         streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True,
                                         timeout=300)
+        cancelled = threading.Event()
         failure: list[BaseException] = []
 
         def generate():
             try:
                 with torch.inference_mode():
                     self.model.generate(**inputs, streamer=streamer, max_new_tokens=self.max_new_tokens,
-                                        do_sample=False)
+                                        do_sample=False,
+                                        stopping_criteria=StoppingCriteriaList([StopWhenCancelled(cancelled)]))
             except BaseException as error:  # reported in the page; the stream must still end
                 failure.append(error)
                 streamer.end()
 
-        worker = threading.Thread(target=generate, daemon=True)
+        worker = threading.Thread(target=generate, name="leo-mini-generate", daemon=True)
         worker.start()
-        # The heat map is sent once, with the finished answer: Gradio rewrites an image's cached file on every send,
-        # and a rewrite while the browser still downloads the previous send cuts that download short.
         text, first_token_seconds = "", None
         try:
             for piece in streamer:
@@ -85,14 +100,23 @@ class LeoMiniChat:
                     first_token_seconds = time.perf_counter() - started
                 text += piece
                 yield text, self._statistics(budget, first_token_seconds, None), None
+        finally:  # also when the request is cancelled (GeneratorExit at a yield)
+            cancelled.set()
             worker.join()
-        finally:
-            if hook is not None:
-                hook.remove()
         if failure:
             raise gr.Error(f"Generation failed: {failure[0]}")
-        heat_map = self.heat_map(inputs["pixel_values"][0], attention[0]) if attention else None
+        # The heat map is sent once, with the finished answer: Gradio rewrites an image's cached file on every send,
+        # and a rewrite while the browser still downloads the previous send cuts that download short.
+        heat_map = self.heat_map(inputs["pixel_values"][0], self.reduction_weights(inputs))
         yield text, self._statistics(budget, first_token_seconds, time.perf_counter() - started), heat_map
+
+    def reduction_weights(self, inputs: dict) -> list[torch.Tensor] | None:
+        """The reducer's weights for the first image, per expert (1, k, N_i), from one more prefill of the prompt
+        (`output_reduction_weights`; `generate` keeps no forward's outputs); None for a reducer without learned
+        weights (pooling, full tokens)."""
+        with torch.inference_mode():
+            weights = self.model(**inputs, output_reduction_weights=True, logits_to_keep=1).reduction_weights
+        return None if weights is None else [alpha[:1] for alpha in weights]
 
     def _inputs(self, image, question, budget: int) -> dict:
         """Model inputs, or a gr.Error with a readable reason (no image, an empty question, an unreadable file)."""
@@ -128,10 +152,12 @@ class LeoMiniChat:
             parts.append(f"answer in {answer_seconds:.2f} s")
         return " · ".join(parts)
 
-    def heat_map(self, pixel_values: torch.Tensor, expert_weights: list[torch.Tensor]) -> Image.Image:
+    def heat_map(self, pixel_values: torch.Tensor, expert_weights: list[torch.Tensor] | None) -> Image.Image | None:
         """The image as the experts saw it, tinted by CoTR's attention: each expert's softmax weights (1, N_V, N)
         averaged over the queries, laid on its token grid, upsampled, averaged over the experts, scaled to its max
-        (shown as its square root). pixel_values: (3, S, S) as the processor made them."""
+        (shown as its square root). pixel_values: (3, S, S) as the processor made them. None without weights."""
+        if expert_weights is None:
+            return None
         side = pixel_values.shape[-1]
         grids = []
         for weights in expert_weights:

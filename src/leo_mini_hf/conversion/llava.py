@@ -55,12 +55,12 @@ def convert_llava_model(llava: LlavaForConditionalGeneration, token_reduction: s
     """In memory: the LLaVA weights copied exactly into a fresh LEO-MINI."""
     config = llava_to_leo_mini_config(llava.config, token_reduction, **overrides)
     model = LeoMiniForConditionalGeneration(config)
-    copy_weights_exactly(model.model.vision_experts[0].model, llava.model.vision_tower.state_dict(), "CLIP tower")
+    copy_weights_exactly(model.vision_experts[0].model, llava.model.vision_tower.state_dict(), "CLIP tower")
     projector_state = dict(llava.model.multi_modal_projector.state_dict())
     for layer in ("linear_1", "linear_2"):  # LLaVA may have no projector bias; ours always has one: zero it
         weight = projector_state[f"{layer}.weight"]
         projector_state.setdefault(f"{layer}.bias", torch.zeros(weight.shape[0], dtype=weight.dtype))
-    copy_weights_exactly(model.model.multi_modal_projector, projector_state, "projector")
+    copy_weights_exactly(model.multi_modal_projector, projector_state, "projector")
     copy_llm_weights_exactly(model, llava.model.language_model.state_dict(), llava.lm_head.state_dict())
     model.generation_config = llava.generation_config
     return model

@@ -106,7 +106,7 @@ def copy_llm_weights_exactly(model, llm_state: dict, lm_head_state: dict) -> Non
     prefix = "model.language_model."
     adapter_keys = {name.removeprefix(prefix) for name, part in model.parameter_parts().items()
                     if part.startswith("mmoe_") and name.startswith(prefix)}
-    copy_weights_exactly(model.model.language_model, llm_state, "LLM", allowed_missing=adapter_keys)
+    copy_weights_exactly(model.language_model, llm_state, "LLM", allowed_missing=adapter_keys)
     if not model.config.tie_word_embeddings:
         copy_weights_exactly(model.lm_head, lm_head_state, "LM head")
 
@@ -160,7 +160,7 @@ def assemble_from_pretrained_parts(llm_dir, expert_dirs: list, image_size: int |
     copy_llm_weights_exactly(model, llm.model.state_dict(), llm.lm_head.state_dict())
     for index, folder in enumerate(expert_dirs):
         expert = load_complete(AutoModel, folder, f"Vision expert {index}")
-        copy_weights_exactly(model.model.vision_experts[index].model, expert.state_dict(), f"vision expert {index}")
+        copy_weights_exactly(model.vision_experts[index].model, expert.state_dict(), f"vision expert {index}")
 
     generation_config = llm.generation_config
     generation_config.pad_token_id = tokenizer.pad_token_id

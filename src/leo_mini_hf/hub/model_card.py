@@ -19,7 +19,7 @@ def card_template() -> str:
 
 def render_model_card(model, repo_id: str, license_name: str, base_models: list[str]) -> str:
     config = model.config
-    experts = model.model.vision_experts
+    experts = model.vision_experts
     expert_rows = "\n".join(
         f"| {type(e.model).__name__} | {e.image_size} px | {e.num_tokens} x {e.hidden_size} |" for e in experts
     )

@@ -91,6 +91,10 @@ class LeoMiniConfig(PreTrainedConfig):
         mmoe_expert_weighting (default `"softmax"`): a chosen expert's weight is its full-softmax probability
             (Switch); `"renormalized"` renormalises over the top-k (Mixtral).
         mmoe_balance_loss_coef (`float`, default 0.05): weight of the Switch-style load-balancing loss.
+        output_router_logits (`bool`, default False): forwards return every MMoE layer's router logits
+            (`router_logits`) and the balance loss (`aux_loss`) without labels too, as Mixtral's option.
+        output_reduction_weights (`bool`, default False): forwards that reduce images return the reducer's weights
+            per vision expert (`reduction_weights`), as `output_attentions` returns attention weights.
     """
 
     model_type = "leo_mini"
@@ -124,6 +128,8 @@ class LeoMiniConfig(PreTrainedConfig):
     mmoe_router_uses_hidden_state: bool = True
     mmoe_expert_weighting: Literal["softmax", "renormalized"] = "softmax"
     mmoe_balance_loss_coef: float = 0.05
+    output_router_logits: bool = False
+    output_reduction_weights: bool = False
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):

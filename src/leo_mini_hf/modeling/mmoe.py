@@ -5,11 +5,16 @@
 The router sees the per-sample context (pooled prompt text ‖ pooled visual tokens) and, when configured, the
 token's hidden state. B matrices start at zero, so a fresh model computes exactly its base LLM.
 
-`MMoE` is what the model talks to: it inserts the layers into an LLM, hands them one forward's routing context
-(`route`) and returns that forward's load-balancing loss (`MMoERouting.balance_loss`).
+`MMoE` is what the model talks to: it inserts the layers into an LLM and builds each forward's routing context. The
+routing of one forward (`MMoERouting`) travels with that call, never on the shared layers: it is active only while the
+call's LLM forward runs, in the calling thread (thread-local), so two generations on one model never see each
+other's. Each layer records its router logits in it; the model returns them (`router_logits`), and the balance loss
+is a plain function of them (`load_balancing_loss`), as in Mixtral.
 """
 
+import contextlib
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -17,22 +22,53 @@ from torch import nn
 
 
 class MMoERouting:
-    """One forward's routing, shared by every MMoE layer of a model: the context in, router probabilities out.
+    """One forward's routing: the context every MMoE layer routes on, and the router logits each layer records.
 
-    Router outputs are keyed by layer name, so activation-checkpoint recomputation overwrites instead of adding.
+    Made per call and read by the layers only while `active()`, in the thread that activated it: two calls on one
+    model, e.g. two threads generating at once, never see each other's. (Thread-local rather than a ContextVar:
+    torch.compile traces thread-local attributes without a graph break, not `ContextVar.set`.) Logits are keyed by
+    layer name, so an activation-checkpoint recomputation overwrites instead of adding.
     """
 
-    def __init__(self, context: torch.Tensor, token_mask: torch.Tensor | None, top_k: int):
+    def __init__(self, context: torch.Tensor):
         self.context = context  # (batch, context_dim)
-        self.token_mask = token_mask  # (batch, seq) 1 for real tokens, or None
-        self.top_k = top_k
-        self.router_probs: dict[str, torch.Tensor] = {}  # layer name → (batch, seq or 1, num_experts)
+        self.router_logits: dict[str, torch.Tensor] = {}  # layer name → (batch, seq or 1, num_experts), float32
 
-    def balance_loss(self) -> torch.Tensor | None:
-        """The unweighted load-balancing loss over every layer that routed in this forward (None if none did)."""
-        if not self.router_probs:
-            return None
-        return load_balancing_loss(list(self.router_probs.values()), self.top_k, self.token_mask)
+    @contextlib.contextmanager
+    def active(self):
+        """The MMoE layers that run inside this block route on this routing."""
+        outer = active_routing()
+        ACTIVE.routing = self
+        try:
+            yield self
+        finally:
+            ACTIVE.routing = outer
+
+
+ACTIVE = threading.local()  # .routing: the routing of the LEO-MINI forward running in this thread
+
+
+def active_routing() -> MMoERouting | None:
+    """The routing of the forward running in this thread; None outside a LEO-MINI forward."""
+    return getattr(ACTIVE, "routing", None)
+
+
+def recompute_under_saved_routing(context_fn=None):
+    """`context_fn` for `torch.utils.checkpoint` (non-reentrant). A checkpointed layer is recomputed in the backward
+    pass, after its forward's routing stopped being active: the recomputation re-activates the routing that was
+    active when the layer first ran. `context_fn`: a user's own, whose two contexts are kept."""
+    forward_context, recompute_context = context_fn() if context_fn is not None else (contextlib.nullcontext(),
+                                                                                    contextlib.nullcontext())
+    routing = active_routing()
+    if routing is None:
+        return forward_context, recompute_context
+    return forward_context, entered_together(recompute_context, routing.active())
+
+
+@contextlib.contextmanager
+def entered_together(first, second):
+    with first, second:
+        yield
 
 
 class MMoERouter(nn.Module):
@@ -71,7 +107,6 @@ class MMoELinear(nn.Linear):
         self.top_k = config.mmoe_top_k
         self.expert_weighting = config.mmoe_expert_weighting
         self.layer_name = name
-        self.routing: MMoERouting | None = None  # set by `MMoE.route` before every forward of the LLM
         factory = {"device": base.weight.device, "dtype": base.weight.dtype}
         self.dropout = nn.Dropout(config.mmoe_dropout)
         self.general_lora_A = nn.Parameter(torch.empty(rank, self.in_features, **factory))
@@ -97,15 +132,17 @@ class MMoELinear(nn.Linear):
             init.zeros_(self.experts_lora_B)
 
     def expert_weights(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """Dense (B, T or 1, E) weights, non-zero on each token's top-k experts; records the router's probs."""
-        routing = self.routing
+        """Dense (B, T or 1, E) weights, non-zero on each token's top-k experts; records the router's logits in the
+        active routing."""
+        routing = active_routing()
         if routing is None or routing.context.shape[0] != hidden_states.shape[0]:
             raise ValueError(
                 f"MMoE layer {self.layer_name} has no routing context for a batch of {hidden_states.shape[0]}; "
-                "call it through LeoMiniModel, which sets the context before the LLM runs."
+                "call it through LeoMiniModel, which makes each forward's routing active while the LLM runs."
             )
-        probs = self.router(routing.context, hidden_states).float().softmax(dim=-1)
-        routing.router_probs[self.layer_name] = probs
+        logits = self.router(routing.context, hidden_states).float()
+        routing.router_logits[self.layer_name] = logits
+        probs = logits.softmax(dim=-1)
         top_probs, top_experts = probs.topk(self.top_k, dim=-1)
         if self.expert_weighting == "renormalized":
             top_probs = top_probs / top_probs.sum(dim=-1, keepdim=True)
@@ -128,7 +165,8 @@ class MMoELinear(nn.Linear):
 
 
 class MMoE:
-    """The MMoE adapters of one LLM: inserted at construction, routed once per forward.
+    """The MMoE adapters of one LLM: inserted at construction; each forward routes them through its own
+    `MMoERouting`.
 
     Not an `nn.Module`: the layers are registered where they sit in the LLM (so checkpoint keys keep the LLM's
     names); this object only keeps the list of them.
@@ -137,7 +175,6 @@ class MMoE:
     def __init__(self, language_model: nn.Module, config, context_dim: int):
         """Replace every `nn.Linear` of `language_model` named in `config.mmoe_target_modules` by an `MMoELinear`."""
         targets = set(config.mmoe_target_modules)
-        self.top_k = config.mmoe_top_k
         self.layers: list[MMoELinear] = []
         for parent_name, parent in list(language_model.named_modules()):
             for child_name, child in list(parent.named_children()):
@@ -179,17 +216,6 @@ class MMoE:
             visual_mean = visual_mean.index_add(0, sample_of_image, per_image)
             visual_mean = visual_mean / images_per_sample.clamp(min=1).unsqueeze(-1).to(visual_mean.dtype)
         return torch.cat([text_mean, visual_mean], dim=-1)
-
-    def route(self, context: torch.Tensor, attention_mask: torch.Tensor | None, num_tokens: int) -> MMoERouting:
-        """Every layer routes the next LLM forward on `context` (B, context_dim); the balance loss skips padding
-        where `attention_mask` (B, num_tokens) marks it (a decoding step's mask also covers the cache: not used)."""
-        token_mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
-        if token_mask is not None and token_mask.shape[1] != num_tokens:
-            token_mask = None
-        routing = MMoERouting(context, token_mask, self.top_k)
-        for layer in self.layers:
-            layer.routing = routing
-        return routing
 
 
 def load_balancing_loss(router_probs: list[torch.Tensor], top_k: int, token_mask: torch.Tensor | None) -> torch.Tensor:

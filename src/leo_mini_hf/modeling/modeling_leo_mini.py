@@ -14,7 +14,7 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .configuration_leo_mini import LeoMiniConfig
-from .mmoe import MMoE, MMoELinear, MMoERouter
+from .mmoe import MMoE, MMoELinear, MMoERouter, MMoERouting, load_balancing_loss, recompute_under_saved_routing
 from .token_reduction import ConditionalTokenReduction, build_token_reducer, prompt_text_mask, prompt_text_sum
 from .vision_experts import VisionExpert
 
@@ -46,21 +46,30 @@ class LeoMiniModelOutputWithPast(BaseModelOutputWithPast):
     image_hidden_states (n_images, tokens_per_image, d): projected visual tokens that entered the LLM (a batch that
         mixes budgets of an elastic model: image j fills its first k_j rows, the rest are zeros);
     routing_context (B, 2d): pooled prompt text ‖ pooled visual tokens, carried across decode steps;
-    aux_loss: MMoE load-balancing loss (unweighted), when routed experts ran.
+    router_logits: per MMoE layer, in the LLM's order, the router's logits (B, T or 1, num_experts) in float32, when
+        routed experts ran (every forward: the balance loss is computed from them);
+    reduction_weights: with `output_reduction_weights`, when images were reduced in this call: per vision expert,
+        CoTR's softmax weights (n_images, tokens_per_image, N_i) (an elastic batch: image j fills its first k_j rows);
+        None for average pooling and full tokens, whose weights are fixed.
     """
 
     image_hidden_states: torch.Tensor | None = None
     routing_context: torch.Tensor | None = None
-    aux_loss: torch.Tensor | None = None
+    router_logits: tuple[torch.Tensor, ...] | None = None
+    reduction_weights: tuple[torch.Tensor, ...] | None = None
 
 
 @dataclass
 class LeoMiniCausalLMOutputWithPast(CausalLMOutputWithPast):
-    """loss = LM loss + mmoe_balance_loss_coef · aux_loss (scaled per micro-batch); logits (B, T, V)."""
+    """loss = LM loss + mmoe_balance_loss_coef · aux_loss (scaled per micro-batch); logits (B, T, V);
+    aux_loss: the MMoE load-balancing loss (unweighted), with labels or `output_router_logits`, when routed experts
+    ran; router_logits (with `output_router_logits`) and reduction_weights: as in `LeoMiniModelOutputWithPast`."""
 
     image_hidden_states: torch.Tensor | None = None
     routing_context: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
+    router_logits: tuple[torch.Tensor, ...] | None = None
+    reduction_weights: tuple[torch.Tensor, ...] | None = None
 
 
 class ImageTokenBlocks(NamedTuple):
@@ -158,6 +167,19 @@ class LeoMiniPreTrainedModel(PreTrainedModel):
             # MMoE layers live inside the LLM, whose own `_init_weights` knows nothing of LoRA.
             module.mmoe.reset_parameters(init=init)
 
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, **kwargs):
+        """transformers' activation checkpointing (non-reentrant), where each recomputed layer routes its MMoE
+        adapters on the routing of the forward that saved it (`recompute_under_saved_routing`): the routing travels
+        with each call, and the call has ended when the backward pass recomputes."""
+        checkpoint_kwargs = dict(activation_checkpointing_kwargs or {})
+        if checkpoint_kwargs.setdefault("use_reentrant", False):
+            raise ValueError("LEO-MINI's activation checkpointing must be non-reentrant (use_reentrant=False): a "
+                             "recomputed MMoE layer needs the routing of its forward, which only torch's non-reentrant "
+                             "checkpoint can restore (`context_fn`)")
+        checkpoint_kwargs["context_fn"] = functools.partial(recompute_under_saved_routing,
+                                                            checkpoint_kwargs.get("context_fn"))
+        super().activation_checkpointing_enable(checkpoint_kwargs, **kwargs)
+
     def parameter_parts(self) -> dict[str, str]:
         """Parameter name → its part, one of `PARAMETER_PARTS`. A parameter belongs to the innermost module of a
         class in `MODULE_PARTS` that holds it, or to the LLM; MMoE layers' adapter parameters to their MMoE part."""
@@ -219,34 +241,50 @@ class LeoMiniModel(LeoMiniPreTrainedModel):
         self.language_model.set_input_embeddings(value)
 
     def get_image_features(self, pixel_values: torch.Tensor, text_sum: torch.Tensor | None = None,
-                           tokens_per_image: torch.LongTensor | None = None) -> torch.Tensor:
+                           tokens_per_image: torch.LongTensor | None = None, output_reduction_weights: bool = False):
         """
         pixel_values (n_images, 3, S, S) as `LeoMiniImageProcessor` makes them; text_sum (n_images, d): the sum of
         each image's prompt text embeddings (`prompt_text_sum`; zeros if None); tokens_per_image (n_images,): each
         image's budget k, one of `config.visual_token_budgets` (default: `num_image_tokens` for every image).
         Returns the projected visual tokens (n_images, max k, d); image j fills its first k_j rows, the rest are zeros.
+        With `output_reduction_weights`, (that, the reducer's weights): per expert (n_images, max k, N_i), zeros
+        past each image's k (None for pooling and full tokens).
         """
         expert_features = [expert(pixel_values) for expert in self.vision_experts]  # (n, N_i, d_i)
         if text_sum is None:
             text_sum = pixel_values.new_zeros(pixel_values.shape[0], self.config.text_config.hidden_size)
         text_sum = text_sum.to(expert_features[0].dtype)
-        if tokens_per_image is None:
-            return self.multi_modal_projector(self.token_reducer(expert_features, text_sum))  # (n, N_V, d)
-        budgets = tokens_per_image.unique().tolist()
-        if len(tokens_per_image) != len(pixel_values) or not set(budgets) <= set(self.config.visual_token_budgets):
-            raise ValueError(f"tokens_per_image must hold one of {self.config.visual_token_budgets} per image "
-                             f"({len(pixel_values)} images), got {tokens_per_image.tolist()}")
-        if budgets == [self.config.num_image_tokens]:  # one fixed N_V, or every image at the largest budget
-            return self.multi_modal_projector(self.token_reducer(expert_features, text_sum))
-        image_features = None
+        if tokens_per_image is not None:
+            budgets = tokens_per_image.unique().tolist()
+            if len(tokens_per_image) != len(pixel_values) or not set(budgets) <= set(self.config.visual_token_budgets):
+                raise ValueError(f"tokens_per_image must hold one of {self.config.visual_token_budgets} per image "
+                                 f"({len(pixel_values)} images), got {tokens_per_image.tolist()}")
+        if tokens_per_image is None or budgets == [self.config.num_image_tokens]:  # every image at the largest N_V
+            reduced, weights = self._reduce(expert_features, text_sum, None, output_reduction_weights)
+            image_features = self.multi_modal_projector(reduced)  # (n, N_V, d)
+            return (image_features, weights) if output_reduction_weights else image_features
+        image_features = weights = None
         for budget in budgets:  # the images of each budget reduce together, with that budget's first k queries
             index = (tokens_per_image == budget).nonzero().squeeze(1)
-            reduced = self.token_reducer([features[index] for features in expert_features], text_sum[index], budget)
+            reduced, budget_weights = self._reduce([features[index] for features in expert_features], text_sum[index],
+                                                   budget, output_reduction_weights)
             projected = self.multi_modal_projector(reduced)  # (n_k, k, d)
             if image_features is None:
                 image_features = projected.new_zeros(len(pixel_values), max(budgets), projected.shape[-1])
+                if output_reduction_weights:
+                    weights = [alpha.new_zeros(len(pixel_values), max(budgets), alpha.shape[-1])
+                               for alpha in budget_weights]
             image_features[index, :budget] = projected
-        return image_features
+            for expert_weights, alpha in zip(weights or [], budget_weights or []):
+                expert_weights[index, :budget] = alpha
+        return (image_features, weights) if output_reduction_weights else image_features
+
+    def _reduce(self, expert_features, text_sum, budget: int | None, output_weights: bool):
+        """(reduced tokens, the reducer's weights or None). The reducer is asked for its weights only when the caller
+        wants them, so a forward hook on it sees its tokens otherwise."""
+        budget_kwargs = {} if budget is None else {"num_tokens": budget}
+        reduced = self.token_reducer(expert_features, text_sum, **budget_kwargs, output_weights=output_weights)
+        return reduced if output_weights else (reduced, None)
 
     def merge_image_features(self, input_ids, inputs_embeds, image_features,
                              tokens_per_image: torch.LongTensor | None = None) -> torch.Tensor:
@@ -379,6 +417,7 @@ class LeoMiniModel(LeoMiniPreTrainedModel):
         image_features: torch.Tensor | None = None,
         routing_context: torch.Tensor | None = None,
         text_condition_mask: torch.Tensor | None = None,
+        output_reduction_weights: bool | None = None,
         **kwargs,
     ) -> LeoMiniModelOutputWithPast:
         r"""
@@ -388,8 +427,12 @@ class LeoMiniModel(LeoMiniPreTrainedModel):
         routing_context (B, 2d): MMoE routing context from the prefill; computed here when None.
         text_condition_mask (B, T): with `cotr_text_source="user"`, True on the user's words, the only text CoTR's
             text term sums (the processor returns it); read only when pixel_values are given.
+        output_reduction_weights: return the reducer's weights (`reduction_weights`); default
+            `config.output_reduction_weights`.
         cache: the LLM's KV `Cache` (`past_key_values` is accepted too: its name before transformers 5.24).
         """
+        if output_reduction_weights is None:
+            output_reduction_weights = self.config.output_reduction_weights
         image_blocks = self._validate_inputs(input_ids, inputs_embeds, pixel_values, image_features, cache,
                                              attention_mask, labels, text_condition_mask)
         images_per_sample = tokens_per_image = None
@@ -402,24 +445,28 @@ class LeoMiniModel(LeoMiniPreTrainedModel):
         text_embeds = inputs_embeds  # before the visual tokens are merged in
         text_mask = prompt_text_mask(input_ids, inputs_embeds, attention_mask, labels, self.config.image_token_id)
 
+        reduction_weights = None
         if pixel_values is not None:
             cotr_text_mask = text_mask if text_condition_mask is None else text_mask & text_condition_mask.bool()
             text_sum = prompt_text_sum(text_embeds, cotr_text_mask).repeat_interleave(images_per_sample, dim=0)
-            image_features = self.get_image_features(pixel_values, text_sum, tokens_per_image)
+            image_features = self.get_image_features(pixel_values, text_sum, tokens_per_image,
+                                                     output_reduction_weights=output_reduction_weights)
+            if output_reduction_weights:
+                image_features, reduction_weights = image_features
         if image_features is not None:
             inputs_embeds = self.merge_image_features(input_ids, inputs_embeds, image_features, tokens_per_image)
 
         if routing_context is None:  # at prefill; decoding steps carry the prefill's
             routing_context = self.mmoe.routing_context(text_embeds, text_mask, image_features, images_per_sample,
                                                         tokens_per_image)
-        routing = self.mmoe.route(routing_context, attention_mask, inputs_embeds.shape[1])
-        outputs = self.language_model(
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            **{CACHE_NAME: cache},
-            **kwargs,
-        )
+        with MMoERouting(routing_context).active() as routing:  # this call's routing, for the LLM's MMoE layers
+            outputs = self.language_model(
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                inputs_embeds=inputs_embeds,
+                **{CACHE_NAME: cache},
+                **kwargs,
+            )
         return LeoMiniModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
             **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
@@ -427,7 +474,8 @@ class LeoMiniModel(LeoMiniPreTrainedModel):
             attentions=outputs.attentions,
             image_hidden_states=image_features,
             routing_context=routing_context,
-            aux_loss=routing.balance_loss(),
+            router_logits=tuple(routing.router_logits.values()) or None,
+            reduction_weights=tuple(reduction_weights) if reduction_weights is not None else None,
         )
 
 
@@ -451,9 +499,30 @@ class LeoMiniForConditionalGeneration(LeoMiniPreTrainedModel, GenerationMixin):
     def get_output_embeddings(self) -> nn.Module:
         return self.lm_head
 
+    # The parts, as LLaVA exposes them: code outside the model uses these, never `model.model.<part>`.
+    @property
+    def language_model(self) -> nn.Module:
+        return self.model.language_model
+
+    @property
+    def vision_experts(self) -> nn.ModuleList:
+        return self.model.vision_experts
+
+    @property
+    def token_reducer(self) -> nn.Module:
+        return self.model.token_reducer
+
+    @property
+    def multi_modal_projector(self) -> LeoMiniMultiModalProjector:
+        return self.model.multi_modal_projector
+
+    @property
+    def mmoe(self) -> MMoE:
+        return self.model.mmoe
+
     def get_image_features(self, pixel_values: torch.Tensor, text_sum: torch.Tensor | None = None,
-                           tokens_per_image: torch.LongTensor | None = None) -> torch.Tensor:
-        return self.model.get_image_features(pixel_values, text_sum, tokens_per_image)
+                           tokens_per_image: torch.LongTensor | None = None, output_reduction_weights: bool = False):
+        return self.model.get_image_features(pixel_values, text_sum, tokens_per_image, output_reduction_weights)
 
     @accepts_either_cache_name
     def forward(
@@ -468,15 +537,23 @@ class LeoMiniForConditionalGeneration(LeoMiniPreTrainedModel, GenerationMixin):
         image_features: torch.Tensor | None = None,
         routing_context: torch.Tensor | None = None,
         text_condition_mask: torch.Tensor | None = None,
+        output_router_logits: bool | None = None,
+        output_reduction_weights: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> LeoMiniCausalLMOutputWithPast:
         r"""
         labels (B, T): next-token targets, -100 where no loss is taken (prompt, padding, image tokens).
+        output_router_logits: return `router_logits` and `aux_loss` without labels too (default
+            `config.output_router_logits`); with labels the balance loss is always computed and added.
+        output_reduction_weights: return the reducer's weights (`reduction_weights`) of the images reduced in this call
+            (default `config.output_reduction_weights`).
         logits_to_keep: compute logits only for the last `logits_to_keep` positions (0 = all), or for these position
             indices (1-D tensor); with labels, the loss covers the targets of those positions only.
         cache: the LLM's KV `Cache` (`past_key_values` is accepted too: its name before transformers 5.24).
         """
+        if output_router_logits is None:
+            output_router_logits = self.config.output_router_logits
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         outputs = self.model(
             input_ids=input_ids,
@@ -489,12 +566,17 @@ class LeoMiniForConditionalGeneration(LeoMiniPreTrainedModel, GenerationMixin):
             image_features=image_features,
             routing_context=routing_context,
             text_condition_mask=text_condition_mask,
+            output_reduction_weights=output_reduction_weights,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
         slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, slice_indices, :])
 
+        aux_loss = None
+        if outputs.router_logits is not None and (labels is not None or output_router_logits):
+            router_probs = [logits.softmax(dim=-1) for logits in outputs.router_logits]
+            aux_loss = load_balancing_loss(router_probs, self.config.mmoe_top_k, attention_mask)  # padding skipped
         loss = None
         if labels is not None:
             # position t predicts labels[:, t + 1]: keep the targets of the positions whose logits were computed
@@ -503,9 +585,9 @@ class LeoMiniForConditionalGeneration(LeoMiniPreTrainedModel, GenerationMixin):
                 logits=logits, labels=None, shift_labels=shift_labels, vocab_size=self.config.text_config.vocab_size,
                 num_items_in_batch=num_items_in_batch,
             )
-            if outputs.aux_loss is not None and self.config.mmoe_balance_loss_coef:
+            if aux_loss is not None and self.config.mmoe_balance_loss_coef:
                 loss = loss + self.config.mmoe_balance_loss_coef * self._aux_loss_share(
-                    outputs.aux_loss, labels, num_items_in_batch
+                    aux_loss, labels, num_items_in_batch
                 )
         return LeoMiniCausalLMOutputWithPast(
             loss=loss,
@@ -515,7 +597,9 @@ class LeoMiniForConditionalGeneration(LeoMiniPreTrainedModel, GenerationMixin):
             attentions=outputs.attentions,
             image_hidden_states=outputs.image_hidden_states,
             routing_context=outputs.routing_context,
-            aux_loss=outputs.aux_loss,
+            aux_loss=aux_loss,
+            router_logits=outputs.router_logits if output_router_logits else None,
+            reduction_weights=outputs.reduction_weights,
         )
 
     @staticmethod

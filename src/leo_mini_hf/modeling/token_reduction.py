@@ -1,7 +1,8 @@
 """Token reduction: each expert's visual tokens → the tokens per image that reach the LLM.
 
 Every reducer maps `(expert_features, text_sum) -> (n_images, tokens_per_image, Σ d_i)`, experts concatenated
-channel-wise:
+channel-wise; with `output_weights=True` it returns `(tokens, weights)` too, as `nn.MultiheadAttention` does with
+`need_weights`: CoTR its softmax weights per expert, the fixed reducers None.
 - `ConditionalTokenReduction` (CoTR, LEO-MINI Sec. 3): N_V soft mixes per expert, conditioned on all experts and on
   the prompt text;
 - `AveragePooling`: each expert's grid average-pooled to sqrt(N_V)² (the text-agnostic baseline);
@@ -67,8 +68,9 @@ class FullTokens(nn.Module):
         super().__init__()
         self.grid_size = config.full_token_grid
 
-    def forward(self, expert_features: list[torch.Tensor], text_sum: torch.Tensor) -> torch.Tensor:
-        """expert_features: per expert (n, N_i, d_i); text_sum is unused. → (n, full_token_grid², Σ d_i)."""
+    def forward(self, expert_features: list[torch.Tensor], text_sum: torch.Tensor, output_weights: bool = False):
+        """expert_features: per expert (n, N_i, d_i); text_sum is unused. → (n, full_token_grid², Σ d_i); with
+        `output_weights`, (that, None): a fixed resampling has no weights of its own."""
         resampled = []
         for index, features in enumerate(expert_features):
             if features.shape[1] != self.grid_size**2:
@@ -76,7 +78,8 @@ class FullTokens(nn.Module):
                                      mode="bilinear", align_corners=False)
                 features = grid.flatten(2).transpose(1, 2)
             resampled.append(features)
-        return torch.cat(resampled, dim=-1)
+        tokens = torch.cat(resampled, dim=-1)
+        return (tokens, None) if output_weights else tokens
 
 
 class AveragePooling(nn.Module):
@@ -86,11 +89,13 @@ class AveragePooling(nn.Module):
         super().__init__()
         self.grid_size = math.isqrt(config.num_visual_tokens)
 
-    def forward(self, expert_features: list[torch.Tensor], text_sum: torch.Tensor) -> torch.Tensor:
-        """expert_features: per expert (n, N_i, d_i); text_sum is unused. → (n, N_V, Σ d_i)."""
+    def forward(self, expert_features: list[torch.Tensor], text_sum: torch.Tensor, output_weights: bool = False):
+        """expert_features: per expert (n, N_i, d_i); text_sum is unused. → (n, N_V, Σ d_i); with
+        `output_weights`, (that, None): fixed pooling windows, not weights a model learned."""
         pooled = [F.adaptive_avg_pool2d(tokens_as_grid(features, index), self.grid_size).flatten(2).transpose(1, 2)
                   for index, features in enumerate(expert_features)]
-        return torch.cat(pooled, dim=-1)
+        tokens = torch.cat(pooled, dim=-1)
+        return (tokens, None) if output_weights else tokens
 
 
 class ConditionalTokenReduction(nn.Module):
@@ -145,10 +150,9 @@ class ConditionalTokenReduction(nn.Module):
             return self.queries.new_full((len(SCORE_TERMS),), math.sqrt(inverse_dim))
         return self.log_score_scales[expert_index].exp().clamp(max=MAX_COSINE_SCALE)  # cosine: learned τ per term
 
-    def expert_attention(self, expert_features: list[torch.Tensor], text_sum: torch.Tensor,
-                         num_tokens: int | None = None) -> list[torch.Tensor]:
-        """Softmax weights α_i per expert: list of (n_images, k, N_i), k = `num_tokens` (default N_V): the first k
-        queries."""
+    def _score_parts(self, expert_features: list[torch.Tensor], text_sum: torch.Tensor, num_tokens: int | None):
+        """Per expert i: (Q̂_i[:k] (k, p), Î_i (n, N_i, p), the pooled vectors of the self, cross and text terms
+        [(n, p), ...], the four factors (4,)), every vector L2-normalised with cosine scores."""
         num_tokens = self.queries.shape[1] if num_tokens is None else num_tokens
         normalise = F.normalize if self.score_scaling == "cosine" else (lambda vectors, dim: vectors)
         projected = [proj(features) for proj, features in zip(self.visual_projections, expert_features)]  # (n, N_i, p)
@@ -156,30 +160,50 @@ class ConditionalTokenReduction(nn.Module):
             projected = [tokens + position for tokens, position in zip(projected, self.position_embeddings)]
         pooled = [tokens.mean(dim=1) if self.mean_pooling else tokens.sum(dim=1) for tokens in projected]  # (n, p)
         pooled_all_experts = torch.stack(pooled).sum(dim=0)  # (n, p)
-        weights = []
         for i, tokens in enumerate(projected):
             query = self.queries[min(i, self.queries.shape[0] - 1), :num_tokens]  # Q̂_i: (k, p)
             pooled_terms = [pooled[i], pooled_all_experts - pooled[i]]  # self Σ Î_i, cross Σ_{j≠i} Î_j: (n, p) each
             if self.text_projections is not None:
                 pooled_terms.append(self.text_projections[i](text_sum))  # text Σ_t T̂_t = Ŵ(Σ_t T_t)
-            scales = self.term_scales(i)
-            tokens = normalise(tokens, dim=-1)
-            s_query = scales[0] * torch.einsum("qp,nkp->nqk", normalise(query, dim=-1), tokens)  # (n, k, N_i)
+            yield (normalise(query, dim=-1), normalise(tokens, dim=-1),
+                   [normalise(term, dim=-1) for term in pooled_terms], self.term_scales(i))
+
+    def score_terms(self, expert_features: list[torch.Tensor], text_sum: torch.Tensor,
+                    num_tokens: int | None = None) -> list[dict[str, torch.Tensor]]:
+        """Each score term times its factor, per expert, as the equations write them: "query" (n, k, N_i); "self",
+        "cross" and "text" (n, 1, N_i) ("text" absent without a text term). α_i is the softmax of their sum
+        (`expert_attention` computes the three pooled terms in one product: the same up to float rounding)."""
+        terms = []
+        for query, tokens, pooled_terms, scales in self._score_parts(expert_features, text_sum, num_tokens):
+            expert_terms = {"query": scales[0] * torch.einsum("qp,nkp->nqk", query, tokens)}
+            for name, scale, term in zip(SCORE_TERMS[1:], scales[1:], pooled_terms):
+                expert_terms[name] = scale * torch.einsum("np,nkp->nk", term, tokens).unsqueeze(1)
+            terms.append(expert_terms)
+        return terms
+
+    def expert_attention(self, expert_features: list[torch.Tensor], text_sum: torch.Tensor,
+                         num_tokens: int | None = None) -> list[torch.Tensor]:
+        """Softmax weights α_i per expert: list of (n_images, k, N_i), k = `num_tokens` (default N_V): the first k
+        queries."""
+        weights = []
+        for query, tokens, pooled_terms, scales in self._score_parts(expert_features, text_sum, num_tokens):
+            s_query = scales[0] * torch.einsum("qp,nkp->nqk", query, tokens)  # (n, k, N_i)
             # s_self + s_cross + s_text in one product: Σ_term c_term (u_term · Î_i,n) = (Σ_term c_term u_term) · Î_i,n
-            pooled_vector = sum(scale * normalise(term, dim=-1) for scale, term in zip(scales[1:], pooled_terms))
+            pooled_vector = sum(scale * term for scale, term in zip(scales[1:], pooled_terms))
             s_pooled = torch.einsum("np,nkp->nk", pooled_vector, tokens).unsqueeze(1)  # (n, 1, N_i)
             scores = s_query + s_pooled  # (n, k, N_i); the softmax runs in float32 in a half-precision model
             softmax_dtype = torch.promote_types(scores.dtype, torch.float32)
             weights.append(scores.to(softmax_dtype).softmax(dim=-1).to(scores.dtype))
         return weights
 
-    def forward(self, expert_features: list[torch.Tensor], text_sum: torch.Tensor,
-                num_tokens: int | None = None) -> torch.Tensor:
+    def forward(self, expert_features: list[torch.Tensor], text_sum: torch.Tensor, num_tokens: int | None = None,
+                output_weights: bool = False):
         """
         expert_features: per expert (n_images, N_i, d_i); text_sum: (n_images, d_text), the sum of the text-token
         embeddings of each image's prompt (`prompt_text_sum`); num_tokens: the budget k ≤ N_V (default N_V).
         Returns (n_images, k, Σ d_i), experts concatenated channel-wise, in CoTR's own dtype (float32 in a float16
-        load, where the inputs are upcast).
+        load, where the inputs are upcast); with `output_weights`, (that, α): per expert the softmax weights
+        (n_images, k, N_i).
         """
         if num_tokens is not None and not 1 <= num_tokens <= self.queries.shape[1]:
             raise ValueError(f"CoTR has {self.queries.shape[1]} queries; cannot reduce to {num_tokens} tokens")
@@ -187,7 +211,8 @@ class ConditionalTokenReduction(nn.Module):
         expert_features = [features.to(dtype) for features in expert_features]
         weights = self.expert_attention(expert_features, text_sum.to(dtype), num_tokens)
         reduced = [torch.bmm(alpha, features) for alpha, features in zip(weights, expert_features)]
-        return torch.cat(reduced, dim=-1)
+        tokens = torch.cat(reduced, dim=-1)
+        return (tokens, weights) if output_weights else tokens
 
 
 TOKEN_REDUCERS = {"cotr": ConditionalTokenReduction, "avg_pool": AveragePooling, "none": FullTokens}

@@ -63,11 +63,6 @@ def image_key(pixels: torch.Tensor) -> str:
     return hasher.hexdigest()
 
 
-def _vision_experts(model):
-    """The `VisionExpert`s of a `LeoMiniForConditionalGeneration` or a `LeoMiniModel`."""
-    return model.model.vision_experts if hasattr(model, "model") else model.vision_experts
-
-
 class VisionFeatureCache:
     """Serve frozen `VisionExpert` outputs from `directory`, computing (and storing) only the images it has not seen.
 
@@ -82,7 +77,7 @@ class VisionFeatureCache:
         self.misses = 0
 
     def attach(self, model) -> None:
-        for index, expert in enumerate(_vision_experts(model)):
+        for index, expert in enumerate(model.vision_experts):
             trainable = [name for name, param in expert.named_parameters() if param.requires_grad]
             if trainable:
                 raise ValueError(
@@ -97,7 +92,7 @@ class VisionFeatureCache:
 
     @staticmethod
     def detach(model) -> None:
-        for expert in _vision_experts(model):
+        for expert in model.vision_experts:
             if isinstance(expert.__dict__.get("forward"), _CachedExpertForward):
                 del expert.forward
 
