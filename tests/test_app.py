@@ -6,7 +6,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -19,6 +18,7 @@ from PIL import Image
 
 gradio_client = pytest.importorskip("gradio_client", reason="Gradio is installed by `make test` (the [app] extra)")
 
+from helpers.ports import free_port  # noqa: E402
 from leo_mini_hf.app.serve import DEMO_EXAMPLES, import_app, write_space  # noqa: E402
 from leo_mini_hf.cli import main as cli  # noqa: E402
 from leo_mini_hf.easyvqa.evaluation import normalise_answer  # noqa: E402
@@ -27,12 +27,6 @@ QUESTIONS = json.loads((DEMO_EXAMPLES / "questions.json").read_text())
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                   "--disable-sync", "--no-first-run"]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -369,6 +363,7 @@ def test_in_a_real_browser_upload_ask_and_see_the_answer_and_heat_map(smol_app, 
     assert outside == [], f"requests left localhost: {outside}"
 
 
+@pytest.mark.slow
 def test_the_space_folder_starts_and_answers_once(tiny_checkpoint, tmp_path):
     space = write_space(tmp_path / "space", str(tiny_checkpoint))
     assert sorted(path.name for path in space.iterdir()) == ["README.md", "app.py", "examples", "leo_mini_app.py",

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import tiny_config
+from helpers.tiny_models import tiny_config
 from leo_mini_hf import LeoMiniConfig, LeoMiniForConditionalGeneration, preset_config
 
 

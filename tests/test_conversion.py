@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, MobileNetV2Config, MobileNetV2ForImageClassification
 
-from conftest import random_pixels
+from helpers.tiny_models import random_pixels
 from helpers.mobilenet_reference import reference_forward, to_torchvision_state_dict
 from helpers.tiny_parts import (CLIP_VISION, MOBILENET, tiny_llava, write_tiny_gguf, write_tiny_llm,
                                 write_tiny_vision_model)

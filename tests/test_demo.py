@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import tiny_model
+from helpers.tiny_models import tiny_model
 from leo_mini_hf.cli import main as cli
 from leo_mini_hf.demo import bundled_questions
 from leo_mini_hf.training.adapter_weights import load_adapter_weights, save_adapter_weights, trained_parameter_names

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 from transformers import pipeline
 
-from conftest import tiny_config, tiny_model
+from helpers.tiny_models import tiny_config, tiny_model
 from helpers.training_data import overfit_set
 from leo_mini_hf import LeoMiniForConditionalGeneration, LeoMiniProcessor
 from leo_mini_hf.cli import main as cli
@@ -206,6 +206,7 @@ def test_pipeline_takes_the_budget_through_processor_kwargs(elastic_checkpoint, 
         assert output[0]["generated_text"] == processor.decode(expected[0, inputs["input_ids"].shape[1]:])
 
 
+@pytest.mark.slow
 def test_remote_code_without_the_package_serves_every_budget(elastic_checkpoint, processor):
     model = LeoMiniForConditionalGeneration.from_pretrained(elastic_checkpoint).eval()
     text = processor.apply_chat_template(CHAT, add_generation_prompt=True)

@@ -34,6 +34,7 @@ def exported(tiny_checkpoint, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_export_is_sharded_complete_and_bit_identical(tiny_checkpoint, exported):
     names = {p.name for p in exported.iterdir()}
     assert "model.safetensors.index.json" in names and len(list(exported.glob("model-*.safetensors"))) > 1
@@ -46,6 +47,7 @@ def test_export_is_sharded_complete_and_bit_identical(tiny_checkpoint, exported)
     assert all(torch.equal(source[k], output[k]) and source[k].dtype == output[k].dtype for k in source)
 
 
+@pytest.mark.slow
 def test_model_card_metadata_and_numbers(exported):
     card = (exported / "README.md").read_text()
     header = card.split("---")[1]
@@ -60,6 +62,7 @@ def test_model_card_metadata_and_numbers(exported):
     assert total == sum(t.numel() for t in read_safetensors_folder(exported).values())
 
 
+@pytest.mark.slow
 def test_export_casts_only_when_asked(tiny_checkpoint, tmp_path):
     out = export_checkpoint(tiny_checkpoint, tmp_path / "bf16", dtype="bfloat16")
     tensors = read_safetensors_folder(out)
@@ -78,6 +81,7 @@ def test_failed_export_leaves_nothing(tiny_checkpoint, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_export_never_overwrites(tiny_checkpoint, exported):
     before = folder_digest(exported)
     with pytest.raises(SystemExit):
@@ -85,6 +89,7 @@ def test_export_never_overwrites(tiny_checkpoint, exported):
     assert folder_digest(exported) == before
 
 
+@pytest.mark.slow
 def test_verification_catches_a_changed_tensor(tiny_checkpoint, exported):
     source = read_safetensors_folder(tiny_checkpoint)
     key = next(iter(source))
@@ -93,6 +98,7 @@ def test_verification_catches_a_changed_tensor(tiny_checkpoint, exported):
         export_module.verify_export(source, exported, model=None, dtype=None)
 
 
+@pytest.mark.slow
 def test_push_without_token_fails_clearly(exported, monkeypatch, tmp_path):
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))
@@ -103,6 +109,7 @@ def test_push_without_token_fails_clearly(exported, monkeypatch, tmp_path):
     assert folder_digest(exported) == before
 
 
+@pytest.mark.slow
 def test_push_to_unreachable_endpoint_fails_clearly(exported, monkeypatch, capsys):
     monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token")
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
@@ -136,6 +143,7 @@ def test_written_folders_get_the_users_normal_permissions(tmp_path):
     assert not (fresh / ".leo-mini-partial").exists()
 
 
+@pytest.mark.slow
 def test_partial_folders_of_killed_runs_are_swept_and_nothing_else(tmp_path):
     from leo_mini_hf.hub.checkpoint_folder import PARTIAL_MARKER, write_folder_atomically
 
@@ -204,6 +212,7 @@ def _running(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+@pytest.mark.slow
 def test_export_verification_child_dies_with_its_parent(tiny_checkpoint, tmp_path):
     parent = subprocess.Popen([sys.executable, "-m", "leo_mini_hf.cli", "export", "--model", str(tiny_checkpoint),
                                "--out", str(tmp_path / "out")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

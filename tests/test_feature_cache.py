@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 
-from conftest import random_pixels, tiny_model
+from helpers.tiny_models import random_pixels, tiny_model
 from helpers.training_data import overfit_set
 from leo_mini_hf import LeoMiniForConditionalGeneration
 from leo_mini_hf.cli import main as cli

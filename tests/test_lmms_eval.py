@@ -57,6 +57,7 @@ def test_the_entry_point_resolves_to_the_model_class():
     ("easy_vqa_object_2x2", lambda n: ObjectNamedMosaicDataset("test", 2, size=n, seed=0)),
     ("easy_vqa_object_distinct_3x3", lambda n: DistinctObjectMosaicDataset("test", 3, size=n, seed=0)),
 ])
+@pytest.mark.slow
 def test_simple_evaluate_scores_a_local_task_as_leo_mini_eval_answers_it(tiny_checkpoint, task, dataset):
     """Offline, with a limit: lmms-eval's answers are exactly `leo-mini eval`'s greedy answers to the same first N
     questions (same prompt, same image), and its score is their exact-match rate."""
@@ -159,6 +160,7 @@ def test_bad_arguments_and_non_image_visuals_are_refused(tiny_checkpoint, leo_mi
         leo_mini_lmms.generate_until_multi_round([])
 
 
+@pytest.mark.slow
 def test_the_lmms_eval_command_line_runs_a_local_task(tiny_checkpoint, tmp_path):
     command = [sys.executable, "-m", "lmms_eval", "--model", "leo_mini", "--model_args",
                f"pretrained={tiny_checkpoint}", "--tasks", "easy_vqa_object_3x3", "--limit", "2", "--batch_size", "2",
@@ -170,6 +172,7 @@ def test_the_lmms_eval_command_line_runs_a_local_task(tiny_checkpoint, tmp_path)
     assert "exact_match" in table_row
 
 
+@pytest.mark.slow
 def test_tasks_folder_is_printed_for_include_path():
     done = subprocess.run([sys.executable, "-m", "leo_mini_hf.lmms_eval_tasks"], capture_output=True, text=True)
     assert done.stdout.strip() == str(TASKS_DIR)

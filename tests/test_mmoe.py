@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from conftest import image_prompt, random_pixels, tiny_config, tiny_model
+from helpers.tiny_models import image_prompt, random_pixels, tiny_config, tiny_model
 from leo_mini_hf.modeling.mmoe import MMoELinear, MMoERouting, load_balancing_loss
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
 
-from conftest import image_prompt, random_pixels, tiny_config, tiny_model
+from helpers.tiny_models import image_prompt, random_pixels, tiny_config, tiny_model
 from leo_mini_hf import LeoMiniConfig, LeoMiniForConditionalGeneration, LeoMiniModel
 from leo_mini_hf.training.stages import apply_training_stage
 

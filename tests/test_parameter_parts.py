@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-from conftest import tiny_model
+from helpers.tiny_models import tiny_model
 from helpers.tiny_parts import CLIP_VISION, tiny_moe_text_config, write_tiny_moe_llm, write_tiny_vision_model
 from leo_mini_hf.conversion.llava import convert_llava_model
 from leo_mini_hf.conversion.pretrained_parts import assemble_from_pretrained_parts

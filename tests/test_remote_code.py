@@ -70,6 +70,7 @@ def test_folder_holds_remote_code_and_auto_map(tiny_checkpoint):
         assert "isinstance(config" not in source, path.name
 
 
+@pytest.mark.slow
 def test_remote_code_generate_matches_package(tiny_checkpoint, local_model, tiny_processor):
     prompt = tiny_processor.apply_chat_template(CHAT, add_generation_prompt=True)
     expected = local_generate(local_model, tiny_processor, [make_image(0)], [prompt])
@@ -86,6 +87,7 @@ def test_remote_code_generate_matches_package(tiny_checkpoint, local_model, tiny
     assert remote["tokens"] == expected
 
 
+@pytest.mark.slow
 def test_remote_code_pipeline_chat_and_batched_plain_mode(tiny_checkpoint, local_model, tiny_processor):
     chat_prompt = tiny_processor.apply_chat_template(CHAT, add_generation_prompt=True)
     expected_chat = tiny_processor.decode(local_generate(local_model, tiny_processor, [make_image(1)], [chat_prompt])[0])

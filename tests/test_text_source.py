@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from transformers import pipeline
 
-from conftest import tiny_config
+from helpers.tiny_models import tiny_config
 from helpers.training_data import overfit_set
 from leo_mini_hf import LeoMiniForConditionalGeneration, LeoMiniProcessor
 from leo_mini_hf.cli import main as cli
@@ -172,6 +172,7 @@ def test_training_carries_the_mask(user_checkpoint, processor, tmp_path):
     assert all(np.isfinite(log["loss"]) for log in trainer.state.log_history if "loss" in log)
 
 
+@pytest.mark.slow
 def test_remote_code_without_the_package(user_checkpoint, model, processor):
     result = run_without_package(user_checkpoint, """
         model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True).eval()

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from conftest import image_prompt, random_pixels, tiny_config, tiny_model
+from helpers.tiny_models import image_prompt, random_pixels, tiny_config, tiny_model
 from leo_mini_hf.modeling.token_reduction import AveragePooling, ConditionalTokenReduction, FullTokens, build_token_reducer
 
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import tiny_config as tiny_config_with
+from helpers.ports import free_port
+from helpers.tiny_models import tiny_config as tiny_config_with
 from helpers.training_data import colour_sample, frozen_fingerprint, overfit_set
 from leo_mini_hf import LeoMiniForConditionalGeneration
 from leo_mini_hf.cli import main as cli
@@ -283,13 +284,14 @@ def test_peft_lora_round_trip(tiny_checkpoint, tiny_processor, tmp_path):
 
 # ---- two processes ------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_two_process_data_parallel_matches_single_process(tiny_checkpoint, tmp_path):
     script = TESTS / "helpers" / "ddp_train.py"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
 
     def run(processes, per_device_batch, out):
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-                   "--master_port", str(29500 + processes), str(script), str(tiny_checkpoint), str(out),
+                   "--master_port", str(free_port()), str(script), str(tiny_checkpoint), str(out),
                    str(per_device_batch), str(TESTS)]
         result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
         assert result.returncode == 0, result.stderr[-3000:]
@@ -388,12 +390,13 @@ def test_an_image_that_breaks_at_training_time_names_its_record(tmp_path, tiny_p
         LeoMiniDataCollator(tiny_processor)([dataset[0]])
 
 
+@pytest.mark.slow
 def test_fsdp2_sharded_training_matches_one_process():
     """FSDP2 (`fully_shard` per decoder layer and on the whole model) over 2 CPU processes with gloo: the same losses
     and, after two SGD steps, the same parameters as one process on the whole batch."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29513",
-               str(TESTS / "helpers" / "fsdp_train.py"), str(TESTS)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_port", str(free_port()), str(TESTS / "helpers" / "fsdp_train.py"), str(TESTS)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("{")))
@@ -404,11 +407,13 @@ def test_fsdp2_sharded_training_matches_one_process():
     assert report["max_parameter_difference"] < 1e-5
 
 
+@pytest.mark.slow
 def test_fsdp_requested_on_cpu_warns_that_it_replicates(tiny_checkpoint, tmp_path):
     """The Trainer on CPU falls back to data parallelism when asked for FSDP; LeoMiniTrainer says so."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29514",
-               str(TESTS / "helpers" / "ddp_train.py"), str(tiny_checkpoint), str(tmp_path), "2", str(TESTS), "fsdp"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_port", str(free_port()), str(TESTS / "helpers" / "ddp_train.py"), str(tiny_checkpoint),
+               str(tmp_path), "2", str(TESTS), "fsdp"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "FSDP was requested but accelerate runs MULTI_CPU" in result.stderr

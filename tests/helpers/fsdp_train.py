@@ -9,7 +9,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 
 sys.path.insert(0, sys.argv[1])  # the tests folder
-from conftest import image_prompt, random_pixels, tiny_model  # noqa: E402
+from helpers.tiny_models import image_prompt, random_pixels, tiny_model  # noqa: E402
 
 from leo_mini_hf.training.stages import apply_training_stage  # noqa: E402
 
