@@ -127,7 +127,7 @@ def test_push_refuses_a_non_checkpoint(tmp_path):
 # ---- folders: permissions, leftovers of killed runs, races, orphans -------------------------------------------------
 
 def test_written_folders_get_the_users_normal_permissions(tmp_path):
-    from leo_mini_hf.hub.checkpoint_folder import write_folder_atomically
+    from leo_mini_hf.folders import write_folder_atomically
 
     umask = os.umask(0o022)
     try:
@@ -145,7 +145,7 @@ def test_written_folders_get_the_users_normal_permissions(tmp_path):
 
 @pytest.mark.slow
 def test_partial_folders_of_killed_runs_are_swept_and_nothing_else(tmp_path):
-    from leo_mini_hf.hub.checkpoint_folder import PARTIAL_MARKER, write_folder_atomically
+    from leo_mini_hf.folders import PARTIAL_MARKER, write_folder_atomically
 
     finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(finished.stdout)
@@ -171,7 +171,7 @@ def test_partial_folders_of_killed_runs_are_swept_and_nothing_else(tmp_path):
 
 
 def test_a_folder_that_appears_while_writing_is_not_overwritten(tmp_path, capsys):
-    from leo_mini_hf.hub.checkpoint_folder import write_folder_atomically
+    from leo_mini_hf.folders import write_folder_atomically
 
     out = tmp_path / "out"
 

@@ -124,7 +124,7 @@ def test_loglikelihood_is_the_continuations_log_probability_from_the_logits(leo_
 
 
 def test_generate_until_batches_cut_at_stop_strings_and_match_one_at_a_time(leo_mini_lmms):
-    documents = easy_vqa_documents("object", "test", grid=2, size=5)
+    documents = easy_vqa_documents("object-2x2", "test", size=5)
     leo_mini_lmms.task_dict = {"object": {"test": documents}}
     options = {"max_new_tokens": 6, "temperature": 0, "do_sample": False}
     requests = [request(doc["question"], dict(options), doc_to_visual, i, "object", "test")

@@ -97,6 +97,8 @@ def run_train(args: argparse.Namespace, extra: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from .easyvqa.registry import EVALUATION_DATASETS
+
     parser = argparse.ArgumentParser(prog="leo-mini", description="LEO-MINI multimodal LLM tools")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -112,9 +114,7 @@ def main(argv: list[str] | None = None) -> None:
 
     evaluate = commands.add_parser("eval", help="exact-match accuracy per question type (JSON + table)")
     evaluate.add_argument("--model", required=True)
-    evaluate.add_argument("--dataset", default="easy-vqa", choices=["easy-vqa", "mosaic-2x2", "mosaic-3x3",
-                                                                  "object-2x2", "object-3x3", "object-distinct-2x2",
-                                                                  "object-distinct-3x3"])
+    evaluate.add_argument("--dataset", default="easy-vqa", choices=list(EVALUATION_DATASETS))
     evaluate.add_argument("--split", default="test", choices=["train", "test"])
     evaluate.add_argument("--limit", type=int, help="seeded sample of N questions (mosaics: N questions, default 400)")
     evaluate.add_argument("--seed", type=int, default=0)

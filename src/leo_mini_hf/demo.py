@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .hub.checkpoint_folder import require_path
+from .folders import require_path
 from .training.adapter_weights import adapter_metadata, load_adapter_weights, sha256_of
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -30,7 +30,8 @@ def default_cache_dir() -> Path:
 def build_demo_checkpoint(folder: Path, progress=None) -> Path:
     """LEO-MINI-Smol from the installed pretrained packages + the shipped trained weights, saved to `folder`."""
     from .conversion.smol import assemble_leo_mini_smol, convert_smol_parts
-    from .hub.checkpoint_folder import save_for_hub, write_folder_atomically
+    from .folders import write_folder_atomically
+    from .hub.checkpoint_folder import save_for_hub
 
     def step(message):
         if progress is not None:

@@ -25,7 +25,7 @@ def serve(model_dir: str | None, host: str, port: int, max_new_tokens: int) -> N
     """Start the app on LEO-MINI-Smol (assembled offline, as `leo-mini demo` does) or on a checkpoint folder."""
     app_module = import_app()
     from ..demo import demo_checkpoint
-    from ..hub.checkpoint_folder import require_path
+    from ..folders import require_path
 
     folder = require_path(model_dir, "The model") if model_dir else demo_checkpoint()
     chat = app_module.LeoMiniChat(*app_module.load_model(str(folder)), max_new_tokens=max_new_tokens)
@@ -68,7 +68,7 @@ def write_space(out, model: str) -> Path:
     `model` is a Hub repo id or a local checkpoint folder (made absolute)."""
     from importlib.metadata import version
 
-    from ..hub.checkpoint_folder import write_folder_atomically
+    from ..folders import write_folder_atomically
 
     local = Path(model).expanduser()
     if local.exists():

@@ -7,21 +7,8 @@ import torch
 from ..hub.checkpoint_folder import save_for_hub
 from ..modeling import LeoMiniForConditionalGeneration
 from ..presets import preset_config
-from ..processor import LEO_MINI_CHAT_TEMPLATE, LeoMiniImageProcessor, LeoMiniProcessor
-from .tiny_tokenizer import IMAGE_TOKEN, build_tiny_tokenizer
-
-
-def build_processor(config, tokenizer, image_token: str = IMAGE_TOKEN) -> LeoMiniProcessor:
-    """The processor matching a model config: its canonical image size and statistics, its tokens per image (and an
-    elastic model's budgets), and which text conditions CoTR."""
-    image_processor = LeoMiniImageProcessor(
-        size={"height": config.image_size, "width": config.image_size},
-        image_mean=list(config.image_mean),
-        image_std=list(config.image_std),
-    )
-    return LeoMiniProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=LEO_MINI_CHAT_TEMPLATE,
-                            num_image_tokens=config.num_image_tokens, image_token=image_token,
-                            visual_token_budgets=config.cotr_budgets, cotr_text_source=config.cotr_text_source)
+from ..processor import LeoMiniProcessor
+from .tiny_tokenizer import build_tiny_tokenizer
 
 
 def build_random_checkpoint(preset: str, out, seed: int = 0, **overrides) -> Path:
@@ -34,7 +21,7 @@ def build_random_checkpoint(preset: str, out, seed: int = 0, **overrides) -> Pat
     model = LeoMiniForConditionalGeneration(config)
     model.generation_config.pad_token_id = config.text_config.pad_token_id
     model.generation_config.eos_token_id = config.text_config.eos_token_id
-    processor = build_processor(config, build_tiny_tokenizer())
+    processor = LeoMiniProcessor.from_model_config(config, build_tiny_tokenizer())
     return save_for_hub(model, processor, out)
 
 
@@ -42,7 +29,7 @@ def build_checkpoint(out, preset: str = "tiny", random_init: bool = False, llm=N
                      **overrides) -> Path:
     """`leo-mini build`: from pretrained parts (`llm` + `vision_experts` folders), the `leo-mini-smol` preset, or a
     random `tiny` model; written atomically (never a half-written or overwritten folder)."""
-    from ..hub.checkpoint_folder import write_folder_atomically
+    from ..folders import write_folder_atomically
     from .pretrained_parts import build_from_pretrained_parts
     from .smol import build_leo_mini_smol
 
@@ -62,7 +49,7 @@ def build_checkpoint(out, preset: str = "tiny", random_init: bool = False, llm=N
 def convert_checkpoint(source: str, src, out, token_reduction: str = "none", **overrides) -> Path:
     """`leo-mini convert`: a LLaVA folder → LEO-MINI, a GGUF LLM → a transformers folder, or torchvision
     MobileNetV2 weights → a transformers folder; written atomically."""
-    from ..hub.checkpoint_folder import write_folder_atomically
+    from ..folders import write_folder_atomically
     from .gguf_llm import convert_gguf_llm
     from .llava import convert_llava
     from .mobilenet_v2 import convert_mobilenet_v2

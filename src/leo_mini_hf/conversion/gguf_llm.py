@@ -4,7 +4,7 @@ from pathlib import Path
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ..hub.checkpoint_folder import require_path
+from ..folders import require_path
 
 
 def convert_gguf_llm(gguf_path, out) -> Path:

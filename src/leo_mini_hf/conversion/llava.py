@@ -11,11 +11,11 @@ import torch
 from transformers import AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
+from ..folders import require_path
 from ..hub.checkpoint_folder import save_for_hub
-from ..hub.checkpoint_folder import require_path
 from ..modeling import LeoMiniConfig, LeoMiniForConditionalGeneration
 from ..presets import check_option_names
-from .build import build_processor
+from ..processor import LeoMiniProcessor
 from .pretrained_parts import copy_llm_weights_exactly, copy_weights_exactly, load_complete
 
 
@@ -77,4 +77,4 @@ def convert_llava(src, out, token_reduction: str = "none", **overrides) -> Path:
         tokenizer = AutoTokenizer.from_pretrained(src)
     image_token = tokenizer.convert_ids_to_tokens(model.config.image_token_id)
     tokenizer.padding_side = "left"
-    return save_for_hub(model, build_processor(model.config, tokenizer, image_token=image_token), out)
+    return save_for_hub(model, LeoMiniProcessor.from_model_config(model.config, tokenizer, image_token), out)

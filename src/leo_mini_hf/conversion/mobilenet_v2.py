@@ -8,7 +8,7 @@ import torch
 from transformers import MobileNetV2Config, MobileNetV2ForImageClassification
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from ..hub.checkpoint_folder import require_path
+from ..folders import require_path
 
 
 def torchvision_to_transformers_key(key: str) -> str:

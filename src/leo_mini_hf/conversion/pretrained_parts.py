@@ -19,11 +19,11 @@ from transformers.image_utils import (
     OPENAI_CLIP_STD,
 )
 
+from ..folders import require_path
 from ..hub.checkpoint_folder import save_for_hub
-from ..hub.checkpoint_folder import require_path
 from ..modeling import LeoMiniConfig, LeoMiniForConditionalGeneration
 from ..presets import check_option_names
-from .build import build_processor
+from ..processor import LeoMiniProcessor
 from .tiny_tokenizer import IMAGE_TOKEN
 
 PREFIX_TOKENS = {"clip_vision_model": 1, "dinov2": 1, "vit": 1, "siglip_vision_model": 0}
@@ -166,4 +166,4 @@ def assemble_from_pretrained_parts(llm_dir, expert_dirs: list, image_size: int |
     generation_config.pad_token_id = tokenizer.pad_token_id
     generation_config.suppress_tokens = [image_token_id]  # the placeholder is input-only
     model.generation_config = generation_config
-    return model, build_processor(config, tokenizer)
+    return model, LeoMiniProcessor.from_model_config(config, tokenizer, IMAGE_TOKEN)

@@ -1,5 +1,6 @@
 """The `easy-vqa` package's questions as chat samples."""
 
+import random
 from dataclasses import dataclass, field
 
 from torch.utils.data import Dataset
@@ -12,6 +13,19 @@ YES_NO = ("yes", "no")
 def question_type(answer: str) -> str:
     """easy-vqa's three kinds of question, told apart by their answers."""
     return "shape" if answer in SHAPES else "yes/no" if answer in YES_NO else "colour"
+
+
+def normalise_answer(text: str) -> str:
+    """A generated answer as it is compared with easy-vqa's: its first line, without end punctuation, lower case."""
+    return text.strip().split("\n")[0].strip().strip(".!").lower()
+
+
+def evaluation_subset(dataset, limit: int | None, seed: int = 0) -> list[int]:
+    """A fixed, seeded sample of indices (the whole split when `limit` is None)."""
+    indices = list(range(len(dataset)))
+    if limit is not None and limit < len(indices):
+        indices = sorted(random.Random(seed).sample(indices, limit))
+    return indices
 
 
 def load_split(split: str) -> tuple[list[str], list[str], list[int], dict[int, str]]:

@@ -6,19 +6,8 @@ from collections import defaultdict
 
 import torch
 
-from .dataset import question_type
-
-
-def normalise_answer(text: str) -> str:
-    return text.strip().split("\n")[0].strip().strip(".!").lower()
-
-
-def evaluation_subset(dataset, limit: int | None, seed: int = 0) -> list[int]:
-    """A fixed, seeded sample of indices (the whole split when `limit` is None)."""
-    indices = list(range(len(dataset)))
-    if limit is not None and limit < len(indices):
-        indices = sorted(random.Random(seed).sample(indices, limit))
-    return indices
+from .dataset import evaluation_subset, normalise_answer, question_type
+from .registry import EVALUATION_DATASETS, evaluation_dataset
 
 
 def prompt_inputs(processor, samples: list[dict], num_visual_tokens: int | None = None) -> dict:
@@ -129,23 +118,18 @@ def evaluate_checkpoint(model_dir, dataset_name: str = "easy-vqa", split: str = 
     result and a per-type table."""
     import json
 
-    from ..hub.checkpoint_folder import require_path
+    from ..folders import require_path
     from ..modeling import LeoMiniForConditionalGeneration
     from ..processor import LeoMiniProcessor
-    from .dataset import EasyVQADataset
-    from .object_named import MOSAIC_DATASETS
 
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be a positive number of questions, got {limit}")
+    dataset = evaluation_dataset(dataset_name, split, size=limit or 400, seed=seed)
+    if not EVALUATION_DATASETS[dataset_name].sampled:
+        limit = None  # the seeded set is the sample
     model_dir = require_path(model_dir, "The model")
     model = LeoMiniForConditionalGeneration.from_pretrained(model_dir)
     processor = LeoMiniProcessor.from_pretrained(model_dir)
-    if dataset_name == "easy-vqa":
-        dataset = EasyVQADataset(split)
-    else:
-        mosaics = MOSAIC_DATASETS[dataset_name.rsplit("-", 1)[0]]
-        dataset = mosaics(split, int(dataset_name[-1]), size=limit or 400, seed=seed)
-        limit = None  # the seeded mosaic set is the sample
     processor.budgets_per_text(num_visual_tokens, 1)  # a budget the model lacks is refused before any work
     result = evaluate_vqa(model, processor, dataset, limit=limit, batch_size=batch_size, seed=seed,
                           swap_images=swap_images, num_visual_tokens=num_visual_tokens)

@@ -12,8 +12,7 @@ import random
 
 from torch.utils.data import ConcatDataset, Subset
 
-from .dataset import COLOURS, SHAPES, YES_NO, EasyVQADataset
-from .evaluation import evaluation_subset
+from .dataset import COLOURS, SHAPES, YES_NO, EasyVQADataset, evaluation_subset
 from .mosaic import BLANK, EasyVQAMosaicDataset, commonest_attribute_accuracy
 
 OBJECT_QUESTION_TYPES = ("colour of shape", "shape of colour", "colour and shape")
@@ -117,9 +116,6 @@ class DistinctObjectMosaicDataset(ObjectNamedMosaicDataset):
         return tiles, f"Is there a {colour} {shape}?", answer, cells[0] if answer == "yes" else None
 
 
-# every seeded mosaic set by the name `leo-mini eval --dataset <name>-<grid>` and the lmms-eval tasks give it
-MOSAIC_DATASETS = {"mosaic": EasyVQAMosaicDataset, "object": ObjectNamedMosaicDataset,
-                   "object-distinct": DistinctObjectMosaicDataset}
 # the object-named layouts: the ("unique": one tile of the named value) and the one without an odd one out
 LAYOUT_DATASETS = {"unique": ObjectNamedMosaicDataset, "distinct": DistinctObjectMosaicDataset}
 LAYOUTS = tuple(LAYOUT_DATASETS)

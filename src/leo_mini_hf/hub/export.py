@@ -9,9 +9,10 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from ..folders import require_path, write_folder_atomically
 from ..modeling import LeoMiniForConditionalGeneration
 from ..processor import LeoMiniProcessor
-from .checkpoint_folder import require_path, save_for_hub, write_folder_atomically
+from .checkpoint_folder import save_for_hub
 from .model_card import render_model_card
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

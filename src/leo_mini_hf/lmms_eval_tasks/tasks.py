@@ -1,19 +1,18 @@
-"""The lmms-eval side of the local tasks: a task class that builds its documents from the easy-vqa package and the
-mosaic generator (no download, no Hub), the prompt and image of a document, and exact-match scoring as `leo-mini
-eval` scores (`normalise_answer`)."""
+"""The lmms-eval side of the local tasks: a task class that builds its documents from an evaluation dataset of the
+registry (`leo_mini_hf.easyvqa.registry`: the easy-vqa package and the mosaic generators; no download, no Hub), the
+prompt and image of a document, and exact-match scoring as `leo-mini eval` scores (the dataset's `normalise`)."""
 
 from datasets import Dataset, DatasetDict
 from lmms_eval.api.task import ConfigurableTask
 from PIL import Image
 
 from ..easyvqa.dataset import EasyVQADataset
-from ..easyvqa.evaluation import normalise_answer
-from ..easyvqa.object_named import MOSAIC_DATASETS
+from ..easyvqa.registry import EVALUATION_DATASETS, evaluation_dataset
 
 
 class EasyVQATask(ConfigurableTask):
-    """Documents from `dataset_kwargs`: {source: easy-vqa, split} or {source: object | object-distinct | mosaic, split,
-    grid, size, seed}, in the order `leo-mini eval` reads them (so `--limit N` takes the same first N questions)."""
+    """Documents from `dataset_kwargs`: {dataset: a registered evaluation dataset's name, split, and for a seeded set
+    size, seed}, in the order `leo-mini eval` reads them (so `--limit N` takes the same first N questions)."""
 
     def __init__(self, *args, config: dict | None = None, **kwargs) -> None:
         config = dict(config or {})
@@ -26,22 +25,17 @@ class EasyVQATask(ConfigurableTask):
         self.dataset_no_image = self.dataset  # documents hold no images: doc_to_visual rebuilds them
 
 
-def easy_vqa_documents(source: str = "easy-vqa", split: str = "test", grid: int = 2, size: int = 600,
-                       seed: int = 0) -> list[dict]:
+def easy_vqa_documents(dataset: str = "easy-vqa", split: str = "test", size: int = 600, seed: int = 0) -> list[dict]:
     """One dict per question: question, answer, question type, and what rebuilds its image."""
-    if source == "easy-vqa":
-        dataset = EasyVQADataset(split)
-        return [{"question": question, "answer": answer, "image_path": str(path), "question_type": ""}
-                for question, answer, path in dataset.samples]
-    if source not in MOSAIC_DATASETS:
-        raise ValueError(f"easy-vqa task source must be 'easy-vqa' or one of {sorted(MOSAIC_DATASETS)}, got {source!r}")
-    dataset = MOSAIC_DATASETS[source](split, grid, size=size, seed=seed)
+    built = evaluation_dataset(dataset, split, size, seed)
+    if isinstance(built, EasyVQADataset):
+        return [{"question": question, "answer": answer, "image_path": str(path), "question_type": "",
+                 "dataset": dataset} for question, answer, path in built.samples]
     documents = []
-    for index in range(len(dataset)):
-        _, question, answer, question_type = dataset.draw(index)
-        documents.append({"question": question, "answer": answer, "question_type": question_type,
-                          "mosaic": {"source": source, "split": split, "grid": grid, "size": size, "seed": seed,
-                                     "index": index}})
+    for index in range(len(built)):
+        _, question, answer, question_type = built.draw(index)
+        documents.append({"question": question, "answer": answer, "question_type": question_type, "dataset": dataset,
+                          "mosaic": {"split": split, "size": size, "seed": seed, "index": index}})
     return documents
 
 
@@ -50,9 +44,8 @@ def doc_to_visual(doc: dict) -> list[Image.Image]:
         with Image.open(doc["image_path"]) as image:
             return [image.convert("RGB")]
     mosaic = doc["mosaic"]
-    dataset = MOSAIC_DATASETS[mosaic["source"]](mosaic["split"], mosaic["grid"], size=mosaic["size"],
-                                                seed=mosaic["seed"])
-    return [dataset[mosaic["index"]]["messages"][0]["content"][0]["image"]]
+    mosaics = evaluation_dataset(doc["dataset"], mosaic["split"], mosaic["size"], mosaic["seed"])
+    return [mosaics[mosaic["index"]]["messages"][0]["content"][0]["image"]]
 
 
 def doc_to_text(doc: dict, lmms_eval_specific_kwargs: dict | None = None) -> str:
@@ -64,4 +57,5 @@ def doc_to_target(doc: dict) -> str:
 
 
 def process_results(doc: dict, results: list[str]) -> dict:
-    return {"exact_match": float(normalise_answer(results[0]) == doc["answer"])}
+    normalise = EVALUATION_DATASETS[doc["dataset"]].normalise
+    return {"exact_match": float(normalise(results[0]) == doc["answer"])}

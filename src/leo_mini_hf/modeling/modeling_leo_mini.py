@@ -80,12 +80,21 @@ class ImageTokenBlocks(NamedTuple):
     tokens_per_image: torch.LongTensor
 
 
-def image_token_runs(input_ids: torch.LongTensor, image_token_id: int) -> tuple[torch.LongTensor, torch.LongTensor]:
-    """Maximal runs of consecutive image tokens, row by row: (row index (R,), run length (R,))."""
+class ImageTokenRuns(NamedTuple):
+    """Maximal runs of consecutive image tokens in input_ids, row by row: rows, starts and lengths, each (R,)."""
+
+    rows: torch.LongTensor
+    starts: torch.LongTensor
+    lengths: torch.LongTensor
+
+
+def image_token_runs(input_ids: torch.LongTensor, image_token_id: int) -> ImageTokenRuns:
+    """The runs of image tokens in input_ids (B, T): the one place they are found (the model reads images' blocks
+    from them; elastic training shortens them)."""
     is_image = nn.functional.pad((input_ids == image_token_id).to(torch.int8), (1, 1))
     edges = is_image[:, 1:] - is_image[:, :-1]  # +1 where a run starts, -1 just after it ends
     starts, ends = (edges == 1).nonzero(), (edges == -1).nonzero()  # row-major order: run r starts and ends
-    return starts[:, 0], ends[:, 1] - starts[:, 1]
+    return ImageTokenRuns(starts[:, 0], starts[:, 1], ends[:, 1] - starts[:, 1])
 
 
 def block_budgets(lengths: list[int], budgets: list[int], num_images: int) -> list[int]:
@@ -315,17 +324,17 @@ class LeoMiniModel(LeoMiniPreTrainedModel):
             images_per_sample = image_tokens // tokens_per_image
             return ImageTokenBlocks(images_per_sample, torch.full((num_images,), tokens_per_image,
                                                                   device=input_ids.device))
-        rows, lengths = image_token_runs(input_ids, self.config.image_token_id)
+        rows, _, lengths = image_token_runs(input_ids, self.config.image_token_id)
         run_budgets = block_budgets(lengths.tolist(), budgets, num_images)
         images_in_run = lengths.cpu() // torch.tensor(run_budgets, dtype=torch.long)
         images_per_sample = torch.zeros(input_ids.shape[0], dtype=torch.long).index_add_(0, rows.cpu(), images_in_run)
         tokens_per_image = torch.tensor(run_budgets, dtype=torch.long).repeat_interleave(images_in_run)
         return ImageTokenBlocks(images_per_sample.to(input_ids.device), tokens_per_image.to(input_ids.device))
 
-    def _validate_inputs(self, input_ids, inputs_embeds, pixel_values, image_features, cache, attention_mask=None,
-                         labels=None, text_condition_mask=None) -> ImageTokenBlocks | None:
-        """Every check of a forward's inputs, in one place; returns the images' `ImageTokenBlocks`, or None without
-        images. Checks that read tensor values (and so wait for the device) run at prefill, never on a cached decode step."""
+    def _validate_inputs(self, input_ids, inputs_embeds, pixel_values, image_features, cache, attention_mask,
+                         labels, text_condition_mask) -> None:
+        """Every check of a forward's inputs but the image-token blocks (`image_token_blocks` reads and checks those).
+        Checks that read tensor values (and so wait for the device) run at prefill, never on a cached decode step."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds")
         if input_ids is not None:
@@ -365,13 +374,12 @@ class LeoMiniModel(LeoMiniPreTrainedModel):
             if images is None and (input_ids == self.config.image_token_id).any():
                 raise ValueError(f"input_ids hold image tokens (id {self.config.image_token_id}) but no pixel_values "
                                  "were given: pass the images, or drop their placeholders")
-        if images is None:
-            return None
-        blocks = self.image_token_blocks(input_ids, images.shape[0])
+
+    def _validate_image_features(self, image_features, blocks: ImageTokenBlocks) -> None:
+        """Visual tokens passed back (generation without a KV cache) must fill the blocks input_ids hold."""
         if image_features is not None and image_features.shape[1] < int(blocks.tokens_per_image.max()):
             raise ValueError(f"image_features hold {image_features.shape[1]} tokens per image, but input_ids have "
                              f"blocks of up to {int(blocks.tokens_per_image.max())}")
-        return blocks
 
     def _validate_text_condition_mask(self, text_condition_mask, batch: int, num_tokens: int) -> None:
         """CoTR reads `text_condition_mask` exactly when the config's `cotr_text_source` is "user"."""
@@ -433,10 +441,13 @@ class LeoMiniModel(LeoMiniPreTrainedModel):
         """
         if output_reduction_weights is None:
             output_reduction_weights = self.config.output_reduction_weights
-        image_blocks = self._validate_inputs(input_ids, inputs_embeds, pixel_values, image_features, cache,
-                                             attention_mask, labels, text_condition_mask)
+        self._validate_inputs(input_ids, inputs_embeds, pixel_values, image_features, cache, attention_mask, labels,
+                              text_condition_mask)
+        images = pixel_values if pixel_values is not None else image_features
         images_per_sample = tokens_per_image = None
-        if image_blocks is not None:
+        if images is not None:  # which row holds each image, at how many tokens
+            image_blocks = self.image_token_blocks(input_ids, images.shape[0])
+            self._validate_image_features(image_features, image_blocks)
             images_per_sample = image_blocks.images_per_sample
             if self.config.cotr_budgets is not None:  # elastic: each image at the budget its block says
                 tokens_per_image = image_blocks.tokens_per_image
@@ -616,9 +627,8 @@ class LeoMiniForConditionalGeneration(LeoMiniPreTrainedModel, GenerationMixin):
         (the default `repeat_interleave` on `pixel_values` mis-assigns images when a prompt has several)."""
         pixel_values = model_kwargs.pop("pixel_values", None)
         if pixel_values is not None and expand_size > 1 and input_ids is not None:
-            image_blocks = self.model._validate_inputs(input_ids, None, pixel_values, None, None,
-                                                       text_condition_mask=model_kwargs.get("text_condition_mask"))
-            images_per_sample = image_blocks.images_per_sample.tolist()
+            self.model._validate_pixel_values(pixel_values)
+            images_per_sample = self.model.image_token_blocks(input_ids, len(pixel_values)).images_per_sample.tolist()
             groups = pixel_values.split(images_per_sample)
             pixel_values = torch.cat([group for group in groups for _ in range(expand_size)])
         input_ids, model_kwargs = super()._expand_inputs_for_generation(

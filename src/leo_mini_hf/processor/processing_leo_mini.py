@@ -3,6 +3,8 @@
 from transformers import ProcessorMixin
 from transformers.feature_extraction_utils import BatchFeature
 
+from .image_processing_leo_mini import LeoMiniImageProcessor
+
 # ChatML. `{"type": "image"}` blocks render as the placeholder; assistant turns sit inside {% generation %} so
 # training can take the loss on answers only (`return_assistant_tokens_mask=True`).
 LEO_MINI_CHAT_TEMPLATE = (
@@ -99,6 +101,16 @@ class LeoMiniProcessor(ProcessorMixin):
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
         if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
             raise ValueError(f"The tokenizer has no token {image_token!r}; add it as a special token first")
+
+    @classmethod
+    def from_model_config(cls, config, tokenizer, image_token: str = "<image>") -> "LeoMiniProcessor":
+        """The processor matching a `LeoMiniConfig`: its canonical image size and statistics, its tokens per image
+        (and an elastic model's budgets), which text conditions CoTR, and the LEO-MINI chat template."""
+        image_processor = LeoMiniImageProcessor(size={"height": config.image_size, "width": config.image_size},
+                                                image_mean=list(config.image_mean), image_std=list(config.image_std))
+        return cls(image_processor=image_processor, tokenizer=tokenizer, chat_template=LEO_MINI_CHAT_TEMPLATE,
+                   num_image_tokens=config.num_image_tokens, image_token=image_token,
+                   visual_token_budgets=config.cotr_budgets, cotr_text_source=config.cotr_text_source)
 
     @staticmethod
     def _group_images(images, num_texts: int) -> list[list] | None:

@@ -11,6 +11,8 @@ step, so gradient accumulation, data-loader workers and a resumed run all see th
 import numpy as np
 import torch
 
+from ..modeling.modeling_leo_mini import image_token_runs
+
 # how an elastic model's training loss uses its budgets: one drawn per step, or all of them weighted
 BUDGET_LOSSES = ("sampled", "summed")
 
@@ -58,8 +60,9 @@ def keep_visual_tokens(batch: dict, budget: int, tokens_per_image: int, image_to
     input_ids = batch["input_ids"]
     is_image = input_ids == image_token_id
     positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-    starts_run = is_image & ~torch.nn.functional.pad(is_image[:, :-1], (1, 0))
-    run_start = torch.where(starts_run, positions, 0).cummax(dim=1).values  # start of the run each token is in
+    runs = image_token_runs(input_ids, image_token_id)
+    run_start = torch.zeros_like(input_ids).index_put((runs.rows, runs.starts), runs.starts)
+    run_start = run_start.cummax(dim=1).values  # start of the run each image token is in
     keep = ~is_image | ((positions - run_start) % tokens_per_image < budget)
     if "attention_mask" in batch:
         keep = keep & batch["attention_mask"].bool()

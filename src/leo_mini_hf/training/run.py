@@ -6,7 +6,8 @@ from pathlib import Path
 from transformers import HfArgumentParser, TrainingArguments
 
 from ..easyvqa.dataset import EasyVQADataset
-from ..hub.checkpoint_folder import add_remote_code, require_path
+from ..folders import require_path
+from ..hub.checkpoint_folder import add_remote_code
 from ..modeling import LeoMiniForConditionalGeneration
 from ..modeling.modeling_leo_mini import PARAMETER_PARTS
 from ..processor import LeoMiniProcessor
