@@ -12,6 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
+from leo_mini_hf.demo import DEMO_WEIGHTS
 from leo_mini_hf.easyvqa.evaluation import prompt_inputs
 from leo_mini_hf.easyvqa.mosaic import CELL_NAMES
 from leo_mini_hf.easyvqa.object_named import object_named_dataset
@@ -191,7 +192,6 @@ def steering_of(shares: torch.Tensor) -> dict:
 
 # ---- object-named mosaics (object_named.py, elastic.py): warm start, the named-cell share, standard errors ------
 
-DEMO_WEIGHTS = ROOT / "src" / "leo_mini_hf" / "assets" / "leo-mini-smol-easyvqa.safetensors"
 WARM_PARTS = {"projector+mmoe": {"projector", "mmoe_general_lora", "mmoe_routed_lora", "mmoe_routers"}}
 WARM_PARTS["reducer"] = WARM_PARTS["projector+mmoe"] | {"token_reducer"}
 GRIDS = (2, 3)

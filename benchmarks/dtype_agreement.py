@@ -13,14 +13,13 @@ import time
 from pathlib import Path
 
 import torch
-
 from common import write_results
+
 from leo_mini_hf import LeoMiniForConditionalGeneration, LeoMiniProcessor
 from leo_mini_hf.demo import demo_checkpoint
+from leo_mini_hf.dtypes import DTYPES
 from leo_mini_hf.easyvqa.dataset import EasyVQADataset
 from leo_mini_hf.easyvqa.evaluation import answer_questions, evaluation_subset, normalise_answer, prompt_inputs
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @torch.no_grad()

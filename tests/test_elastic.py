@@ -13,7 +13,7 @@ from leo_mini_hf.cli import main as cli
 from leo_mini_hf.training.collator import LeoMiniDataCollator
 from leo_mini_hf.training.elastic import BudgetSchedule, keep_visual_tokens
 from leo_mini_hf.training.trainer import LeoMiniTrainer, default_training_arguments
-from test_remote_code import run_without_package
+from helpers.without_package import run_without_package
 
 BUDGETS = [1, 2, 4]  # the tiny preset's num_visual_tokens is 4
 CHAT = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is the shape?"}]}]

@@ -1,47 +1,14 @@
 """A checkpoint folder is usable with transformers alone: remote code, AutoProcessor, pipeline."""
 
 import json
-import subprocess
-import sys
-import textwrap
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
 
+from helpers.without_package import CHAT, make_image, run_without_package
 from leo_mini_hf import LeoMiniForConditionalGeneration, LeoMiniProcessor
 from leo_mini_hf.hub.checkpoint_folder import AUTO_MAP, remote_code_files
-from leo_mini_hf.hub.export import BLOCK_PACKAGE_IMPORT
-
-
-CHAT = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is the shape?"}]}]
-
-
-def make_image(seed):
-    return Image.fromarray(np.random.RandomState(seed).randint(0, 256, (30, 40, 3), dtype=np.uint8))
-
-
-def run_without_package(folder, body: str) -> dict:
-    """Run `body` in a fresh interpreter where `leo_mini_hf` cannot be imported; it prints JSON last."""
-    script = BLOCK_PACKAGE_IMPORT + textwrap.dedent(f"""
-        import json, numpy as np, torch
-        from PIL import Image
-        from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
-        folder = {str(folder)!r}
-        def make_image(seed):
-            return Image.fromarray(np.random.RandomState(seed).randint(0, 256, (30, 40, 3), dtype=np.uint8))
-        CHAT = {CHAT!r}
-        try:
-            import leo_mini_hf  # noqa: F401
-            raise SystemExit("leo_mini_hf was importable")
-        except ImportError:
-            pass
-    """) + textwrap.dedent(body)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="module")

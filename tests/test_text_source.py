@@ -15,7 +15,7 @@ from leo_mini_hf.cli import main as cli
 from leo_mini_hf.training.collator import LeoMiniDataCollator
 from leo_mini_hf.training.elastic import keep_visual_tokens
 from leo_mini_hf.training.trainer import LeoMiniTrainer, default_training_arguments
-from test_remote_code import run_without_package
+from helpers.without_package import run_without_package
 
 
 def make_image(seed):

@@ -13,11 +13,11 @@ from lmms_eval.api.model import lmms
 from lmms_eval.models.registry_v2 import ModelManifest
 from PIL import Image
 
+from .dtypes import dtype_named
 from .easyvqa.evaluation import prompt_inputs
 from .modeling import LeoMiniForConditionalGeneration
 from .processor import LeoMiniProcessor
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # generation options lmms-eval tasks set that `generate` takes as they are; `until` becomes stop strings
 GENERATION_OPTIONS = ("max_new_tokens", "temperature", "do_sample", "top_p", "top_k", "num_beams",
                       "repetition_penalty")
@@ -40,12 +40,11 @@ class LeoMiniLmms(lmms):
         if unknown:
             raise ValueError(f"leo_mini: unknown model_args {sorted(unknown)}; it takes pretrained, dtype, "
                              "batch_size, device, max_new_tokens, num_visual_tokens")
-        if dtype not in DTYPES:
-            raise ValueError(f"leo_mini: dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        torch_dtype = dtype_named(dtype, "leo_mini: dtype")
         self.batch_size = _positive_int(batch_size, "batch_size")
         self.default_max_new_tokens = _positive_int(max_new_tokens, "max_new_tokens")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = LeoMiniForConditionalGeneration.from_pretrained(pretrained, dtype=DTYPES[dtype])
+        self.model = LeoMiniForConditionalGeneration.from_pretrained(pretrained, dtype=torch_dtype)
         self.model.to(self.device).eval()
         self.processor = LeoMiniProcessor.from_pretrained(pretrained)
         self.num_visual_tokens = None
