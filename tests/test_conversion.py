@@ -226,3 +226,24 @@ def test_an_unwritable_target_is_a_one_line_error(tmp_path, capsys):
         cli(["build", "--preset", "tiny", "--random-init", "--out", str(tmp_path / "a-file" / "out")])
     error = capsys.readouterr().err
     assert error.startswith("leo-mini build: ") and error.count("\n") == 1
+
+
+def test_a_built_checkpoint_pads_on_the_left_and_batched_generation_equals_single_calls(parts, tmp_path):
+    """An LLM whose tokenizer has no padding side of its own (a GGUF conversion, as SmolLM2's): the built checkpoint
+    saves `padding_side="left"`, so the README's batched `generate` answers each prompt as a single call does."""
+    import json
+
+    out = build_from_pretrained_parts(parts["gguf_llm"], [parts["mobilenet"]], tmp_path / "leo", num_visual_tokens=2)
+    assert json.loads((out / "tokenizer_config.json").read_text())["padding_side"] == "left"
+    model = LeoMiniForConditionalGeneration.from_pretrained(out).eval()
+    processor = LeoMiniProcessor.from_pretrained(out)
+    images = [random_pixels(model.config, seed=seed).clamp(0, 1)[0] for seed in (0, 1)]
+    prompts = ["<image> what shape is this, please?", "<image> colour?"]
+    batch = processor(images=images, text=prompts, padding=True, return_tensors="pt")
+    assert (batch["attention_mask"][:, 0] == 0).any() and (batch["attention_mask"][:, -1] == 1).all()  # left
+    with torch.no_grad():
+        batched = model.generate(**batch, max_new_tokens=4, do_sample=False)[:, batch["input_ids"].shape[1]:]
+        for row, (image, prompt) in enumerate(zip(images, prompts)):
+            single = processor(images=image, text=prompt, return_tensors="pt")
+            alone = model.generate(**single, max_new_tokens=4, do_sample=False)[:, single["input_ids"].shape[1]:]
+            assert batched[row].tolist() == alone[0].tolist()

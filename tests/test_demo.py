@@ -88,3 +88,23 @@ def test_demo_on_another_checkpoint_describes_that_checkpoint(tiny_checkpoint, c
     assert f"LEO-MINI checkpoint {tiny_checkpoint}: llama LLM + CLIPVisionModel, ConvNextModel" in printed
     assert "LEO-MINI-Smol" not in printed and "trained on easy-vqa" not in printed
     assert "20 from the experts -> 4 after CoTR" in printed
+
+
+def test_the_demo_cache_never_deletes_what_the_package_did_not_write(tmp_path, monkeypatch):
+    """A folder at the demo checkpoint's cache path without our marker (a user's files) is refused, not deleted; one
+    with an outdated marker (an older build of ours) is rebuilt."""
+    from leo_mini_hf import demo
+
+    monkeypatch.setenv("LEO_MINI_CACHE", str(tmp_path))
+    folder = tmp_path / "leo-mini-smol-easyvqa"
+    folder.mkdir()
+    (folder / "precious.txt").write_text("mine")
+    with pytest.raises(ValueError, match="holds files leo-mini-hf did not write"):
+        demo.demo_checkpoint()
+    assert (folder / "precious.txt").read_text() == "mine"
+
+    (folder / "precious.txt").unlink()
+    (folder / "adapter.sha256").write_text("an older build")
+    built = []
+    monkeypatch.setattr(demo, "build_demo_checkpoint", lambda path, progress=None: built.append(path) or path)
+    assert demo.demo_checkpoint() == folder and built == [folder] and not folder.exists()

@@ -107,3 +107,23 @@ def test_readme_main_job_leo_mini_demo(tmp_path, monkeypatch, capsys):
     cli(["demo", "--image", str(Path(DEMO_WEIGHTS).parent / "demo" / "easyvqa_test_396.png"), "--question",
          "what shape is present?"])
     assert "-> circle" in capsys.readouterr().out
+    # the README's batched generate on the demo checkpoint: left padding is saved with it, so a batch answers each
+    # question as a single call does (with right padding SmolLM2 answered "rectanglerectangle..." in a batch)
+    import json
+
+    from leo_mini_hf import LeoMiniForConditionalGeneration, LeoMiniProcessor
+    from leo_mini_hf.demo import bundled_questions, question_chat
+
+    folder = tmp_path / "leo-mini-smol-easyvqa"
+    assert json.loads((folder / "tokenizer_config.json").read_text())["padding_side"] == "left"
+    model = LeoMiniForConditionalGeneration.from_pretrained(folder).eval()
+    processor = LeoMiniProcessor.from_pretrained(folder)
+    chats = [question_chat(item) for item in bundled_questions()]
+
+    def answers(conversations):
+        inputs = processor.apply_chat_template(conversations, add_generation_prompt=True, tokenize=True,
+                                               return_dict=True, return_tensors="pt", processor_kwargs={"padding": True})
+        generated = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+        return processor.batch_decode(generated[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+    assert answers(chats) == [answers([chat])[0] for chat in chats]

@@ -14,6 +14,9 @@ from .training.adapter_weights import adapter_metadata, load_adapter_weights, sh
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEMO_WEIGHTS = ASSETS / "leo-mini-smol-easyvqa.safetensors"
+# Bumped when the demo checkpoint is built differently, so cached ones are rebuilt (2: its tokenizer saves
+# padding_side="left").
+DEMO_BUILD = 2
 DEMO_QUESTIONS = ASSETS / "demo" / "questions.json"
 REDUCTION_NAMES = {"cotr": "CoTR", "avg_pool": "average pooling", "none": "resampling (no reduction)"}
 
@@ -49,18 +52,27 @@ def build_demo_checkpoint(folder: Path, progress=None) -> Path:
         load_adapter_weights(model, DEMO_WEIGHTS)
         step("saving the checkpoint")
         save_for_hub(model, processor, staging)
-        (staging / "adapter.sha256").write_text(sha256_of(DEMO_WEIGHTS))
+        (staging / "adapter.sha256").write_text(demo_build_marker())
 
     return write_folder_atomically(folder, write)
 
 
+def demo_build_marker() -> str:
+    """What `adapter.sha256` holds in a demo checkpoint built by this version: the weights' digest and the build."""
+    return f"{sha256_of(DEMO_WEIGHTS)} build {DEMO_BUILD}"
+
+
 def demo_checkpoint(progress=None) -> Path:
-    """The cached demo checkpoint, rebuilt when the shipped weights change."""
+    """The cached demo checkpoint, rebuilt when the shipped weights or the way it is built change. A folder there that
+    this package did not write (no marker) is never deleted: it is refused with a message."""
     folder = default_cache_dir() / "leo-mini-smol-easyvqa"
     marker = folder / "adapter.sha256"
-    if folder.exists() and (not marker.is_file() or marker.read_text() != sha256_of(DEMO_WEIGHTS)):
-        shutil.rmtree(folder)  # our own cache, built from shipped files: safe to rebuild
-    if not folder.exists():
+    if folder.is_dir() and any(folder.iterdir()) and not marker.is_file():
+        raise ValueError(f"{folder} holds files leo-mini-hf did not write; move them away, or set LEO_MINI_CACHE to "
+                         "another folder for the demo checkpoint")
+    if marker.is_file() and marker.read_text() != demo_build_marker():
+        shutil.rmtree(folder)  # our own cache (its marker says so), built from shipped files: safe to rebuild
+    if not folder.exists() or not any(folder.iterdir()):
         build_demo_checkpoint(folder, progress)
     return folder
 

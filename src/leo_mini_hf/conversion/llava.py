@@ -76,5 +76,6 @@ def convert_llava(src, out, token_reduction: str = "none", **overrides) -> Path:
     except (OSError, ValueError, TypeError):
         tokenizer = AutoTokenizer.from_pretrained(src)
     image_token = tokenizer.convert_ids_to_tokens(model.config.image_token_id)
-    tokenizer.padding_side = "left"
+    tokenizer.padding_side = "left"  # generation pads on the left; saved with the tokenizer, as llava-hf's are
+    tokenizer.init_kwargs["padding_side"] = "left"
     return save_for_hub(model, LeoMiniProcessor.from_model_config(model.config, tokenizer, image_token), out)

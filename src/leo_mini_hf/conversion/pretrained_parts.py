@@ -128,10 +128,9 @@ def assemble_from_pretrained_parts(llm_dir, expert_dirs: list, image_size: int |
     llm_dir = require_path(llm_dir, "The LLM")
     for index, folder in enumerate(expert_dirs):
         require_path(folder, f"Vision expert {index}")
-    tokenizer = AutoTokenizer.from_pretrained(llm_dir)
+    tokenizer = AutoTokenizer.from_pretrained(llm_dir, padding_side="left")  # an init argument: saved with it
     if tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) in (None, tokenizer.unk_token_id):
         tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
-    tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
