@@ -106,3 +106,24 @@ def test_bad_input_through_the_pipeline(tiny_checkpoint, tmp_path):
     with pytest.raises(ValueError, match="corrupt, truncated or not an image"):
         pipe(text=[{"role": "user", "content": [{"type": "image", "path": str(corrupt)},
                                                 {"type": "text", "text": "hi"}]}], max_new_tokens=2)
+
+
+@pytest.mark.slow
+def test_a_folder_saved_from_python_loads_without_the_package(tiny_checkpoint, tmp_path, local_model, tiny_processor):
+    """With leo_mini_hf imported (as for the Trainer), `model.save_pretrained` and `processor.save_pretrained` write
+    the remote code too, so the folder loads and generates where the package is not installed."""
+    folder = tmp_path / "saved"
+    local_model.save_pretrained(folder)
+    tiny_processor.save_pretrained(folder)
+    written = {path.name for path in folder.glob("*.py")}
+    assert {"modeling_leo_mini.py", "configuration_leo_mini.py", "mmoe.py", "token_reduction.py",
+            "vision_experts.py", "processing_leo_mini.py", "image_processing_leo_mini.py"} <= written
+    expected = local_generate(local_model, tiny_processor, [make_image(0)], ["<image> what?"])
+    remote = run_without_package(folder, """
+        processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+        model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True).eval()
+        inputs = processor(images=[make_image(0)], text=["<image> what?"], return_tensors="pt")
+        out = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+        print(json.dumps({"tokens": out[:, inputs["input_ids"].shape[1]:].tolist(), "module": type(model).__module__}))
+    """)
+    assert remote["tokens"] == expected and not remote["module"].startswith("leo_mini_hf")

@@ -22,6 +22,13 @@ AutoModel.register(LeoMiniConfig, LeoMiniModel, exist_ok=True)
 AutoModelForImageTextToText.register(LeoMiniConfig, LeoMiniForConditionalGeneration, exist_ok=True)
 AutoImageProcessor.register(LeoMiniConfig, image_processor_classes={"pil": LeoMiniImageProcessor}, exist_ok=True)
 AutoProcessor.register(LeoMiniConfig, LeoMiniProcessor, exist_ok=True)
+# Every save from Python (`save_pretrained`, `Trainer.save_model`, `push_to_hub`) copies the classes' files into the
+# folder as remote code (transformers' `custom_object_save`), so it loads where this package is not installed.
+LeoMiniConfig.register_for_auto_class()
+LeoMiniModel.register_for_auto_class("AutoModel")
+LeoMiniForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
+LeoMiniImageProcessor.register_for_auto_class("AutoImageProcessor")
+LeoMiniProcessor.register_for_auto_class("AutoProcessor")
 
 __all__ = [
     "LeoMiniConfig",
