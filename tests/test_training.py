@@ -80,6 +80,34 @@ GOOD = [
 ]
 
 
+def test_a_training_sample_conditions_cotr_and_the_router_on_the_prompt_its_generation_sees(tiny_checkpoint,
+                                                                                          tiny_processor):
+    """The same conversation as a training sample (prompt + answer + the template's closing newline, labels on the
+    answer) and as a generation prompt: CoTR's text sum, the visual tokens and the MMoE routing context are equal."""
+    from leo_mini_hf.modeling.token_reduction import prompt_text_mask, prompt_text_sum
+
+    model = LeoMiniForConditionalGeneration.from_pretrained(tiny_checkpoint).eval()
+    image = Image.new("RGB", (40, 40), (255, 0, 0))
+    question = [{"type": "image", "image": image}, {"type": "text", "text": "what colour?"}]
+    answer = [{"type": "text", "text": "red"}]
+    messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    training = LeoMiniDataCollator(tiny_processor)([{"messages": messages}])
+    generation = tiny_processor.apply_chat_template([messages[:1]], add_generation_prompt=True, tokenize=True,
+                                                    return_dict=True, return_tensors="pt")
+    assert training["labels"][0, -1] == -100  # the closing newline: not an answer, and absent at generation
+    sums = []
+    for inputs in (training, generation):
+        embeds = model.get_input_embeddings()(inputs["input_ids"])
+        mask = prompt_text_mask(inputs["input_ids"], embeds, inputs["attention_mask"], inputs.get("labels"),
+                                model.config.image_token_id)
+        sums.append(prompt_text_sum(embeds, mask))
+    torch.testing.assert_close(sums[0], sums[1], rtol=0, atol=0)
+    with torch.no_grad():
+        trained_on, generated_from = model(**training), model(**generation)
+    torch.testing.assert_close(trained_on.image_hidden_states, generated_from.image_hidden_states, rtol=0, atol=0)
+    torch.testing.assert_close(trained_on.routing_context, generated_from.routing_context, rtol=0, atol=0)
+
+
 def test_llava_json_dataset(tmp_path, tiny_processor):
     dataset = LlavaConversationDataset(write_records(tmp_path, GOOD))
     assert len(dataset) == 3

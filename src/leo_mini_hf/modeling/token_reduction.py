@@ -34,7 +34,9 @@ MAX_COSINE_SCALE = 100.0  # τ is clamped here, as CLIP clamps its logit scale: 
 
 def prompt_text_mask(input_ids, inputs_embeds, attention_mask, labels, image_token_id: int) -> torch.Tensor:
     """(B, T) True on the prompt text T that conditions CoTR and the MMoE router: not image tokens, not padding and
-    not answer tokens (labels != -100), so the answer never leaks into the visual tokens or the routing."""
+    not answer tokens (labels != -100), so the answer never leaks into the visual tokens or the routing. Nor the
+    tokens after a sample's last answer (the chat template's closing newline): they do not exist when the model
+    generates, so a training sample and its generation sum the same prompt text."""
     if input_ids is not None:
         mask = input_ids != image_token_id
     else:
@@ -42,7 +44,10 @@ def prompt_text_mask(input_ids, inputs_embeds, attention_mask, labels, image_tok
     if attention_mask is not None and attention_mask.dim() == 2:
         mask = mask & attention_mask.bool()
     if labels is not None:
-        mask = mask & (labels == -100)
+        labelled = labels != -100
+        positions = torch.arange(labels.shape[1], device=labels.device)
+        last_answer = torch.where(labelled, positions, -1).amax(dim=1, keepdim=True)  # (B, 1); -1: no answer
+        mask = mask & ~labelled & ((positions <= last_answer) | (last_answer < 0))
     return mask
 
 
