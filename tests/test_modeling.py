@@ -285,6 +285,31 @@ def test_non_finite_pixels_are_refused(model):
             model(input_ids=torch.tensor([image_prompt(config)]), pixel_values=pixels)
 
 
+def test_pixels_that_overflow_after_the_cast_are_refused(model):
+    """1e5 is finite in float32 but infinite in a float16 tower: checked after the cast, not before."""
+    half = tiny_model().to(torch.float16)
+    pixels = random_pixels(half.config)
+    pixels[0, 0, 0, 0] = 1e5
+    with pytest.raises(ValueError, match="overflow the vision experts' torch.float16"):
+        half(input_ids=torch.tensor([image_prompt(half.config)]), pixel_values=pixels)
+
+
+def test_nan_logits_at_prefill_name_the_likely_cause(model):
+    """Finite inputs that overflow (1e30) or damaged weights give NaN logits: an error naming the cause at prefill,
+    never `generate` answering token 0 over and over."""
+    config = model.config
+    prompt = torch.tensor([image_prompt(config)])
+    pixels = random_pixels(config)
+    pixels[0, 0, 0, 0] = 1e30
+    with pytest.raises(ValueError, match="visual tokens overflowed.*LeoMiniImageProcessor.*1e\\+30"):
+        model.generate(input_ids=prompt, pixel_values=pixels, max_new_tokens=3)
+    damaged = tiny_model()
+    with torch.no_grad():
+        damaged.model.language_model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="1 weight tensors do .*layers.0.mlp.up_proj.*damaged"):
+        damaged.generate(input_ids=prompt, pixel_values=random_pixels(config), max_new_tokens=3)
+
+
 def test_image_tokens_without_images_are_refused(model):
     with pytest.raises(ValueError, match="hold image tokens .* but no pixel_values"):
         model(input_ids=torch.tensor([image_prompt(model.config)]))

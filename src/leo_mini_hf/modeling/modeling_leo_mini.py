@@ -411,6 +411,11 @@ class LeoMiniModel(LeoMiniPreTrainedModel):
             )
         if not torch.isfinite(pixel_values).all():
             raise ValueError("pixel_values hold NaN or infinite values")
+        for dtype in {expert.model.dtype for expert in self.vision_experts} - {pixel_values.dtype}:
+            if not torch.isfinite(pixel_values.to(dtype)).all():  # e.g. 1e5 into a float16 tower
+                raise ValueError(f"pixel_values overflow the vision experts' {dtype} (largest |value| "
+                                 f"{pixel_values.abs().max().item():.3g}); LeoMiniImageProcessor's values lie within "
+                                 "a few units of 0")
 
     @accepts_either_cache_name
     def forward(
@@ -566,6 +571,7 @@ class LeoMiniForConditionalGeneration(LeoMiniPreTrainedModel, GenerationMixin):
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        check_logits = labels is None and (cache is None or cache.get_seq_length() == 0)  # at prefill, not decoding
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -583,6 +589,8 @@ class LeoMiniForConditionalGeneration(LeoMiniPreTrainedModel, GenerationMixin):
         hidden_states = outputs.last_hidden_state
         slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, slice_indices, :])
+        if check_logits and not torch.isfinite(logits).all():
+            raise ValueError(self._non_finite_logits_cause(outputs, pixel_values))
 
         aux_loss = None
         if outputs.router_logits is not None and (labels is not None or output_router_logits):
@@ -612,6 +620,21 @@ class LeoMiniForConditionalGeneration(LeoMiniPreTrainedModel, GenerationMixin):
             router_logits=outputs.router_logits if output_router_logits else None,
             reduction_weights=outputs.reduction_weights,
         )
+
+    def _non_finite_logits_cause(self, outputs, pixel_values) -> str:
+        """The likely cause of NaN or infinite logits: damaged weights, an overflow in the vision path, or one in
+        the LLM."""
+        broken = [name for name, param in self.named_parameters() if not torch.isfinite(param).all()]
+        if broken:
+            return (f"the logits hold NaN or infinite values: {len(broken)} weight tensors do ({broken[:3]}): the "
+                    "checkpoint is damaged or its training diverged")
+        half = "; load the model in bfloat16 or float32" if self.lm_head.weight.dtype == torch.float16 else ""
+        images = outputs.image_hidden_states
+        if images is not None and not torch.isfinite(images).all():
+            largest = f" (largest |value| {pixel_values.abs().max().item():.3g})" if pixel_values is not None else ""
+            return ("the logits hold NaN or infinite values: the visual tokens overflowed; pass pixel_values made by "
+                    f"LeoMiniImageProcessor{largest}{half}")
+        return f"the logits hold NaN or infinite values: the language model overflowed{half or ' (check its inputs)'}"
 
     @staticmethod
     def _aux_loss_share(aux_loss, labels, num_items_in_batch):
