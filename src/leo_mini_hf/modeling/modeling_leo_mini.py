@@ -17,6 +17,7 @@ from .configuration_leo_mini import LeoMiniConfig
 from .mmoe import MMoE, MMoELinear, MMoERouter, MMoERouting, load_balancing_loss, recompute_under_saved_routing
 from .token_reduction import ConditionalTokenReduction, build_token_reducer, prompt_text_mask, prompt_text_sum
 from .vision_experts import VisionExpert
+from .weight_check import check_folder_complete, check_loaded_weights, checkpoint_weight_files, non_float_weights
 
 # transformers 5.24 renamed the KV cache argument and output field `past_key_values` → `cache`. The forwards take
 # `cache` and accept `past_key_values` too; the installed version's name is the one passed to the LLM and returned.
@@ -176,6 +177,28 @@ class LeoMiniPreTrainedModel(PreTrainedModel):
             # MMoE layers live inside the LLM, whose own `_init_weights` knows nothing of LoRA.
             module.mmoe.reset_parameters(init=init)
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, fresh_parts=(), output_loading_info=False,
+                        **kwargs):
+        """transformers' `from_pretrained`, refusing a checkpoint that does not fit its config: a missing weight (it
+        would be random), a checkpoint weight the model has no place for (a config changed after training), a weight
+        stored as integers, or a folder whose save was cut short. `fresh_parts` (parts as in `PARAMETER_PARTS`, e.g.
+        `["token_reducer"]`) names parts that may be missing, to start them fresh on purpose."""
+        if not set(fresh_parts) <= set(PARAMETER_PARTS):
+            raise ValueError(f"fresh_parts must name parts of {PARAMETER_PARTS}, got {list(fresh_parts)}")
+        subfolder = kwargs.get("subfolder", "")
+        check_folder_complete(pretrained_model_name_or_path, subfolder)
+        model, loading_info = super().from_pretrained(pretrained_model_name_or_path, *model_args,
+                                                      output_loading_info=True, **kwargs)
+        non_float = {}
+        if getattr(model.config, "quantization_config", None) is None:  # quantized weights are integers by design
+            files = checkpoint_weight_files(pretrained_model_name_or_path, subfolder, kwargs.get("cache_dir"),
+                                            kwargs.get("revision"))
+            floating = {name for name, tensor in model.state_dict().items() if tensor.is_floating_point()}
+            non_float = {name: dtype for name, dtype in non_float_weights(files).items() if name in floating}
+        check_loaded_weights(model.parameter_parts(), loading_info, fresh_parts, non_float)
+        return (model, loading_info) if output_loading_info else model
+
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, **kwargs):
         """transformers' activation checkpointing (non-reentrant), where each recomputed layer routes its MMoE
         adapters on the routing of the forward that saved it (`recompute_under_saved_routing`): the routing travels
@@ -224,6 +247,9 @@ def trained_module_patterns(config: LeoMiniConfig) -> list[str]:
 
 class LeoMiniModel(LeoMiniPreTrainedModel):
     """The LEO-MINI backbone without the LM head."""
+
+    # loaded from a LeoMiniForConditionalGeneration checkpoint, the backbone has no place for its head
+    _keys_to_ignore_on_load_unexpected = [*LeoMiniPreTrainedModel._keys_to_ignore_on_load_unexpected, r"^lm_head\."]
 
     def __init__(self, config: LeoMiniConfig):
         super().__init__(config)

@@ -1,0 +1,81 @@
+"""A checkpoint whose weights do not fit its config is refused on load, with an error naming what does not fit;
+parts the user names in `fresh_parts` may start fresh."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from helpers.tiny_models import image_prompt, random_pixels, tiny_model
+from leo_mini_hf import LeoMiniForConditionalGeneration, LeoMiniModel
+from leo_mini_hf.modeling.weight_check import PARTIAL_MARKER
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model = tiny_model()
+    model.save_pretrained(tmp_path)
+    return model, tmp_path
+
+
+def edit_weights(folder, edit):
+    weights = load_file(folder / "model.safetensors")
+    edit(weights)
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def edit_config(folder, edit):
+    config = json.loads((folder / "config.json").read_text())
+    edit(config)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def test_a_fitting_checkpoint_loads_as_saved(saved):
+    model, folder = saved
+    loaded = LeoMiniForConditionalGeneration.from_pretrained(folder).eval()
+    inputs = {"input_ids": torch.tensor([image_prompt(model.config)]), "pixel_values": random_pixels(model.config)}
+    torch.testing.assert_close(loaded(**inputs).logits, model.eval()(**inputs).logits)
+    LeoMiniModel.from_pretrained(folder)  # the backbone alone: the head's weight is not "unexpected"
+
+
+@pytest.mark.parametrize("prefix, part", [("model.token_reducer.", "token_reducer"), ("lm_head.", "llm"),
+                                          ("model.multi_modal_projector.", "projector")])
+def test_missing_weights_are_refused_unless_asked_fresh(saved, prefix, part):
+    _, folder = saved
+    edit_weights(folder, lambda weights: [weights.pop(key) for key in list(weights) if key.startswith(prefix)])
+    with pytest.raises(ValueError, match=rf"does not fit its config: \d+ weight\(s\) of \['{part}'\] are missing "
+                                         rf"\(e.g. \['{prefix}.*fresh_parts=\['{part}'\]"):
+        LeoMiniForConditionalGeneration.from_pretrained(folder)
+    LeoMiniForConditionalGeneration.from_pretrained(folder, fresh_parts=[part])
+
+
+def test_fresh_parts_must_be_parts(saved):
+    with pytest.raises(ValueError, match="fresh_parts must name parts of"):
+        LeoMiniForConditionalGeneration.from_pretrained(saved[1], fresh_parts=["cotr"])
+
+
+def test_integer_weights_are_refused(saved):
+    _, folder = saved
+    edit_weights(folder, lambda weights: weights.update({"lm_head.weight": weights["lm_head.weight"].long()}))
+    with pytest.raises(ValueError, match=r"1 weight\(s\) are stored as integers.*lm_head.weight', 'I64'"):
+        LeoMiniForConditionalGeneration.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("change", [
+    lambda config: config.update(mmoe_num_experts=0),
+    lambda config: config.update(token_reduction="avg_pool"),
+    lambda config: config["text_config"].update(num_hidden_layers=1),
+], ids=["no routed experts", "another token_reduction", "fewer layers"])
+def test_a_config_changed_after_training_is_refused(saved, change):
+    _, folder = saved
+    edit_config(folder, change)
+    with pytest.raises(ValueError, match=r"checkpoint weight\(s\) have no place in the model.*config changed after"):
+        LeoMiniForConditionalGeneration.from_pretrained(folder)
+
+
+def test_a_folder_whose_save_was_cut_short_is_refused(saved):
+    _, folder = saved
+    (folder / PARTIAL_MARKER).write_text("{}")
+    with pytest.raises(ValueError, match="was not completely written"):
+        LeoMiniForConditionalGeneration.from_pretrained(folder)
