@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from helpers.tiny_models import image_prompt, random_pixels, tiny_model
 from leo_mini_hf import LeoMiniForConditionalGeneration, LeoMiniModel
-from leo_mini_hf.modeling.weight_check import PARTIAL_MARKER
+from leo_mini_hf.modeling.weight_check import INCOMPLETE_MARKER
 
 
 @pytest.fixture
@@ -76,6 +76,6 @@ def test_a_config_changed_after_training_is_refused(saved, change):
 
 def test_a_folder_whose_save_was_cut_short_is_refused(saved):
     _, folder = saved
-    (folder / PARTIAL_MARKER).write_text("{}")
+    (folder / INCOMPLETE_MARKER).write_text("{}")
     with pytest.raises(ValueError, match="was not completely written"):
         LeoMiniForConditionalGeneration.from_pretrained(folder)

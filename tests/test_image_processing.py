@@ -167,6 +167,10 @@ def test_meta_tensor_is_refused():
     ({"image_std": [0.5, 0.0, 0.5]}, "image_std must be positive"),
     ({"image_mean": [0.5, 0.5]}, "image_mean must hold 3 finite numbers"),
     ({"max_image_pixels": 0}, "max_image_pixels must be a positive int"),
+    ({"image_std": [0, 0, 0]}, "image_std must be positive"),
+    ({"image_std": 1}, r"image_std must hold 3 finite numbers \(R, G, B\), got 1.0"),
+    ({"size": {"height": 0, "width": 0}}, r"size must be .* n > 0 .* got height=0, width=0"),
+    ({"size": {"height": 8, "width": 16}}, r"size must be .*one side.* got height=8, width=16"),
 ])
 def test_bad_processing_options_are_refused(processor, options, match):
     with pytest.raises(ValueError, match=match):
@@ -183,3 +187,16 @@ def test_numpy_statistics_are_accepted():
     processor = LeoMiniImageProcessor(size={"height": SIZE, "width": SIZE},
                                       image_mean=np.array(CLIP_MEAN, np.float32), image_std=np.array(CLIP_STD, np.float32))
     assert processor(colour_image(), return_tensors="pt")["pixel_values"].shape == (1, 3, SIZE, SIZE)
+
+
+def test_integer_statistics_equal_float_ones():
+    as_ints = LeoMiniImageProcessor(size={"height": SIZE, "width": SIZE}, image_mean=[0, 0, 0], image_std=[1, 1, 1])
+    as_floats = LeoMiniImageProcessor(size={"height": SIZE, "width": SIZE}, image_mean=[0.0] * 3, image_std=[1.0] * 3)
+    np.testing.assert_array_equal(as_ints(colour_image())["pixel_values"], as_floats(colour_image())["pixel_values"])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_image_tensors_are_read_like_float32_ones(processor, dtype):
+    """A bfloat16 tensor image (numpy has no bfloat16) gives the pixels of its float32 values."""
+    image = torch.linspace(0, 1, 3 * 8 * 8).reshape(3, 8, 8).to(dtype)
+    np.testing.assert_array_equal(processor(image)["pixel_values"], processor(image.float())["pixel_values"])

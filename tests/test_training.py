@@ -551,3 +551,78 @@ def test_part_learning_rates_refuse_a_wrapped_model(tiny_checkpoint, tiny_proces
                              processing_class=tiny_processor, part_learning_rates={"projector": 1e-3})
     with pytest.raises(ValueError, match="needs the LEO-MINI model itself"):
         trainer.train()
+
+
+def truncated_png(folder: Path, name: str = "truncated.png") -> str:
+    Image.new("RGB", (64, 64), "red").save(folder / "whole.png")
+    (folder / name).write_bytes((folder / "whole.png").read_bytes()[:-40])
+    return name
+
+
+def test_skip_bad_records_skips_a_truncated_image(tmp_path, capsys, tiny_checkpoint):
+    """Skipping decodes each image once: a truncated file is skipped and counted like any bad record, and training
+    runs on the rest (it stopped at step 0 before)."""
+    bad = {"id": "cut", "image": truncated_png(tmp_path), "conversations": GOOD[0]["conversations"]}
+    path = write_records(tmp_path, [GOOD[0], bad, GOOD[2]])
+    dataset = LlavaConversationDataset(path, skip_bad_records=True)
+    assert len(dataset) == 2 and [skipped.record_id for skipped in dataset.skipped] == ["cut"]
+    assert "is not a readable image" in dataset.skipped[0].reason
+    cli(train_command(tiny_checkpoint, tmp_path / "run", path, "--skip_bad_records"))
+    assert "skipped 1 bad record(s)" in capsys.readouterr().out
+    assert (tmp_path / "run" / "model.safetensors").is_file()
+
+
+def test_training_on_no_records_is_refused_and_a_failed_run_leaves_no_folder(tmp_path, capsys, tiny_checkpoint):
+    path = write_records(tmp_path, [])
+    with pytest.raises(ValueError, match="holds no record to train on"):
+        LlavaConversationDataset(path)
+    (tmp_path / "only-bad").mkdir()
+    only_bad = write_records(tmp_path / "only-bad", [{"id": "x", "conversations": []}])
+    with pytest.raises(ValueError, match=r"no record to train on: all 1 were skipped"):
+        LlavaConversationDataset(only_bad, skip_bad_records=True)
+    with pytest.raises(SystemExit):
+        cli(train_command(tiny_checkpoint, tmp_path / "empty-run", path))
+    assert "holds no record to train on" in capsys.readouterr().err
+    assert not (tmp_path / "empty-run").exists()
+    # a run that fails once the Trainer has made its folder (a truncated image, not skipped) removes it too
+    (tmp_path / "cut").mkdir()
+    cut = write_records(tmp_path / "cut", [{"id": "cut", "image": truncated_png(tmp_path / "cut"), "conversations":
+                                            GOOD[0]["conversations"]}] * 2)
+    with pytest.raises(SystemExit):
+        cli(train_command(tiny_checkpoint, tmp_path / "failed-run", cut))
+    assert not (tmp_path / "failed-run").exists()
+
+
+def test_resume_passes_over_a_checkpoint_cut_short(tmp_path, capsys, tiny_checkpoint):
+    data = write_records(tmp_path, GOOD)
+    out = tmp_path / "run"
+    cli(train_command(tiny_checkpoint, out, data, "--save_steps", "1") + ["--max_steps", "2"])
+    assert sorted(path.name for path in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    for requested in (str(out / "checkpoint-2"), "last"):
+        (out / "checkpoint-2" / "trainer_state.json").unlink()  # killed while saving checkpoint-2
+        (out / "checkpoint-2" / "model.safetensors").write_bytes(b"cut")
+        cli(train_command(tiny_checkpoint, out, data, "--resume_from_checkpoint", requested, "--overwrite_output_dir")
+            + ["--max_steps", "3"])
+        printed = capsys.readouterr().out
+        assert f"skipping {out / 'checkpoint-2'}: its save was interrupted" in printed
+        state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
+        assert state["global_step"] == 3
+        (out / "checkpoint-3").rename(tmp_path / f"resumed-from-{len(requested)}")
+
+
+def test_a_final_save_cut_short_is_refused_on_load(tmp_path, monkeypatch, tiny_checkpoint):
+    from leo_mini_hf.training import run
+
+    data = write_records(tmp_path, GOOD)
+    cli(train_command(tiny_checkpoint, tmp_path / "whole", data))
+    assert not list((tmp_path / "whole").glob(".leo-mini-incomplete"))
+    LeoMiniForConditionalGeneration.from_pretrained(tmp_path / "whole")
+
+    def killed(folder):
+        raise KeyboardInterrupt  # the process stops after the weights, before the remote code
+    monkeypatch.setattr(run, "add_remote_code", killed)
+    with pytest.raises(KeyboardInterrupt):
+        cli(train_command(tiny_checkpoint, tmp_path / "cut", data))
+    assert (tmp_path / "cut" / "model.safetensors").is_file()
+    with pytest.raises(ValueError, match="was not completely written"):
+        LeoMiniForConditionalGeneration.from_pretrained(tmp_path / "cut")

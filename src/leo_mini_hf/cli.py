@@ -6,6 +6,8 @@ import json
 import sys
 import time
 
+from safetensors import SafetensorError
+
 
 def parse_overrides(pairs: list[str]) -> dict:
     """`--set key=value` pairs → config overrides; values are JSON where they parse, else strings. The builders
@@ -59,7 +61,7 @@ def run_build(args: argparse.Namespace) -> None:
         overrides["image_size"] = args.image_size
     started = time.perf_counter()
     build_checkpoint(args.out, preset=args.preset, random_init=args.random_init, llm=args.llm,
-                     vision_experts=args.vision_expert, seed=args.seed, **overrides)
+                     vision_expert_dirs=args.vision_expert, seed=args.seed, overrides=overrides)
     print(f"wrote {args.out} ({time.perf_counter() - started:.1f} s)")
 
 
@@ -187,6 +189,9 @@ def main(argv: list[str] | None = None) -> None:
             args.handler(args)
     except (OSError, TypeError, ValueError) as error:  # bad input or a failed write: one line, no traceback
         print(f"leo-mini {args.command}: {error}", file=sys.stderr)
+        raise SystemExit(2)
+    except SafetensorError as error:  # e.g. the disk filled up while the weights were written
+        print(f"leo-mini {args.command}: writing the weights failed: {error}", file=sys.stderr)
         raise SystemExit(2)
 
 

@@ -90,3 +90,16 @@ def write_folder_atomically(out, write) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
+
+
+def remove_if_empty(folder) -> bool:
+    """Remove `folder` if it holds no files (empty subfolders only), e.g. what a failed run created; never a file.
+    Returns whether it was removed."""
+    folder = Path(folder)
+    if not folder.is_dir() or folder.is_symlink():
+        return False
+    for path, subfolders, files in os.walk(folder, topdown=False):
+        if files or any(Path(path, name).is_symlink() for name in subfolders):
+            return False
+        os.rmdir(path)
+    return True

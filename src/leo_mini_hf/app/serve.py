@@ -3,6 +3,7 @@ Space (Gradio SDK) with the same app."""
 
 import json
 import shutil
+import socket
 from pathlib import Path
 
 APP_MODULE = Path(__file__).with_name("leo_mini_app.py")
@@ -21,8 +22,23 @@ def import_app():
     return leo_mini_app
 
 
+def check_serve_options(host: str, port: int, max_new_tokens: int) -> None:
+    """Refuse, before the model loads, what would make the server fail at start or on every request."""
+    if not 1 <= port <= 65535:
+        raise ValueError(f"--port must be between 1 and 65535, got {port}")
+    if max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    try:
+        family, _, _, _, address = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind(address)  # port 0: checks the address only; Gradio reports a busy port itself
+    except OSError as error:
+        raise ValueError(f"--host {host!r} is not an address this machine can listen on: {error}") from None
+
+
 def serve(model_dir: str | None, host: str, port: int, max_new_tokens: int) -> None:
     """Start the app on LEO-MINI-Smol (assembled offline, as `leo-mini demo` does) or on a checkpoint folder."""
+    check_serve_options(host, port, max_new_tokens)
     app_module = import_app()
     from ..demo import demo_checkpoint
     from ..folders import require_path

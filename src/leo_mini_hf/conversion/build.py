@@ -25,18 +25,20 @@ def build_random_checkpoint(preset: str, out, seed: int = 0, **overrides) -> Pat
     return save_for_hub(model, processor, out)
 
 
-def build_checkpoint(out, preset: str = "tiny", random_init: bool = False, llm=None, vision_experts=None, seed: int = 0,
-                     **overrides) -> Path:
-    """`leo-mini build`: from pretrained parts (`llm` + `vision_experts` folders), the `leo-mini-smol` preset, or a
-    random `tiny` model; written atomically (never a half-written or overwritten folder)."""
+def build_checkpoint(out, preset: str = "tiny", random_init: bool = False, llm=None, vision_expert_dirs=None,
+                     seed: int = 0, overrides: dict | None = None) -> Path:
+    """`leo-mini build`: from pretrained parts (`llm` + `vision_expert_dirs` folders), the `leo-mini-smol` preset, or
+    a random `tiny` model, with `overrides` of LeoMiniConfig options; written atomically (never a half-written or
+    overwritten folder)."""
     from ..folders import write_folder_atomically
     from .pretrained_parts import build_from_pretrained_parts
     from .smol import build_leo_mini_smol
 
-    if llm or vision_experts:
-        if not (llm and vision_experts):
+    overrides = overrides or {}
+    if llm or vision_expert_dirs:
+        if not (llm and vision_expert_dirs):
             raise ValueError("--llm needs at least one --vision-expert, and the other way round")
-        return write_folder_atomically(out, lambda folder: build_from_pretrained_parts(llm, vision_experts, folder,
+        return write_folder_atomically(out, lambda folder: build_from_pretrained_parts(llm, vision_expert_dirs, folder,
                                                                                        **overrides))
     if preset == "leo-mini-smol":
         return write_folder_atomically(out, lambda folder: build_leo_mini_smol(folder, **overrides))

@@ -5,6 +5,7 @@ Carried over: the CLIP tower, LLaVA's projector, the LLM and LM head, the tokeni
 training (CoTR and MMoE fresh, LoRA B zero).
 """
 
+import json
 from pathlib import Path
 
 import torch
@@ -66,9 +67,23 @@ def convert_llava_model(llava: LlavaForConditionalGeneration, token_reduction: s
     return model
 
 
+def check_is_llava(folder: Path) -> None:
+    """A clear error for a folder that is not a transformers LLaVA checkpoint (its config.json says what it is)."""
+    try:
+        model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError) as error:
+        raise ValueError(f"{folder} is not a transformers checkpoint folder (no readable config.json: {error})") \
+            from None
+    if model_type != "llava":
+        raise ValueError(f"{folder} is not a LLaVA checkpoint: its config.json has model_type {model_type!r}, not "
+                         "'llava' (convert llava takes a transformers LlavaForConditionalGeneration folder, e.g. "
+                         "llava-hf/llava-1.5-7b-hf)")
+
+
 def convert_llava(src, out, token_reduction: str = "none", **overrides) -> Path:
     """A LLaVA folder → a Hub-ready LEO-MINI folder (weights, processor with LLaVA's tokenizer, remote code)."""
     src = require_path(src, "The LLaVA model")
+    check_is_llava(src)
     llava = load_complete(LlavaForConditionalGeneration, src, "The LLaVA model")
     model = convert_llava_model(llava, token_reduction, **overrides)
     try:

@@ -214,6 +214,10 @@ class LeoMiniConfig(PreTrainedConfig):
         if self.cotr_text_source != "prompt" and not (self.token_reduction == "cotr" and self.cotr_text_conditioning):
             raise ValueError(f"`cotr_text_source`={self.cotr_text_source!r} needs CoTR's text term "
                              "(token_reduction='cotr', cotr_text_conditioning=True)")
+        max_positions = getattr(self.text_config, "max_position_embeddings", None)
+        if isinstance(max_positions, int) and self.num_image_tokens >= max_positions:
+            raise ValueError(f"`num_visual_tokens` gives {self.num_image_tokens} tokens per image: one image would not "
+                             f"fit the LLM's {max_positions} positions (max_position_embeddings) with any text")
         vocab_size = self.text_config.vocab_size
         if not 0 <= self.image_token_id < vocab_size:
             raise ValueError(f"`image_token_id` {self.image_token_id} is outside the LLM vocabulary "

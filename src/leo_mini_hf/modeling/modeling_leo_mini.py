@@ -426,6 +426,9 @@ class LeoMiniModel(LeoMiniPreTrainedModel):
     def _validate_pixel_values(self, pixel_values) -> None:
         if not isinstance(pixel_values, torch.Tensor):
             raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
+        if pixel_values.is_meta:
+            raise ValueError("pixel_values are on the meta device: they have a shape but no data (move real pixels "
+                             "to the model's device)")
         if not pixel_values.is_floating_point():
             raise ValueError(f"pixel_values must be a floating-point tensor (normalised pixels), got "
                              f"{pixel_values.dtype}")

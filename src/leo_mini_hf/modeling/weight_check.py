@@ -7,17 +7,18 @@ from pathlib import Path
 from huggingface_hub import try_to_load_from_cache
 from safetensors import safe_open
 
-# Inside a folder while it is being written; a folder that still holds it was cut short (a killed save).
-PARTIAL_MARKER = ".leo-mini-partial"
+# Inside a model folder while a save writes into it in place (`leo-mini train`'s final save); a folder that still
+# holds it was cut short. (Folders written whole are staged elsewhere and moved into place: `folders.py`.)
+INCOMPLETE_MARKER = ".leo-mini-incomplete"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 
 
 def check_folder_complete(pretrained_model_name_or_path, subfolder: str = "") -> None:
-    """A clear error for a local folder whose writing was interrupted (it still holds `PARTIAL_MARKER`)."""
+    """A clear error for a local folder whose writing was interrupted (it still holds `INCOMPLETE_MARKER`)."""
     folder = Path(os.fspath(pretrained_model_name_or_path)) / subfolder
-    if (folder / PARTIAL_MARKER).is_file():
+    if (folder / INCOMPLETE_MARKER).is_file():
         raise ValueError(f"{folder} was not completely written (a save was interrupted: it still holds "
-                         f"{PARTIAL_MARKER}); save or train it again, or resume from its last complete checkpoint")
+                         f"{INCOMPLETE_MARKER}); save or train it again, or resume from its last complete checkpoint")
 
 
 def checkpoint_weight_files(pretrained_model_name_or_path, subfolder: str = "", cache_dir=None,

@@ -22,6 +22,16 @@ class LeoMiniImageProcessorKwargs(ImagesKwargs, total=False):
     max_image_pixels: int
 
 
+def _statistics_as_floats(values):
+    """An `image_mean` / `image_std` of numbers as floats ([0, 0, 1] → [0.0, 0.0, 1.0]); anything else unchanged."""
+    if isinstance(values, numbers.Real) and not isinstance(values, bool):
+        return float(values)  # a single number is refused by `_check_statistics` with its own message
+    if isinstance(values, (list, tuple)) and all(isinstance(v, numbers.Real) and not isinstance(v, bool)
+                                                 for v in values):
+        return [float(v) for v in values]
+    return values
+
+
 def _check_max_image_pixels(max_image_pixels) -> int:
     if isinstance(max_image_pixels, bool) or not isinstance(max_image_pixels, int) or max_image_pixels < 1:
         raise ValueError(f"max_image_pixels must be a positive int, got {max_image_pixels!r}")
@@ -121,7 +131,8 @@ def to_rgb_image(image, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Ima
     elif type(image).__module__.startswith("torch") and hasattr(image, "detach"):
         if image.device.type == "meta":
             raise ValueError("The image is a meta tensor: it has a shape but no data")
-        image = _array_to_pil(image.detach().cpu().numpy())
+        image = image.detach().cpu()
+        image = _array_to_pil((image.float() if image.is_floating_point() else image).numpy())  # numpy has no bfloat16
     elif isinstance(image, np.ndarray):
         image = _array_to_pil(image)
     elif not isinstance(image, Image.Image):
@@ -173,6 +184,14 @@ class LeoMiniImageProcessor(PilBackend):
     do_pad = True
     max_image_pixels = DEFAULT_MAX_IMAGE_PIXELS
 
+    def preprocess(self, images, *args, **kwargs) -> BatchFeature:
+        """transformers' `preprocess`, with integer `image_mean` / `image_std` read as floats (as at init), and
+        statistics that are not 3 numbers refused by `_check_statistics`' error rather than a type-validation one."""
+        for name in ("image_mean", "image_std"):
+            if name in kwargs:
+                kwargs[name] = _statistics_as_floats(kwargs[name])
+        return super().preprocess(images, *args, **kwargs)
+
     def _prepare_images_structure(self, images, expected_ndims: int = 3):
         """A single image, a list of images, or a list of per-sample lists → flat list (no URL fetching)."""
         if isinstance(images, (list, tuple)):
@@ -211,14 +230,27 @@ class LeoMiniImageProcessor(PilBackend):
     @staticmethod
     def _check_statistics(image_mean, image_std) -> None:
         for name, values in (("image_mean", image_mean), ("image_std", image_std)):
-            if len(values) != 3 or not all(isinstance(v, numbers.Real) and np.isfinite(v) for v in values):
+            if (not isinstance(values, (list, tuple, np.ndarray)) or len(values) != 3
+                    or not all(isinstance(v, numbers.Real) and np.isfinite(v) for v in values)):
                 raise ValueError(f"{name} must hold 3 finite numbers (R, G, B), got {values!r}")
         if min(image_std) <= 0:
             raise ValueError(f"image_std must be positive, got {image_std!r}")
 
+    @staticmethod
+    def _check_output_size(size) -> None:
+        if isinstance(size, dict):
+            height, width = size.get("height"), size.get("width")
+        else:  # transformers' SizeDict
+            height, width = getattr(size, "height", None), getattr(size, "width", None)
+        if not (isinstance(height, int) and height == width and height > 0):
+            raise ValueError(f"size must be {{'height': n, 'width': n}}, one side n > 0 (the model's image_size), got "
+                             f"height={height}, width={width}")
+
     def _preprocess(self, images, do_resize, size, resample, do_rescale, rescale_factor, do_normalize, image_mean,
                     image_std, do_pad=None, return_tensors=None, max_image_pixels=None, **kwargs) -> BatchFeature:
         self._check_statistics(image_mean, image_std)
+        if do_resize:
+            self._check_output_size(size)
         max_image_pixels = _check_max_image_pixels(self.max_image_pixels if max_image_pixels is None
                                                    else max_image_pixels)
         processed = []

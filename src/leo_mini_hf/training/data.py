@@ -29,11 +29,12 @@ def conversation_to_messages(turns: list, image_path: Path | None) -> list[dict]
     return messages
 
 
-def check_image_header(path: Path) -> None:
-    """A cheap check that `path` is an image PIL can open (its header; the pixels are decoded at training time)."""
+def check_image(path: Path, decode: bool = False) -> None:
+    """That `path` is an image PIL can open: its header (cheap; the pixels are decoded at training time), or with
+    `decode` its whole pixel data (a truncated or corrupt file fails here, not at training time)."""
     try:
         with Image.open(path) as image:
-            image.size
+            image.load() if decode else image.size
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
         raise ValueError(f"image {path} is not a readable image: {error}") from error
 
@@ -49,7 +50,9 @@ class LlavaConversationDataset(Dataset):
     """LLaVA conversation JSON (`[{"image": "rel/path.jpg", "conversations": [{"from": "human", ...}]}]`).
 
     Every record is checked when the dataset is built: a malformed record or a missing image raises a
-    `ValueError` naming it, or, with `skip_bad_records=True`, is left out and listed in `skipped`.
+    `ValueError` naming it, or, with `skip_bad_records=True`, is left out and listed in `skipped`. Skipping decodes
+    every image once here (a truncated file is skipped too); otherwise only image headers are read, and a file that
+    fails to decode stops training with the records of its batch.
     """
 
     def __init__(self, json_path, image_root=None, skip_bad_records: bool = False):
@@ -61,6 +64,7 @@ class LlavaConversationDataset(Dataset):
             raise ValueError(f"{json_path} is not valid JSON: {error}") from error
         if not isinstance(records, list):
             raise ValueError(f"{json_path} must hold a JSON list of records, got {type(records).__name__}")
+        self.decode_images = skip_bad_records
         self.samples: list[list[dict]] = []
         self.record_ids: list[str] = []
         self.skipped: list[SkippedRecord] = []
@@ -73,6 +77,9 @@ class LlavaConversationDataset(Dataset):
                 if not skip_bad_records:
                     raise ValueError(f"{json_path}: record {index} (id {record_id}): {error}") from error
                 self.skipped.append(SkippedRecord(index, record_id, str(error)))
+        if not self.samples:
+            skipped = f": all {len(self.skipped)} were skipped, first {self.skipped[0]}" if self.skipped else ""
+            raise ValueError(f"{json_path} holds no record to train on{skipped}")
 
     def _parse(self, record) -> list[dict]:
         if not isinstance(record, dict):
@@ -94,7 +101,7 @@ class LlavaConversationDataset(Dataset):
             image_path = self.image_root / record["image"]
             if not image_path.is_file():
                 raise ValueError(f"image not found: {image_path}")
-            check_image_header(image_path)
+            check_image(image_path, decode=self.decode_images)
             if placeholders == 0:  # LLaVA convention: the image goes before the first question
                 turns = [dict(turns[0], value=f"{IMAGE_PLACEHOLDER}\n{turns[0]['value']}"), *turns[1:]]
                 placeholders = 1

@@ -1,15 +1,20 @@
 """`leo-mini train`: the HF Trainer on a LEO-MINI checkpoint, with every TrainingArguments flag."""
 
+import json
+import os
+import re
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from transformers import HfArgumentParser, TrainingArguments
 
 from ..easyvqa.dataset import EasyVQADataset
-from ..folders import require_path
+from ..folders import remove_if_empty, require_path
 from ..hub.checkpoint_folder import add_remote_code
 from ..modeling import LeoMiniForConditionalGeneration
 from ..modeling.modeling_leo_mini import PARAMETER_PARTS
+from ..modeling.weight_check import INCOMPLETE_MARKER
 from ..processor import LeoMiniProcessor
 from .collator import LeoMiniDataCollator
 from .data import LlavaConversationDataset
@@ -72,6 +77,42 @@ def check_output_dir(model_dir, output_dir, resuming: bool, overwrite: bool) -> 
         raise ValueError(f"--output_dir {output_dir} is a file")
 
 
+CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
+LAST_CHECKPOINT = ("last", "true", "True")
+
+
+def checkpoint_is_complete(folder: Path) -> bool:
+    """The Trainer writes `trainer_state.json` last: a checkpoint without it (or with it cut short) was interrupted."""
+    try:
+        json.loads((folder / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def resolve_resume_checkpoint(requested: str | None, output_dir) -> str | None:
+    """The checkpoint `--resume_from_checkpoint` resumes from: a complete `checkpoint-N` folder as given; for
+    'last' (or 'true') or the output folder itself, its last complete checkpoint; for an interrupted checkpoint,
+    the last complete one before it. Interrupted checkpoints passed over are reported."""
+    if requested is None:
+        return None
+    path = Path(output_dir) if requested in LAST_CHECKPOINT else Path(requested)
+    match = CHECKPOINT_NAME.match(path.name)
+    if match and checkpoint_is_complete(path):
+        return str(path)
+    parent, before = (path.parent, int(match[1])) if match else (path, None)
+    if not parent.is_dir():
+        raise ValueError(f"--resume_from_checkpoint {requested}: {parent} is not a folder")
+    candidates = sorted((int(m[1]), folder) for folder in parent.iterdir()
+                        if (m := CHECKPOINT_NAME.match(folder.name)) and folder.is_dir()
+                        and (before is None or int(m[1]) <= before))
+    for step, folder in reversed(candidates):
+        if checkpoint_is_complete(folder):
+            return str(folder)
+        print(f"skipping {folder}: its save was interrupted (no complete trainer_state.json)")
+    raise ValueError(f"--resume_from_checkpoint {requested}: no complete checkpoint-N folder in {parent}")
+
+
 def parse_part_learning_rates(text: str | None) -> dict[str, float] | None:
     """'token_reducer=3e-3,projector=1e-3' → {"token_reducer": 0.003, "projector": 0.001}; the trainer checks the
     parts and rates."""
@@ -98,6 +139,17 @@ def run_training(argv: list[str]) -> None:
     require_path(script.model, "The model")
     check_output_dir(script.model, training.output_dir, bool(training.resume_from_checkpoint),
                      script.overwrite_output_dir)
+    training.resume_from_checkpoint = resolve_resume_checkpoint(training.resume_from_checkpoint, training.output_dir)
+    output_dir_existed = Path(training.output_dir).exists()
+    try:
+        train_and_save(script, training)
+    except BaseException:
+        if not output_dir_existed:
+            remove_if_empty(training.output_dir)  # a failed run leaves no empty --output_dir behind
+        raise
+
+
+def train_and_save(script: TrainScriptArguments, training: TrainingArguments) -> None:
     model = LeoMiniForConditionalGeneration.from_pretrained(script.model)
     processor = LeoMiniProcessor.from_pretrained(script.model)
     if script.data == "easy-vqa":
@@ -128,6 +180,17 @@ def run_training(argv: list[str]) -> None:
     if feature_cache is not None:
         feature_cache.detach(model)
         print(f"feature cache {script.feature_cache_dir}: {feature_cache.stats()}")
+    save_final_model(trainer, Path(training.output_dir))
+
+
+def save_final_model(trainer, output_dir: Path) -> None:
+    """The trained model, processor and remote code, into `output_dir` beside its checkpoints. Until all are written
+    the folder holds the partial-folder marker, so a save cut short is refused on load, never used half-written."""
+    marker = output_dir / INCOMPLETE_MARKER
+    if trainer.is_world_process_zero():
+        output_dir.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
     trainer.save_model()
     if trainer.is_world_process_zero():
-        add_remote_code(training.output_dir)
+        add_remote_code(output_dir)
+        marker.unlink()
