@@ -4,6 +4,7 @@ run offline through lmms-eval's own evaluator and command line."""
 import os
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -160,16 +161,82 @@ def test_bad_arguments_and_non_image_visuals_are_refused(tiny_checkpoint, leo_mi
         leo_mini_lmms.generate_until_multi_round([])
 
 
+def readme_lmms_eval_command() -> str:
+    """The README's offline lmms-eval command, joined from its continuation lines."""
+    lines = (Path(__file__).parents[1] / "README.md").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if "lmms-eval --model leo_mini" in line and "OFFLINE" in line)
+    command = lines[start]
+    while command.endswith("\\"):
+        start += 1
+        command = command[:-1] + lines[start]
+    return command
+
+
 @pytest.mark.slow
-def test_the_lmms_eval_command_line_runs_a_local_task(tiny_checkpoint, tmp_path):
-    command = [sys.executable, "-m", "lmms_eval", "--model", "leo_mini", "--model_args",
-               f"pretrained={tiny_checkpoint}", "--tasks", "easy_vqa_object_3x3", "--limit", "2", "--batch_size", "2",
-               "--include_path", str(TASKS_DIR)]
-    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **OFFLINE})
-    assert done.returncode == 0, done.stderr[-2000:]
-    table_row = next(line for line in done.stdout.splitlines() if line.startswith("|easy_vqa_object_3x3"))
+def test_the_readme_lmms_eval_command_runs(tiny_checkpoint, tmp_path):
+    """The README's command as written (`batch_size` in --model_args clashed with lmms-eval's own --batch_size), on
+    the tiny checkpoint, limited to 3 questions."""
+    command = readme_lmms_eval_command().replace("pretrained=DIR", f"pretrained={tiny_checkpoint}")
+    assert "batch_size=16" in command and "$(python -m leo_mini_hf.lmms_eval_tasks)" in command
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"  # this venv's lmms-eval and python
+    done = subprocess.run(["bash", "-c", command + " --limit 3"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PATH": path})
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    table_row = next(line for line in done.stdout.splitlines() if line.startswith("|easy_vqa"))
     assert "exact_match" in table_row
+
+
+def test_model_args_batch_size_wins_over_the_command_lines_default(tiny_checkpoint):
+    model = LeoMiniLmms.create_from_arg_string(f"pretrained={tiny_checkpoint},batch_size=16",
+                                               {"batch_size": 1, "max_batch_size": None, "device": None})
+    assert model.batch_size == 16
+    assert LeoMiniLmms.create_from_arg_string(f"pretrained={tiny_checkpoint}", {"batch_size": 2}).batch_size == 2
+
+
+def test_a_missing_folder_is_named(tmp_path):
+    with pytest.raises(ValueError, match="leo_mini: pretrained folder not found: /nonexistent"):
+        LeoMiniLmms(pretrained="/nonexistent")
+    with pytest.raises(ValueError, match="pretrained folder not found"):
+        LeoMiniLmms(pretrained=str(tmp_path / "not" / "here"))
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"num_beams": 0}, r"num_beams must be a positive integer, got 0"),
+    ({"max_new_tokens": "five"}, r"max_new_tokens must be a positive integer, got 'five'"),
+    ({"temperature": -1}, r"temperature must be a number in \[0, inf\), got -1"),
+    ({"top_p": 1.5}, r"top_p must be a number in \(0, 1\], got 1.5"),
+    ({"until": [5]}, "until must be a string or a list of strings"),
+])
+def test_bad_generation_options_are_named(leo_mini_lmms, options, match):
+    with pytest.raises(ValueError, match=match):
+        leo_mini_lmms._generation_options(options)
+
+
+def test_numeric_strings_and_empty_stop_strings_are_read_as_meant(leo_mini_lmms):
+    """YAML's max_new_tokens: "5" is 5 tokens; until: [""] does not stop after the first token."""
+    documents = easy_vqa_documents("object-2x2", "test", size=2)
+    leo_mini_lmms.task_dict = {"object": {"test": documents}}
+
+    def answer(options):
+        return leo_mini_lmms.generate_until([request(documents[0]["question"], options, doc_to_visual, 0, "object",
+                                                     "test")])[0]
+    plain = answer({"max_new_tokens": 5})
+    assert answer({"max_new_tokens": "5"}) == plain
+    assert answer({"max_new_tokens": 5, "until": [""]}) == plain
+    assert leo_mini_lmms._generation_options({"until": ["", "\n"]})[1] == ["\n"]
+
+
+def test_a_context_longer_than_the_models_positions_is_refused(leo_mini_lmms):
+    positions = leo_mini_lmms.model.config.text_config.max_position_embeddings
+    leo_mini_lmms.task_dict = {"long": {"test": easy_vqa_documents("object-2x2", "test", size=1)}}
+    context = "red " * positions
+    long_request = request(context, {"max_new_tokens": 2}, doc_to_visual, 0, "long", "test")
+    with pytest.raises(ValueError, match=rf"task 'long' \(test, doc 0\): the prompt \+ max_new_tokens take \d+ "
+                                         rf"tokens, more than the model's {positions} positions"):
+        leo_mini_lmms.generate_until([long_request])
+    loglikelihood_request = request(context, " red", doc_to_visual, 0, "long", "test")
+    with pytest.raises(ValueError, match="the context \\+ continuation take"):
+        leo_mini_lmms.loglikelihood([loglikelihood_request])
 
 
 @pytest.mark.slow

@@ -310,6 +310,13 @@ def test_nan_logits_at_prefill_name_the_likely_cause(model):
         damaged.generate(input_ids=prompt, pixel_values=random_pixels(config), max_new_tokens=3)
 
 
+def test_meta_pixel_values_are_refused(model):
+    size = model.config.image_size
+    with pytest.raises(ValueError, match="pixel_values are on the meta device"):
+        model(input_ids=torch.tensor([image_prompt(model.config)]), pixel_values=torch.empty(1, 3, size, size,
+                                                                                           device="meta"))
+
+
 def test_image_tokens_without_images_are_refused(model):
     with pytest.raises(ValueError, match="hold image tokens .* but no pixel_values"):
         model(input_ids=torch.tensor([image_prompt(model.config)]))

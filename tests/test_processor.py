@@ -115,3 +115,12 @@ def test_decoding_strips_image_tokens(tiny_processor):
 def test_bad_processor_arguments_say_what_is_wrong(tiny_processor, call, error, match):
     with pytest.raises(error, match=match):
         tiny_processor(**call)
+
+
+@pytest.mark.parametrize("text", ["", ["", "What colour?"], ["What colour?", ""]])
+def test_an_empty_prompt_is_refused(tiny_processor, text):
+    """An empty text gave a float (1, 0) input_ids that `generate` then refused as a dtype problem; in a batch, a row
+    of padding only that generated noise."""
+    row = 0 if isinstance(text, str) else text.index("")
+    with pytest.raises(ValueError, match=rf"Text {row} gives no tokens \(an empty prompt\)"):
+        tiny_processor(text=text, padding=True)

@@ -5,12 +5,15 @@ Prompts are built exactly as `leo-mini eval` builds them (the chat template, one
 task's text), so the two paths score a question alike.
 """
 
+import math
 import warnings
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from lmms_eval.api.model import lmms
 from lmms_eval.models.registry_v2 import ModelManifest
+from lmms_eval.utils import simple_parse_args_string
 from PIL import Image
 
 from .dtypes import dtype_named
@@ -33,6 +36,15 @@ class LeoMiniLmms(lmms):
 
     is_simple = True
 
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> "LeoMiniLmms":
+        """As lmms-eval's, but an option given in `--model_args` (e.g. `batch_size=16`) wins over the one lmms-eval
+        passes from its own flags (`--batch_size`, default 1), instead of clashing with it."""
+        model_args = simple_parse_args_string(arg_string)
+        flags = {key: value for key, value in (additional_config or {}).items()
+                 if value is not None and key not in model_args}
+        return cls(**model_args, **flags)
+
     def __init__(self, pretrained: str, dtype: str = "float32", batch_size: int | str = 1, device: str | None = None,
                  max_new_tokens: int | str = DEFAULT_MAX_NEW_TOKENS, num_visual_tokens: int | str | None = None,
                  max_batch_size=None, **unknown) -> None:
@@ -44,6 +56,7 @@ class LeoMiniLmms(lmms):
         self.batch_size = _positive_int(batch_size, "batch_size")
         self.default_max_new_tokens = _positive_int(max_new_tokens, "max_new_tokens")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        _check_pretrained(pretrained)
         self.model = LeoMiniForConditionalGeneration.from_pretrained(pretrained, dtype=torch_dtype)
         self.model.to(self.device).eval()
         self.processor = LeoMiniProcessor.from_pretrained(pretrained)
@@ -86,6 +99,8 @@ class LeoMiniLmms(lmms):
                 batch = indices[start:start + self.batch_size]
                 samples = [self._sample(requests[i].args[0], *requests[i].args[2:]) for i in batch]
                 inputs = self._inputs(samples)
+                self._check_fits(inputs["input_ids"].shape[1] + options["max_new_tokens"], requests[batch[0]],
+                                 "prompt + max_new_tokens")
                 with torch.inference_mode():
                     generated = self.model.generate(**inputs, **options, stop_strings=until or None,
                                                     tokenizer=self.tokenizer)
@@ -100,7 +115,19 @@ class LeoMiniLmms(lmms):
         gen_kwargs = dict(gen_kwargs)
         until = gen_kwargs.pop("until", None) or []
         until = [until] if isinstance(until, str) else list(until)
+        if not all(isinstance(stop, str) for stop in until):
+            raise ValueError(f"leo_mini: until must be a string or a list of strings, got {until!r}")
+        until = [stop for stop in until if stop]  # an empty stop string would stop at once
         options = {name: gen_kwargs.pop(name) for name in GENERATION_OPTIONS if name in gen_kwargs}
+        for name, minimum in (("max_new_tokens", 1), ("num_beams", 1), ("top_k", 0)):  # YAML may give "5"
+            if name in options:
+                options[name] = _int_at_least(options[name], name, minimum)
+        if "temperature" in options:
+            options["temperature"] = _number_in(options["temperature"], "temperature", 0, low_included=True)
+        if "top_p" in options:
+            options["top_p"] = _number_in(options["top_p"], "top_p", 0, 1)
+        if "repetition_penalty" in options:
+            options["repetition_penalty"] = _number_in(options["repetition_penalty"], "repetition_penalty", 0)
         for name in sorted(set(gen_kwargs) - self._warned_options):
             warnings.warn(f"leo_mini ignores the generation option {name}={gen_kwargs[name]!r}")
             self._warned_options.add(name)
@@ -136,6 +163,7 @@ class LeoMiniLmms(lmms):
             target_ids = self.tokenizer(continuation, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
             if len(target_ids) == 0:
                 raise ValueError(f"leo_mini: the continuation {continuation!r} has no tokens")
+            self._check_fits(inputs["input_ids"].shape[1] + len(target_ids), request, "context + continuation")
             rows.append((inputs["input_ids"][0], target_ids.to(self.device)))
             if "pixel_values" in inputs:
                 pixel_values.append(inputs["pixel_values"])
@@ -167,6 +195,15 @@ class LeoMiniLmms(lmms):
             results.append((log_probs.sum().item(), bool((predicting.argmax(dim=-1) == target).all())))
         return results
 
+    def _check_fits(self, num_tokens: int, request, what: str) -> None:
+        """A clear error when a request needs more positions than the LLM has (it would run on, past them)."""
+        max_positions = getattr(self.model.config.text_config, "max_position_embeddings", None)
+        if isinstance(max_positions, int) and num_tokens > max_positions:
+            _, _, _, doc_id, task, split = request.args
+            raise ValueError(f"leo_mini: task {task!r} ({split}, doc {doc_id}): the {what} take {num_tokens} tokens, "
+                             f"more than the model's {max_positions} positions (max_position_embeddings); shorten "
+                             "the context or lower max_new_tokens")
+
     def generate_until_multi_round(self, requests) -> list[str]:
         raise NotImplementedError(
             "leo_mini answers single-round tasks (generate_until and loglikelihood), not lmms-eval's multi-round "
@@ -175,14 +212,42 @@ class LeoMiniLmms(lmms):
         )
 
 
-def _positive_int(value, name: str) -> int:
+def _int_at_least(value, name: str, minimum: int) -> int:
+    """`value` (an int or an integer string) as an int >= minimum, or a clear error."""
     try:
         number = int(value)
     except (TypeError, ValueError):
-        number = 0
-    if number < 1 or str(number) != str(value).strip():
-        raise ValueError(f"leo_mini: {name} must be a positive integer, got {value!r}")
+        number = minimum - 1
+    if isinstance(value, bool) or number < minimum or str(number) != str(value).strip():
+        kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ValueError(f"leo_mini: {name} must be {kind}, got {value!r}")
     return number
+
+
+def _positive_int(value, name: str) -> int:
+    return _int_at_least(value, name, 1)
+
+
+def _number_in(value, name: str, low: float, high: float | None = None, low_included: bool = False) -> float:
+    """`value` (a number or a numeric string) as a float in the interval from `low` to `high`, or a clear error."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    above_low = number >= low if low_included else number > low  # False for NaN
+    if isinstance(value, bool) or not above_low or (high is not None and not number <= high):
+        interval = f"{'[' if low_included else '('}{low}, " + (f"{high}]" if high is not None else "inf)")
+        raise ValueError(f"leo_mini: {name} must be a number in {interval}, got {value!r}")
+    return number
+
+
+def _check_pretrained(pretrained) -> None:
+    """A missing local folder gets a clear error, not the Hub's "Repo id must be in the form" one."""
+    if not isinstance(pretrained, str) or not pretrained:
+        raise ValueError(f"leo_mini: pretrained must be a checkpoint folder or a Hub repo id, got {pretrained!r}")
+    looks_like_path = pretrained.startswith(("/", ".", "~")) or pretrained.count("/") > 1
+    if looks_like_path and not Path(pretrained).expanduser().is_dir():
+        raise ValueError(f"leo_mini: pretrained folder not found: {pretrained}")
 
 
 def _cut_at(text: str, until: list[str]) -> str:

@@ -181,6 +181,11 @@ class LeoMiniProcessor(ProcessorMixin):
         if self.cotr_text_source == "user":
             text_kwargs["return_offsets_mapping"] = True
         encoding = self.tokenizer(list(expanded), **text_kwargs)
+        token_counts = [sum(mask) for mask in encoding["attention_mask"]] if "attention_mask" in encoding else [
+            len(ids) for ids in encoding["input_ids"]]
+        if 0 in token_counts:
+            raise ValueError(f"Text {token_counts.index(0)} gives no tokens (an empty prompt): there is nothing to "
+                             "answer; give a question, e.g. through apply_chat_template")
         for row, (ids, count, budget) in enumerate(zip(encoding["input_ids"], placeholders, budgets)):
             found = sum(1 for token in ids if token == self.image_token_id)
             if found != count * budget:
