@@ -29,6 +29,7 @@ MAX_QUESTION_CHARACTERS = 1000
 MAX_UPLOAD_SIZE = "25mb"  # Gradio refuses larger uploads; a 64 MP image (the processor's bound) fits compressed
 CACHE_CLEANUP = (3600, 3600)  # Gradio deletes the app's uploads older than an hour, hourly, and all at shutdown
 NOT_AN_UPLOAD = "Upload the image to this page first: the app reads only images uploaded to it or its examples."
+QUESTION_SLOT = "\x00LEO-MINI question\x00"  # where the chat template puts the question; never typed (NUL)
 REDUCTIONS = {"cotr": "CoTR", "avg_pool": "average pooling", "none": "no reduction"}
 THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],  # local fonts: nothing from a CDN
                           font_mono=["ui-monospace", "SFMono-Regular", "monospace"])
@@ -130,19 +131,41 @@ class LeoMiniChat:
             raise gr.Error(f"The question is too long ({len(question)} characters; at most "
                            f"{MAX_QUESTION_CHARACTERS}).")
         try:
+            question.encode("utf-8")
+        except UnicodeEncodeError:
+            raise gr.Error("The question holds characters that are not text (an unpaired surrogate); retype it.")
+        try:
             with Image.open(image) as opened:
                 opened.verify()  # reads the whole file: truncated and non-image files fail here
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
             raise gr.Error(f"This file is not an image LEO-MINI can read ({type(error).__name__}: {error}).")
-        chat = [{"role": "user", "content": [{"type": "image", "path": str(image)},
-                                             {"type": "text", "text": question.strip()}]}]
-        processor_kwargs = {"num_visual_tokens": budget} if len(self.budgets) > 1 else {}
         try:
-            return self.processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=True,
-                                                      return_dict=True, return_tensors="pt",
-                                                      processor_kwargs=processor_kwargs)
+            return self.prompt_inputs(str(image), question.strip(), budget)
         except (OSError, ValueError, TypeError, Image.DecompressionBombError) as error:
             raise gr.Error(f"This image cannot be used: {error}")
+
+    def prompt_inputs(self, image: str, question: str, budget: int) -> dict:
+        """The chat prompt for one image and the user's question, with the question tokenized as plain text: what
+        the user types is never read as a control token (`<|im_end|>`) or an image placeholder (`<image>`), as
+        transformers' `split_special_tokens` does. The template's own parts are tokenized as usual, so an ordinary
+        question gives exactly the ids of `processor.apply_chat_template`."""
+        chat = [{"role": "user", "content": [{"type": "image", "path": image},
+                                             {"type": "text", "text": QUESTION_SLOT}]}]
+        before, _, after = self.processor.apply_chat_template(chat, add_generation_prompt=True,
+                                                              tokenize=False).partition(QUESTION_SLOT)
+        budget_kwargs = {"num_visual_tokens": budget} if len(self.budgets) > 1 else {}
+        inputs = self.processor(images=[image], text=before, add_special_tokens=False, **budget_kwargs)
+        tokenizer = self.processor.tokenizer
+        question_ids = tokenizer(question, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        after_ids = tokenizer(after, add_special_tokens=False)["input_ids"]
+        pieces = [inputs["input_ids"][0], question_ids, after_ids]
+        inputs["input_ids"] = torch.tensor([sum(pieces, [])])
+        inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+        if "text_condition_mask" in inputs:  # a model whose CoTR reads the user's words only: the question's
+            inputs["text_condition_mask"] = torch.tensor([[0] * len(pieces[0]) + [1] * len(question_ids)
+                                                          + [0] * len(after_ids)])
+        inputs["pixel_values"] = torch.as_tensor(np.asarray(inputs["pixel_values"]))
+        return dict(inputs)
 
     def _statistics(self, budget: int, first_token_seconds: float | None, answer_seconds: float | None) -> str:
         parts = [f"**visual tokens: {self.tokens_before} → {budget}** ({self.reduction})"]
