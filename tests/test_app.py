@@ -131,7 +131,7 @@ def test_an_elastic_model_answers_at_the_budget_chosen_in_the_page(tmp_path):
         assert reduced == [expected, expected] and f"→ {expected}**" in steps[-1][1]
         # sent once, with the answer: every send rewrites Gradio's cached file while the browser may be downloading it
         assert len(steps) > 1 and len(heat_maps) == 1 and isinstance(steps[-1][2], Image.Image)
-    with pytest.raises(gr.Error, match=r"3 visual tokens is not one of this model's budgets \[1, 2, 4\]"):
+    with pytest.raises(gr.Error, match=r"num_visual_tokens=3 is not one of this model.s visual-token budgets: its budgets are \[1, 2, 4\]"):
         list(chat.answer(str(image), "What colour?", "3"))
     radios = [block for block in app_module.build_app(chat, []).blocks.values() if isinstance(block, gr.Radio)]
     assert len(radios) == 1 and [choice[0] for choice in radios[0].choices] == ["1", "2", "4"]

@@ -87,6 +87,20 @@ def test_leo_mini_smol_builds_and_answers_text(tmp_path, capsys):
     assert inputs["pixel_values"].shape == (1, 3, 448, 448)
     assert model.generate(**inputs, max_new_tokens=4).shape[1] == inputs["input_ids"].shape[1] + 4
 
+    # the `leo-mini-smol` preset describes exactly the model the build assembles from the parts
+    from leo_mini_hf import preset_config
+
+    with torch.device("meta"):
+        from_preset = LeoMiniForConditionalGeneration(preset_config("leo-mini-smol"))
+    assert {name: tensor.shape for name, tensor in from_preset.state_dict().items()} == {
+        name: tensor.shape for name, tensor in model.state_dict().items()}
+    preset, built = preset_config("leo-mini-smol").to_dict(), model.config.to_dict()
+    for name in ("text_config", "vision_experts", "_name_or_path", "transformers_version", "architectures",
+                 "auto_map", "dtype"):
+        preset.pop(name, None), built.pop(name, None)
+    assert preset == built
+    assert from_preset.vision_experts[0].model.config.to_dict() == model.vision_experts[0].model.config.to_dict()
+
 
 def test_readme_main_job_leo_mini_demo(tmp_path, monkeypatch, capsys):
     """`leo-mini demo`: assemble LEO-MINI-Smol offline from the installed parts + shipped weights, run the

@@ -1,4 +1,5 @@
-"""Named LEO-MINI configurations: `preset_config("tiny")`, `preset_config("leo-mini-llama3-8b")`.
+"""Named LEO-MINI configurations: `preset_config("tiny")`, `preset_config("leo-mini-smol")`,
+`preset_config("leo-mini-llama3-8b")`.
 
 Every sub-config here is complete: in transformers 5.x a partial sub-config dict silently becomes a full-size
 default model. `tiny` is the one place the test suite and the `tiny` preset take their sizes from. Presets are the
@@ -115,8 +116,42 @@ def leo_mini_llama3_8b():
     }
 
 
+# LEO-MINI-Smol's own options: 196 MobileNetV2 tokens reduced to 16; adapter sizes keep its trained weights a few MB
+SMOL_OPTIONS = {"num_visual_tokens": 16, "cotr_projection_dim": 128, "mmoe_rank": 4, "mmoe_alpha": 8,
+                "mmoe_router_hidden_size": 16}
+SMOL_IMAGE_SIZE = 448
+SMOL_IMAGE_TOKEN_ID = 49152  # `<image>`, added after SmolLM2's 49152 tokens
+
+
+def leo_mini_smol():
+    """LEO-MINI-Smol's shape, the demo model: SmolLM2-135M-Instruct + ImageNet MobileNetV2 at 448 px (14 x 14 = 196
+    tokens), N_V = 16. `leo-mini build --preset leo-mini-smol` assembles it with the pretrained weights installed
+    offline (`conversion/smol.py`); a model built from this config alone has the shape, with random weights."""
+    return {
+        "text_config": _llama_text_config(
+            SMOL_IMAGE_TOKEN_ID + 1, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+            num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, head_dim=64,
+            rope_parameters={"rope_theta": 100000.0, "rope_type": "default"}, bos_token_id=1, eos_token_id=2,
+            pad_token_id=2, tie_word_embeddings=True,
+        ),
+        "vision_experts": [{
+            "config": {"model_type": "mobilenet_v2", "depth_multiplier": 1.0, "tf_padding": False,
+                       "layer_norm_eps": 1e-5, "image_size": 224},
+            "image_size": SMOL_IMAGE_SIZE, "feature_layer": None, "num_prefix_tokens": 0,
+            "image_mean": list(IMAGENET_DEFAULT_MEAN), "image_std": list(IMAGENET_DEFAULT_STD),
+        }],
+        "image_size": SMOL_IMAGE_SIZE,
+        "image_mean": IMAGENET_DEFAULT_MEAN,
+        "image_std": IMAGENET_DEFAULT_STD,
+        "image_token_id": SMOL_IMAGE_TOKEN_ID,
+        "tie_word_embeddings": True,
+        **SMOL_OPTIONS,
+    }
+
+
 LEO_MINI_PRESETS = {
     "tiny": tiny,
+    "leo-mini-smol": leo_mini_smol,
     "leo-mini-llama3-8b": leo_mini_llama3_8b,
 }
 
@@ -132,7 +167,7 @@ def check_option_names(options: dict) -> None:
 
 
 def preset_config(name: str, **overrides) -> LeoMiniConfig:
-    """The named configuration (`tiny`, `leo-mini-llama3-8b`), with top-level options overridden."""
+    """The named configuration (`tiny`, `leo-mini-smol`, `leo-mini-llama3-8b`), with top-level options overridden."""
     if name not in LEO_MINI_PRESETS:
         raise ValueError(f"Unknown preset {name!r}; available: {sorted(LEO_MINI_PRESETS)}")
     check_option_names(overrides)

@@ -61,7 +61,7 @@ class LeoMiniChat:
         experts = model.vision_experts
         self.tokens_before = sum(expert.num_tokens for expert in experts)
         self.tokens_after = model.config.num_image_tokens  # the default budget: the largest
-        self.budgets = list(getattr(model.config, "cotr_budgets", None) or [self.tokens_after])  # elastic: several
+        self.budgets = model.config.visual_token_budgets  # elastic: several
         self.reduction = REDUCTIONS.get(model.config.token_reduction, model.config.token_reduction)
 
     def answer(self, image, question, num_visual_tokens=None):
@@ -73,9 +73,10 @@ class LeoMiniChat:
         leaves a generation running behind it, so the app runs at most its concurrency limit of them."""
         started = time.perf_counter()
         budget = self.tokens_after if num_visual_tokens in (None, "") else num_visual_tokens
-        if str(budget) not in {str(k) for k in self.budgets}:
-            raise gr.Error(f"{budget} visual tokens is not one of this model's budgets {self.budgets}.")
-        budget = int(budget)
+        try:  # the page's dropdown sends the budget as a string
+            budget = self.processor.budgets_per_text(int(budget) if str(budget).isdigit() else budget, 1)[0]
+        except (TypeError, ValueError) as error:
+            raise gr.Error(str(error))
         inputs = self._inputs(image, question, budget)
         streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True,
                                         timeout=300)

