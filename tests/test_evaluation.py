@@ -35,7 +35,7 @@ def test_one_registry_names_every_evaluation_dataset_for_the_cli_and_lmms_eval()
     import yaml
 
     from leo_mini_hf.easyvqa.registry import EVALUATION_DATASETS, evaluation_dataset
-    from leo_mini_hf.lmms_eval_tasks import TASKS_DIR
+    from leo_mini_hf.lmms import TASKS_DIR
 
     for name, entry in EVALUATION_DATASETS.items():
         dataset = evaluation_dataset(name, "test", size=6)

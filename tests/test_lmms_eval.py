@@ -20,9 +20,9 @@ from lmms_eval.tasks import TaskManager  # noqa: E402
 from leo_mini_hf.easyvqa.dataset import EasyVQADataset  # noqa: E402
 from leo_mini_hf.easyvqa.evaluation import answer_questions, evaluate_vqa  # noqa: E402
 from leo_mini_hf.easyvqa.object_named import DistinctObjectMosaicDataset, ObjectNamedMosaicDataset  # noqa: E402
-from leo_mini_hf.lmms_eval_model import LeoMiniLmms, _cut_at  # noqa: E402
-from leo_mini_hf.lmms_eval_tasks import TASKS_DIR  # noqa: E402
-from leo_mini_hf.lmms_eval_tasks.tasks import doc_to_visual, easy_vqa_documents  # noqa: E402
+from leo_mini_hf.lmms.model import LeoMiniLmms, _cut_at  # noqa: E402
+from leo_mini_hf.lmms import TASKS_DIR  # noqa: E402
+from leo_mini_hf.lmms.tasks import doc_to_visual, easy_vqa_documents  # noqa: E402
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
@@ -177,7 +177,7 @@ def test_the_readme_lmms_eval_command_runs(tiny_checkpoint, tmp_path):
     """The README's command as written (`batch_size` in --model_args clashed with lmms-eval's own --batch_size), on
     the tiny checkpoint, limited to 3 questions."""
     command = readme_lmms_eval_command().replace("pretrained=DIR", f"pretrained={tiny_checkpoint}")
-    assert "batch_size=16" in command and "$(python -m leo_mini_hf.lmms_eval_tasks)" in command
+    assert "batch_size=16" in command and "$(python -m leo_mini_hf.lmms)" in command
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"  # this venv's lmms-eval and python
     done = subprocess.run(["bash", "-c", command + " --limit 3"], cwd=tmp_path, capture_output=True, text=True,
                           timeout=300, env={**os.environ, "PATH": path})
@@ -241,7 +241,7 @@ def test_a_context_longer_than_the_models_positions_is_refused(leo_mini_lmms):
 
 @pytest.mark.slow
 def test_tasks_folder_is_printed_for_include_path():
-    done = subprocess.run([sys.executable, "-m", "leo_mini_hf.lmms_eval_tasks"], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "leo_mini_hf.lmms"], capture_output=True, text=True)
     assert done.stdout.strip() == str(TASKS_DIR)
     assert {path.name for path in TASKS_DIR.glob("*.yaml")} == {
         "easy_vqa.yaml", "easy_vqa_object_2x2.yaml", "easy_vqa_object_3x3.yaml", "easy_vqa_object_distinct_2x2.yaml",

@@ -209,8 +209,8 @@ def test_evaluation_and_lmms_eval_pass_the_mask(user_checkpoint, model, processo
 
     import torch.nn.functional as F
 
-    from leo_mini_hf.lmms_eval_model import LeoMiniLmms
-    from leo_mini_hf.lmms_eval_tasks.tasks import doc_to_visual, easy_vqa_documents
+    from leo_mini_hf.lmms.model import LeoMiniLmms
+    from leo_mini_hf.lmms.tasks import doc_to_visual, easy_vqa_documents
 
     documents = easy_vqa_documents("easy-vqa", "test")[:2]
     lmms = LeoMiniLmms(pretrained=str(user_checkpoint), batch_size=2)

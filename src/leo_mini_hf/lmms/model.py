@@ -16,10 +16,10 @@ from lmms_eval.models.registry_v2 import ModelManifest
 from lmms_eval.utils import simple_parse_args_string
 from PIL import Image
 
-from .dtypes import dtype_named
-from .easyvqa.evaluation import prompt_inputs
-from .modeling import LeoMiniForConditionalGeneration
-from .processor import LeoMiniProcessor
+from ..dtypes import dtype_named
+from ..easyvqa.evaluation import prompt_inputs
+from ..modeling import LeoMiniForConditionalGeneration
+from ..processor import LeoMiniProcessor
 
 # generation options lmms-eval tasks set that `generate` takes as they are; `until` becomes stop strings
 GENERATION_OPTIONS = ("max_new_tokens", "temperature", "do_sample", "top_p", "top_k", "num_beams",
@@ -256,5 +256,5 @@ def _cut_at(text: str, until: list[str]) -> str:
     return text[:cut]
 
 
-MANIFEST = ModelManifest(model_id="leo_mini", simple_class_path="leo_mini_hf.lmms_eval_model.LeoMiniLmms",
+MANIFEST = ModelManifest(model_id="leo_mini", simple_class_path="leo_mini_hf.lmms.model.LeoMiniLmms",
                          aliases=("leo-mini",))

@@ -1,5 +1,0 @@
-"""`python -m leo_mini_hf.lmms_eval_tasks` prints the folder to pass to lmms-eval's --include_path."""
-
-from . import TASKS_DIR
-
-print(TASKS_DIR)
