@@ -385,7 +385,7 @@ def review_cases(work: Path, checkpoint: Path):
         return call
 
     def lmms(**model_args):
-        from leo_mini_hf.lmms_eval_model import LeoMiniLmms
+        from leo_mini_hf.lmms.model import LeoMiniLmms
 
         return LeoMiniLmms(**{"pretrained": str(checkpoint), **model_args})
 

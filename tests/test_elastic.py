@@ -380,7 +380,7 @@ def test_demo_takes_a_budget(elastic_checkpoint, capsys):
 
 def test_lmms_eval_model_takes_a_budget(elastic_checkpoint):
     pytest.importorskip("lmms_eval", reason="lmms-eval is installed by `make test` (pip install --no-deps lmms-eval)")
-    from leo_mini_hf.lmms_eval_model import LeoMiniLmms
+    from leo_mini_hf.lmms.model import LeoMiniLmms
 
     sample = {"messages": [{"role": "user", "content": [{"type": "image", "image": make_image(5)},
                                                         {"type": "text", "text": "What colour?"}]}]}

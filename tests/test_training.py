@@ -559,9 +559,14 @@ def truncated_png(folder: Path, name: str = "truncated.png") -> str:
     return name
 
 
-def test_skip_bad_records_skips_a_truncated_image(tmp_path, capsys, tiny_checkpoint):
+@pytest.mark.parametrize("truncated_images_allowed", [False, True], ids=["PIL default", "lmms-eval imported"])
+def test_skip_bad_records_skips_a_truncated_image(tmp_path, capsys, tiny_checkpoint, monkeypatch,
+                                                  truncated_images_allowed):
     """Skipping decodes each image once: a truncated file is skipped and counted like any bad record, and training
-    runs on the rest (it stopped at step 0 before)."""
+    runs on the rest (it stopped at step 0 before), also after a library allowed truncated images globally."""
+    from PIL import ImageFile
+
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", truncated_images_allowed)
     bad = {"id": "cut", "image": truncated_png(tmp_path), "conversations": GOOD[0]["conversations"]}
     path = write_records(tmp_path, [GOOD[0], bad, GOOD[2]])
     dataset = LlavaConversationDataset(path, skip_bad_records=True)

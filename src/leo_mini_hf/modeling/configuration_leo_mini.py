@@ -8,6 +8,7 @@ import types
 from typing import Literal, get_args
 
 from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
 from transformers.image_utils import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD
 
 VISION_EXPERT_KEYS = {"config", "image_size", "feature_layer", "num_prefix_tokens", "image_mean", "image_std"}
@@ -98,7 +99,8 @@ class LeoMiniConfig(PreTrainedConfig):
     """
 
     model_type = "leo_mini"
-    sub_configs_defaults = {}
+    # the LLM's config is a sub-config, as in transformers' composite VLMs: a requested dtype reaches it
+    sub_configs_defaults = {"text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama")}
 
     text_config: dict | PreTrainedConfig | None = None
     vision_experts: list | None = None

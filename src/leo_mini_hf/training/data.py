@@ -7,6 +7,8 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from ..processor.image_processing_leo_mini import to_rgb_image
+
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 IMAGE_PLACEHOLDER = "<image>"
 
@@ -31,11 +33,15 @@ def conversation_to_messages(turns: list, image_path: Path | None) -> list[dict]
 
 def check_image(path: Path, decode: bool = False) -> None:
     """That `path` is an image PIL can open: its header (cheap; the pixels are decoded at training time), or with
-    `decode` its whole pixel data (a truncated or corrupt file fails here, not at training time)."""
+    `decode` its whole pixel data, read as training reads it (a truncated or corrupt file fails here, also when
+    another library set PIL's LOAD_TRUNCATED_IMAGES, as lmms-eval does)."""
     try:
-        with Image.open(path) as image:
-            image.load() if decode else image.size
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+        if decode:
+            to_rgb_image(str(path))
+        else:
+            with Image.open(path) as image:
+                image.size
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise ValueError(f"image {path} is not a readable image: {error}") from error
 
 
