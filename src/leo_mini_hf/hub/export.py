@@ -38,10 +38,13 @@ def _reference_logits(model) -> torch.Tensor:
         return model.eval()(input_ids=input_ids, pixel_values=pixel_values.to(model.dtype)).logits[0, -1].float()
 
 
-def verify_export(source_tensors: dict, folder: Path, model, dtype) -> None:
+def verify_export(source_tensors: dict, folder: Path, dtype) -> None:
     """Every source tensor is in the output, bit-identical (or exactly cast to `dtype`); the folder reloads in a
-    fresh process without leo_mini_hf and computes the same logits (within 1e-4 in float32, 2e-2 in half precision:
-    the same weights at other memory addresses may take other SIMD paths, which changes the last bits)."""
+    fresh process without leo_mini_hf and computes the logits it computes loaded here with the package, the same way
+    (`from_pretrained(folder)`): like with like, whatever dtype each part loads in. (Within 1e-4 in float32, 2e-2 in
+    half precision: the same weights at other memory addresses may take other SIMD paths, which changes the last
+    bits.) A model cast in memory is no reference: `.to(dtype)` also casts buffers a load computes in float32 (the
+    LLM's rotary frequencies), which moved half-precision logits by up to 0.375."""
     exported = read_safetensors_folder(folder)
     for key, tensor in source_tensors.items():
         if key not in exported:
@@ -54,11 +57,14 @@ def verify_export(source_tensors: dict, folder: Path, model, dtype) -> None:
     if reload.returncode != 0:
         raise ValueError(f"The exported folder does not reload without leo_mini_hf:\n{reload.stderr[-2000:]}")
     reloaded = torch.tensor(json.loads(reload.stdout.strip().splitlines()[-1]))
-    reference = _reference_logits(model)
+    reference = _reference_logits(LeoMiniForConditionalGeneration.from_pretrained(folder))
     tolerance = 1e-4 if dtype in (None, torch.float32) else 2e-2  # half precision: a few units in the last place
     if not torch.allclose(reloaded, reference, rtol=tolerance, atol=tolerance):
         difference = (reloaded - reference).abs().max().item()
-        raise ValueError(f"The exported folder reloads but computes different logits (max difference {difference:.3g})")
+        raise ValueError(f"The exported folder loads without leo_mini_hf (transformers and its remote code) but "
+                         f"computes other logits than the same folder loaded with leo_mini_hf (max difference "
+                         f"{difference:.3g} > {tolerance}): its remote code does not match the installed package; "
+                         "export again with this version")
 
 
 def export_checkpoint(model_dir, out, max_shard_size: str = "5GB", dtype: str | None = None,
@@ -79,6 +85,6 @@ def export_checkpoint(model_dir, out, max_shard_size: str = "5GB", dtype: str | 
         save_for_hub(model, processor, staging, max_shard_size=max_shard_size)
         card = render_model_card(model, repo_id or f"your-org/{Path(out).name}", license_name, base_models or [])
         (staging / "README.md").write_text(card, encoding="utf-8")
-        verify_export(source_tensors, staging, model, torch_dtype)
+        verify_export(source_tensors, staging, torch_dtype)
 
     return write_folder_atomically(out, write)
