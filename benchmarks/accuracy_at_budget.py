@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from common import CONFIGS, ROOT, display_path, train_resumably
+from common import CONFIGS, RESULTS, ROOT, display_path, git_commit, train_resumably
 from leo_mini_hf.conversion.smol import assemble_leo_mini_smol
 from leo_mini_hf.easyvqa.dataset import EasyVQADataset
 from leo_mini_hf.easyvqa.evaluation import evaluate_vqa, prefill_seconds
@@ -72,7 +72,7 @@ def run_config(name: str, args) -> dict:
     if cache is not None:
         cache.attach(model)
     train_set, data_description = training_set(args)
-    run_dir = args.work_dir / "runs" / args.task / args.out.name / name
+    run_dir = args.work_dir / "runs" / args.task / args.out.name / f"seed-{args.seed}" / name
     trainer, train_seconds = train_resumably(model, processor, train_set, run_dir, args, label=name)
     evaluations, sets = {}, test_sets(args)
     for set_name, (dataset, limit) in sets.items():
@@ -186,10 +186,11 @@ def table_rows(results: list[dict], task: str) -> list[str]:
     return lines
 
 
-def write_report(results: list[dict], out: Path, command: str, task: str) -> Path:
-    """Markdown table, JSON and PNG plot of all results; returns the markdown's path."""
+def write_report(results: list[dict], out: Path, command: str, task: str, seed: int) -> Path:
+    """Markdown table, JSON and PNG plot of one seed's rows (`out/seed-<n>.*`, beside the rows' folder); returns the
+    markdown's path."""
     rows = sorted(results, key=lambda r: (r["name"].split("-")[0], -r["visual_tokens"], r["name"]))
-    stem = "accuracy_at_budget" if task == "easy-vqa" else "accuracy_at_budget_mosaic"
+    stem = f"seed-{seed}"
     machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} (threads per row: table)"
     first = rows[0]
     prefill_threads = "/".join(str(t) for t in sorted({r.get("prefill_threads", r.get("threads", 2)) for r in rows}))
@@ -209,7 +210,8 @@ def write_report(results: list[dict], out: Path, command: str, task: str) -> Pat
               f"plain path (the expert runs), median of 10, {prefill_threads} thread(s). Train s/step depends on the "
               "threads and on whether the feature cache was warm; runs with 1 thread ran two at a time.\n\n")
     (out / f"{stem}.md").write_text(header + "\n".join(table_rows(rows, task)) + "\n")
-    (out / f"{stem}.json").write_text(json.dumps({"command": command, "machine": machine, "results": rows}, indent=2))
+    (out / f"{stem}.json").write_text(json.dumps({"commit": git_commit(), "command": command, "machine": machine,
+                                                 "results": rows}, indent=2))
     try:
         import matplotlib
 
@@ -257,7 +259,8 @@ def main() -> None:
     parser.add_argument("--eval-limit", type=int, default=400)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work-dir", type=Path, default=ROOT / "benchmarks" / ".work")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--out", type=Path, help="the variant's folder (default: results/accuracy_at_budget/easy-vqa or "
+                        "/mosaic); rows go to OUT/seed-<n>/, the table to OUT/seed-<n>.{md,json,png}")
     parser.add_argument("--save-demo-weights", action="store_true", help="ship the demo configuration's weights")
     parser.add_argument("--demo-config", default="cotr-16")
     parser.add_argument("--task", choices=["easy-vqa", "mosaic"], default="easy-vqa",
@@ -274,7 +277,9 @@ def main() -> None:
                              "runs that shared the machine; then rewrite the report")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    results_dir = args.out / ("accuracy_at_budget" if args.task == "easy-vqa" else "accuracy_at_budget_mosaic")
+    default_out = RESULTS / "accuracy_at_budget" / args.task
+    args.out = args.out or default_out
+    results_dir = args.out / f"seed-{args.seed}"
     results_dir.mkdir(parents=True, exist_ok=True)
     for name in [] if args.report_only else args.only or CONFIGS:
         path = results_dir / f"{name}.json"
@@ -290,12 +295,14 @@ def main() -> None:
         path.write_text(json.dumps(result, indent=2))
         print(f"{name}: accuracy {result['test']['accuracy']:.3f}, {result['train_seconds']:.0f} s", flush=True)
     results = [json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json"))]
+    steps = {row["steps"] for row in results}  # what the rows were trained with (also under --report-only)
+    steps = steps.pop() if len(steps) == 1 else args.steps
     # the command that regenerates every row (rows are resumable; each JSON records its own settings)
     command = " ".join(["python benchmarks/accuracy_at_budget.py"] + [
         f"--{flag} {value}" for flag, value, default in (
-            ("task", args.task, "easy-vqa"), ("steps", args.steps, 300), ("seed", args.seed, 0),
-            ("out", display_path(args.out), "benchmarks/results")) if value != default])
-    print(write_report(results, args.out, command, args.task).read_text())
+            ("task", args.task, "easy-vqa"), ("steps", steps, 300), ("seed", args.seed, 0),
+            ("out", display_path(args.out), display_path(default_out))) if value != default])
+    print(write_report(results, args.out, command, args.task, args.seed).read_text())
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 wrong answer / lost data? Runs the same cases against the installed leo_mini_hf (or another checkout's `src` on
 PYTHONPATH, to compare with an older version) and writes a JSON list and a Markdown table.
 
-    python benchmarks/bad_input_probe.py --out benchmarks/results/bad_input_probe
+    python benchmarks/bad_input_probe.py --out benchmarks/results/bad_input_probe/now
     PYTHONPATH=/path/to/old/checkout/src python benchmarks/bad_input_probe.py --out /tmp/old-probe
 
 Each case names the outcome a user should get. "clear" means a ValueError/TypeError/FileExistsError (or the CLI's
@@ -16,6 +16,7 @@ import io
 import json
 import os
 import re
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -556,10 +557,13 @@ def main() -> None:
                          "detail": detail})
             print(f"{outcome:8} {name}: {detail}")
     source = Path(leo_mini_hf.__file__).resolve().parents[1]
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=source, capture_output=True,
+                            text=True).stdout.strip() or None  # the checkout whose code ran
     summary = {outcome: sum(row["outcome"] == outcome for row in rows) for outcome in ("clear", "correct", "unclear",
                                                                                      "silent")}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps({"source": str(source), "summary": summary, "cases": rows},
+    args.out.with_suffix(".json").write_text(json.dumps({"commit": commit, "source": str(source), "summary": summary,
+                                                        "cases": rows},
                                                         indent=2))
     lines = [f"# Bad input probe ({len(rows)} cases; leo_mini_hf from `{source}`)", "",
              f"clear error {summary['clear']}, correct result {summary['correct']}, unclear error "

@@ -4,6 +4,7 @@ weights on disk, and the mosaic cell measurements. Each script imports from here
 import json
 import math
 import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -20,12 +21,27 @@ from leo_mini_hf.modeling.token_reduction import prompt_text_mask, prompt_text_s
 from leo_mini_hf.training.adapter_weights import load_adapter_weights, sha256_of, trained_parameter_names
 
 ROOT = Path(__file__).resolve().parents[1]
+# results/<study>/<variant>/seed-<n>/: each study's variants, their rows per seed beside the tables built from them
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def git_commit() -> str | None:
+    """The commit the results were produced at (a `+` marks uncommitted changes), or None outside a checkout."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + ("+" if dirty else "")
 
 
 def write_results(out: Path, data: dict, lines: list[str]) -> None:
-    """OUT.json (the data) and OUT.md (the table `lines`), then the table on stdout."""
+    """OUT.json (the data, with the commit it was produced at) and OUT.md (the table `lines`), then the table on
+    stdout."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(data, indent=2))
+    out.with_suffix(".json").write_text(json.dumps({"commit": git_commit(), **data}, indent=2))
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -196,7 +212,8 @@ WARM_PARTS = {"projector+mmoe": {"projector", "mmoe_general_lora", "mmoe_routed_
 WARM_PARTS["reducer"] = WARM_PARTS["projector+mmoe"] | {"token_reducer"}
 GRIDS = (2, 3)
 # object-named layout → the folder its rows' runs (.work/runs/) and results (results/) go in
-OBJECT_NAMED_FOLDERS = {"unique": "object-named", "distinct": "object-distinct"}
+OBJECT_NAMED_FOLDERS = {"unique": "object-named", "distinct": "object-distinct"}  # under .work/runs/
+OBJECT_NAMED_RESULTS = {layout: RESULTS / "object-named" / layout for layout in OBJECT_NAMED_FOLDERS}
 ELASTIC_BUDGETS = [1, 4, 16]  # elastic.py's model: cotr_budgets, the largest is num_visual_tokens
 
 

@@ -2,7 +2,7 @@
 a static KV cache, eager vs the LLM's forward compiled (inductor), at batch 1 and 8; graph breaks of one decode step
 from `torch._dynamo.explain`.
 
-    python benchmarks/compile_decode.py --out benchmarks/results/compile_decode
+    python benchmarks/compile_decode.py --out benchmarks/results/compile_decode/compile_decode
 """
 
 import argparse
@@ -55,7 +55,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--model", type=Path, help="a LEO-MINI checkpoint (default: the demo's LEO-MINI-Smol)")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/compile_decode"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/compile_decode/compile_decode"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     folder = args.model or demo_checkpoint()

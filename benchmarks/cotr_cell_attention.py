@@ -62,7 +62,7 @@ def main() -> None:
     parser.add_argument("--mosaics", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--parts", type=Path, default=ROOT / "benchmarks" / ".work" / "parts")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "cotr_cell_attention")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "cotr_cell_attention" / "cotr_cell_attention")
     args = parser.parse_args()
     command = shlex.join(["python", "benchmarks/cotr_cell_attention.py", *sys.argv[1:]])
     results = []

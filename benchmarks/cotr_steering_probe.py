@@ -58,7 +58,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--parts", type=Path, default=ROOT / "benchmarks" / ".work" / "parts")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "cotr_steering_probe")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "cotr_steering_probe" / "cotr_steering_probe")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

@@ -2,7 +2,7 @@
 answer agreement on easy-vqa test questions, the model loaded with `from_pretrained(..., dtype=...)` and fed the
 processor's float32 pixels (cast inside the model).
 
-    python benchmarks/dtype_agreement.py --questions 100 --out benchmarks/results/dtype_agreement
+    python benchmarks/dtype_agreement.py --questions 100 --out benchmarks/results/dtype_agreement/dtype_agreement
 """
 
 import argparse
@@ -36,7 +36,7 @@ def main() -> None:
     parser.add_argument("--questions", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/dtype_agreement"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/dtype_agreement/dtype_agreement"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     folder = demo_checkpoint()

@@ -9,7 +9,7 @@ Part 2, measured here: the same ~135M LLM and the same vision tower in LEO-MINI 
 (num_query_tokens matched): prefill latency, decode tokens/s, peak memory (one process per model), CoTR + router
 overhead, and scaling curves. Random weights: time does not depend on their values.
 
-    python benchmarks/efficiency.py              # writes benchmarks/results/efficiency.{json,md} and plots
+    python benchmarks/efficiency.py              # writes benchmarks/results/efficiency/efficiency.{json,md} and plots
 """
 
 import argparse
@@ -493,7 +493,7 @@ def main() -> None:
                         help="only the 1B-scale section: LEO-MINI vs LLaVA-1.5 and LLaVA-NeXT, FLOPs, time and memory")
     parser.add_argument("--repeats", type=int, default=2, help="prefill repeats at the 1B scale")
     parser.add_argument("--quick", action="store_true", help="fewer repeats (smoke test, not for the table)")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "efficiency")
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(args.worker, args.quick)))

@@ -14,8 +14,8 @@ an interrupted evaluation continues on the same weights.
 
     python benchmarks/elastic.py                  # train (resumable), evaluate every budget, table and plot
     python benchmarks/elastic.py --report-only
-    python benchmarks/elastic.py --name cotr-elastic-w114 --budget-weights 1 1 4 --out benchmarks/results/elastic-w114
-    python benchmarks/elastic.py --name cotr-elastic-summed --budget-loss summed --out benchmarks/results/elastic-summed
+    python benchmarks/elastic.py --name cotr-elastic-w114 --budget-weights 1 1 4 --out benchmarks/results/elastic/w114
+    python benchmarks/elastic.py --name cotr-elastic-summed --budget-loss summed --out benchmarks/results/elastic/summed
 """
 
 import argparse
@@ -230,8 +230,8 @@ def main() -> None:
                         help="train (or find trained) and stop: e.g. to time a few steps (training.json)")
     parser.add_argument("--name", default=NAME, help="the row's name: its run folder and result file (a variant, "
                                                      "e.g. with --budget-weights, needs its own, and its own --out)")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "elastic")
-    parser.add_argument("--object-named", type=Path, default=ROOT / "benchmarks" / "results" / "object-named",
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "elastic" / "sampled")
+    parser.add_argument("--object-named", type=Path, default=ROOT / "benchmarks" / "results" / "object-named" / "unique",
                         help="object_named.py's results (the single-budget rows)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -56,7 +56,7 @@ def main() -> None:
     parser.add_argument("--visual-tokens", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work-dir", type=Path, default=ROOT / "benchmarks" / ".work")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "feature_cache_speedup")
     args = parser.parse_args()
     torch.set_num_threads(2)
     shutil.rmtree(args.work_dir / "speedup-cache", ignore_errors=True)  # the cold run must start empty

@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--budgets", type=int, nargs="+", default=[1, 16], choices=ELASTIC_BUDGETS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work-dir", type=Path, default=ROOT / "benchmarks" / ".work")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "object-distinct")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "object-named" / "distinct")
     args = parser.parse_args()
     torch.set_num_threads(2)
     weights = args.work_dir / "runs" / "elastic" / f"seed-{args.seed}" / "cotr-elastic" / "trained.safetensors"

@@ -16,7 +16,7 @@ Resumable: a row's JSON is skipped when present; a row interrupted while trainin
     python benchmarks/object_named.py                         # every row at seed 0, then table and plot
     python benchmarks/object_named.py --seed 1 --only cotr-1 cotr-4 avgpool-1 avgpool-4
     python benchmarks/object_named.py --report-only
-    python benchmarks/object_named.py --layout distinct --only cotr-1 queries-1   # results/object-distinct
+    python benchmarks/object_named.py --layout distinct --only cotr-1 queries-1   # results/object-named/distinct
 
 `--layout distinct` trains and tests on `DistinctObjectMosaicDataset` instead: every mosaic holds one object of each
 shape in three different colours, so no tile stands out unless the question names it (the issue's layout lets a
@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from common import (GRIDS, OBJECT_NAMED_FOLDERS, ROOT, SHORT_TYPE_NAMES, WARM_PARTS, AttentionShareProbe,
+from common import (GRIDS, OBJECT_NAMED_FOLDERS, OBJECT_NAMED_RESULTS, SHORT_TYPE_NAMES, WARM_PARTS, AttentionShareProbe,
                     TrainingTimer, accuracy_by_tokens_figure, add_object_named_arguments, display_path,
                     named_cell_shares, share_cell, train_resumably, warm_start, with_std_errors, write_results)
 from leo_mini_hf.conversion.smol import assemble_leo_mini_smol
@@ -230,9 +230,9 @@ def main() -> None:
     parser.add_argument("--layout", choices=LAYOUTS, default="unique",
                         help="unique: the issue's mosaics (one tile of the named value, the others filled); distinct: "
                              "three objects of distinct shapes and colours, blanks elsewhere (no odd one out)")
-    parser.add_argument("--out", type=Path, help="default: results/object-named (unique) or results/object-distinct")
+    parser.add_argument("--out", type=Path, help="default: results/object-named/unique or results/object-named/distinct")
     args = parser.parse_args()
-    args.out = args.out or ROOT / "benchmarks" / "results" / OBJECT_NAMED_FOLDERS[args.layout]
+    args.out = args.out or OBJECT_NAMED_RESULTS[args.layout]
     torch.set_num_threads(args.threads)
     for name in [] if args.report_only else args.only or ROWS:
         path = args.out / f"seed-{args.seed}" / f"{name}.json"

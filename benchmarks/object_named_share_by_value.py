@@ -4,7 +4,7 @@ named shape. A reducer that selects by the question spreads its share evenly ove
 fixed shape detector has a high share when its shape is named and a low one otherwise.
 
     python benchmarks/object_named_share_by_value.py [--row cotr-1] [--questions 150]
-    python benchmarks/object_named_share_by_value.py --layout distinct --row cotr-1   # results/object-distinct
+    python benchmarks/object_named_share_by_value.py --layout distinct --row cotr-1   # results/object-named/distinct
     python benchmarks/object_named_share_by_value.py --row cotr-1 --seed 1 --kind shape-of-colour
     python benchmarks/object_named_share_by_value.py --elastic-run benchmarks/.work/runs/elastic/seed-0/cotr-elastic
 
@@ -29,7 +29,7 @@ from typing import NamedTuple
 
 import torch
 
-from common import (GRIDS, OBJECT_NAMED_FOLDERS, ROOT, assemble_elastic_model, load_object_named_row,
+from common import (GRIDS, OBJECT_NAMED_RESULTS, ROOT, assemble_elastic_model, load_object_named_row,
                     load_trained_weights, named_tile_shares, score_term_spreads, write_results)
 from leo_mini_hf.easyvqa.dataset import SHAPES
 from leo_mini_hf.easyvqa.evaluation import answer_questions, normalise_answer
@@ -94,9 +94,9 @@ def main() -> None:
     parser.add_argument("--work-dir", type=Path, default=ROOT / "benchmarks" / ".work")
     parser.add_argument("--layout", choices=LAYOUTS, default="unique", help="the object-named layout of the row and "
                         "its test mosaics (object_named.py --layout)")
-    parser.add_argument("--out", type=Path, help="default: results/object-named (unique) or results/object-distinct")
+    parser.add_argument("--out", type=Path, help="default: results/object-named/unique or results/object-named/distinct")
     args = parser.parse_args()
-    args.out = args.out or ROOT / "benchmarks" / "results" / OBJECT_NAMED_FOLDERS[args.layout]
+    args.out = args.out or OBJECT_NAMED_RESULTS[args.layout]
     torch.set_num_threads(2)
     row_label = args.row if args.seed == 0 else f"{args.row}-seed{args.seed}"  # a seed-1 row keeps seed 0's result
     label = args.label or (f"elastic-{args.elastic_run.name}" if args.elastic_run else row_label)

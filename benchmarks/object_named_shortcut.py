@@ -136,7 +136,7 @@ def main() -> None:
     parser.add_argument("--questions", type=int, default=100, help="test questions per type and grid")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work-dir", type=Path, default=ROOT / "benchmarks" / ".work")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "object-named")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "object-named" / "unique")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--name", default="shortcut", help="the result files' name in --out (default: shortcut)")
     args = parser.parse_args()

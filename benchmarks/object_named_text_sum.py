@@ -53,7 +53,7 @@ def main() -> None:
     parser.add_argument("--questions", type=int, default=150, help="test questions per grid (a third per type)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work-dir", type=Path, default=ROOT / "benchmarks" / ".work")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "object-named")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "object-named" / "unique")
     args = parser.parse_args()
     model, processor = assemble_leo_mini_smol(args.work_dir / "parts", num_visual_tokens=1)
     user_processor = LeoMiniProcessor(processor.image_processor, processor.tokenizer,

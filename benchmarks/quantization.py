@@ -54,7 +54,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--questions", type=int, default=100, help="seeded easy-vqa test sample")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "quantization"))
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "quantization" / "quantization"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     folder = demo_checkpoint()
