@@ -389,3 +389,10 @@ def test_lmms_eval_model_takes_a_budget(elastic_checkpoint):
         assert (lmms._inputs([sample])["input_ids"] == lmms.processor.image_token_id).sum() == expected
     with pytest.raises(ValueError, match="num_visual_tokens=3 is not one of"):
         LeoMiniLmms(pretrained=str(elastic_checkpoint), device="cpu", num_visual_tokens=3)
+
+
+def test_the_random_demo_checks_a_budget_with_the_processors_check(capsys):
+    with pytest.raises(SystemExit):
+        cli(["demo", "--preset", "tiny", "--num-visual-tokens", "3"])
+    assert "num_visual_tokens=3 is not one of this model's visual-token budgets: its fixed N_V is [4]" in \
+        capsys.readouterr().err

@@ -152,6 +152,7 @@ def run_random_demo(preset: str, seed: int, max_new_tokens: int, num_visual_toke
     budget of an elastic preset)."""
     from .modeling import LeoMiniForConditionalGeneration
     from .presets import preset_config
+    from .processor.processing_leo_mini import check_visual_token_budgets
 
     torch.manual_seed(seed)
     config = preset_config(preset)
@@ -165,9 +166,7 @@ def run_random_demo(preset: str, seed: int, max_new_tokens: int, num_visual_toke
         print(f"  expert {index}: {type(expert.model).__name__:<24} {expert.num_tokens:>5} tokens x {expert.hidden_size}")
     tokens_before = sum(expert.num_tokens for expert in experts)
     num_visual_tokens = num_visual_tokens or config.num_image_tokens
-    if num_visual_tokens not in config.visual_token_budgets:
-        raise ValueError(f"--num-visual-tokens {num_visual_tokens} is not one of this model's budgets "
-                         f"{config.visual_token_budgets}")
+    check_visual_token_budgets(num_visual_tokens, 1, config.visual_token_budgets, config.cotr_budgets is not None)
     print(f"visual tokens per image: {tokens_before} from the experts -> {num_visual_tokens} after "
           f"{REDUCTION_NAMES[config.token_reduction]}{budgets_note(config)}")
 

@@ -71,6 +71,22 @@ def shift_span(span: tuple[int, int], replacement_offsets: list[dict]) -> tuple[
     return shift(span[0]), shift(span[1])
 
 
+def check_visual_token_budgets(num_visual_tokens, num_texts: int, budgets: list[int], elastic: bool) -> list[int]:
+    """The one check of a visual-token budget: `num_visual_tokens` (an int, or one int per text) → one budget per
+    text, each one of `budgets` (an elastic model's `cotr_budgets`, or its fixed N_V), or a clear error."""
+    per_text = num_visual_tokens if isinstance(num_visual_tokens, (list, tuple)) else [num_visual_tokens] * num_texts
+    if len(per_text) != num_texts:
+        raise ValueError(f"num_visual_tokens has {len(per_text)} values for {num_texts} text(s)")
+    for budget in per_text:
+        if isinstance(budget, bool) or not isinstance(budget, int):
+            raise TypeError(f"num_visual_tokens must be an int or a list of ints, got {num_visual_tokens!r}")
+        if budget not in budgets:
+            kind = "budgets are" if elastic else "fixed N_V is"
+            raise ValueError(f"num_visual_tokens={budget} is not one of this model's visual-token budgets: its "
+                             f"{kind} {list(budgets)}")
+    return list(per_text)
+
+
 def _is_empty_media(media) -> bool:
     """None or an empty list/tuple, also nested (lmms-eval passes one empty list per sample)."""
     return media is None or (isinstance(media, (list, tuple)) and all(_is_empty_media(item) for item in media))
@@ -226,23 +242,11 @@ class LeoMiniProcessor(ProcessorMixin):
 
     def budgets_per_text(self, num_visual_tokens, num_texts: int) -> list[int]:
         """`num_visual_tokens` (None, an int, or one int per text) → the image tokens per image of each text, each
-        checked against the model's budgets."""
-        allowed = self.visual_token_budgets or [self.num_image_tokens]
+        checked against the model's budgets (`check_visual_token_budgets`)."""
         if num_visual_tokens is None:
             return [self.num_image_tokens] * num_texts
-        per_text = num_visual_tokens
-        if not isinstance(num_visual_tokens, (list, tuple)):
-            per_text = [num_visual_tokens] * num_texts
-        if len(per_text) != num_texts:
-            raise ValueError(f"num_visual_tokens has {len(per_text)} values for {num_texts} text(s)")
-        for budget in per_text:
-            if isinstance(budget, bool) or not isinstance(budget, int):
-                raise TypeError(f"num_visual_tokens must be an int or a list of ints, got {num_visual_tokens!r}")
-            if budget not in allowed:
-                kind = "budgets are" if self.visual_token_budgets else "fixed N_V is"
-                raise ValueError(f"num_visual_tokens={budget} is not one of this model's visual-token budgets: its "
-                                 f"{kind} {allowed}")
-        return list(per_text)
+        return check_visual_token_budgets(num_visual_tokens, num_texts, self.visual_token_budgets or
+                                          [self.num_image_tokens], elastic=self.visual_token_budgets is not None)
 
     def expand_image_placeholders(self, text: str, num_visual_tokens: int | None = None) -> tuple[str, list[dict]]:
         """Each placeholder → `num_visual_tokens` (default `num_image_tokens`) image tokens; also returns where each
