@@ -108,3 +108,36 @@ def test_the_demo_cache_never_deletes_what_the_package_did_not_write(tmp_path, m
     built = []
     monkeypatch.setattr(demo, "build_demo_checkpoint", lambda path, progress=None: built.append(path) or path)
     assert demo.demo_checkpoint() == folder and built == [folder] and not folder.exists()
+
+
+@pytest.mark.slow
+def test_a_demo_killed_while_converting_leaves_a_cache_the_next_demo_uses(tmp_path):
+    """Killed while the LLM part was being written, the first demo left `parts/llm/` with config.json and a temporary
+    file, and every later demo failed. Parts are now written atomically: the next demo converts again and answers.
+    A part an older version left half-written in place is replaced too."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "LEO_MINI_CACHE": str(tmp_path)}
+    command = [sys.executable, "-m", "leo_mini_hf.cli", "demo"]
+    first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and first.poll() is None:
+        staging = list((tmp_path / "parts").glob(".llm.partial.*")) if (tmp_path / "parts").is_dir() else []
+        if staging and (staging[0] / "config.json").exists():  # the LLM's save has begun
+            break
+        time.sleep(0.05)
+    assert first.poll() is None, "the demo ended before the LLM part was being written"
+    first.kill()
+    first.wait()
+    assert not (tmp_path / "parts" / "llm").exists()
+    legacy = tmp_path / "parts" / "mobilenet_v2"  # as an older version left it: written in place, cut short
+    legacy.mkdir()
+    (legacy / "config.json").write_text("{}")
+    (legacy / "tmpk2j4x9.safetensors").write_bytes(b"cut")
+    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "6/6 bundled questions answered correctly" in second.stdout
+    assert sorted(path.name for path in (tmp_path / "parts").iterdir()) == [".lock", "llm", "mobilenet_v2"]

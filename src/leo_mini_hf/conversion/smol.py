@@ -1,9 +1,14 @@
 """The `leo-mini-smol` preset: SmolLM2-135M-Instruct + ImageNet MobileNetV2, from packages installed offline."""
 
 import importlib.util
+import re
+import shutil
 import tempfile
 from pathlib import Path
 
+from filelock import FileLock
+
+from ..folders import write_folder_atomically
 from ..hub.checkpoint_folder import save_for_hub
 from ..presets import SMOL_IMAGE_SIZE, SMOL_OPTIONS
 from .gguf_llm import convert_gguf_llm
@@ -31,15 +36,40 @@ def installed_asset(part: str) -> Path:
     return path
 
 
+# the files that make a converted part complete; a part folder without all of them was cut short
+PART_FILES = {"llm": ("config.json", "model.safetensors", "tokenizer.json"),
+              "mobilenet_v2": ("config.json", "model.safetensors")}
+# what a transformers save writes in place (older versions converted into the part folder itself)
+SAVE_FILE = re.compile(r"^(\.?tmp.*|.*\.safetensors|.*\.json|chat_template\.jinja|tokenizer.*)$")
+
+
 def convert_smol_parts(parts_dir) -> tuple[Path, Path]:
-    """The two pretrained parts as transformers folders under `parts_dir` (converted once, then reused)."""
+    """The two pretrained parts as transformers folders under `parts_dir`, converted once, then reused. Each part is
+    written atomically (`write_folder_atomically`) under a file lock, so a run killed mid-conversion leaves no
+    half-written part and two runs never convert at once."""
     parts_dir = Path(parts_dir)
-    llm_dir, expert_dir = parts_dir / "llm", parts_dir / "mobilenet_v2"
-    if not (llm_dir / "config.json").is_file():
-        convert_gguf_llm(installed_asset("llm"), llm_dir)
-    if not (expert_dir / "config.json").is_file():
-        convert_mobilenet_v2(installed_asset("mobilenet_v2"), expert_dir)
-    return llm_dir, expert_dir
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    converters = {"llm": convert_gguf_llm, "mobilenet_v2": convert_mobilenet_v2}
+    with FileLock(parts_dir / ".lock"):
+        for name, convert in converters.items():
+            folder = parts_dir / name
+            if all((folder / file).is_file() for file in PART_FILES[name]):
+                continue
+            if folder.exists():
+                remove_part_cut_short(folder)
+            write_folder_atomically(folder, lambda staging, name=name, convert=convert:
+                                    convert(installed_asset(name), staging))
+    return parts_dir / "llm", parts_dir / "mobilenet_v2"
+
+
+def remove_part_cut_short(folder: Path) -> None:
+    """Remove a part folder an older version left half-written (files a transformers save writes, no more); refuse
+    anything else rather than delete what the package did not write."""
+    others = [path.name for path in folder.iterdir() if not (path.is_file() and SAVE_FILE.match(path.name))]
+    if others:
+        raise ValueError(f"{folder} is incomplete and holds files leo-mini-hf did not write ({others[:3]}); move it "
+                         "away, or set LEO_MINI_CACHE to another folder")
+    shutil.rmtree(folder)
 
 
 def assemble_leo_mini_smol(parts_dir, **config_overrides):
