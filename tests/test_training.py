@@ -631,3 +631,13 @@ def test_a_final_save_cut_short_is_refused_on_load(tmp_path, monkeypatch, tiny_c
     assert (tmp_path / "cut" / "model.safetensors").is_file()
     with pytest.raises(ValueError, match="was not completely written"):
         LeoMiniForConditionalGeneration.from_pretrained(tmp_path / "cut")
+
+
+def test_the_training_package_exports_its_public_names():
+    import leo_mini_hf.training as training
+    from leo_mini_hf.training import LeoMiniDataCollator as Collator, LeoMiniTrainer as Trainer  # the README's import
+
+    assert Trainer is LeoMiniTrainer and Collator is LeoMiniDataCollator
+    assert all(getattr(training, name) is not None for name in training.__all__)
+    with pytest.raises(ImportError):
+        from leo_mini_hf.training import LeoMiniCollator  # noqa: F401  (not a name of ours)
