@@ -395,16 +395,14 @@ def test_in_a_real_browser_upload_ask_and_see_the_answer_and_heat_map(smol_app, 
 
 @pytest.mark.slow
 def test_the_space_folder_starts_and_answers_once(tiny_checkpoint, tmp_path):
-    space = write_space(tmp_path / "space", str(tiny_checkpoint))
-    assert sorted(path.name for path in space.iterdir()) == ["README.md", "app.py", "examples", "leo_mini_app.py",
-                                                             "requirements.txt"]
-    readme = (space / "README.md").read_text()
-    assert readme.startswith("---\ntitle: LEO-MINI\n") and "sdk: gradio\n" in readme and "app_file: app.py" in readme
-    import gradio
-
-    requirements = (space / "requirements.txt").read_text().split()
-    assert f"gradio=={gradio.__version__}" in requirements and any(r.startswith("torch==") for r in requirements)
-    assert str(tiny_checkpoint.resolve()) in (space / "app.py").read_text()
+    """A local checkpoint goes into the Space itself (--bundle): the Space runs with no path of this machine."""
+    space = write_space(tmp_path / "space", str(tiny_checkpoint), bundle=True)
+    assert sorted(path.name for path in space.iterdir()) == [".gitattributes", "README.md", "app.py", "examples",
+                                                             "leo_mini_app.py", "model", "requirements.txt"]
+    assert "main('model', examples_dir='examples')" in (space / "app.py").read_text()
+    assert str(tmp_path) not in (space / "app.py").read_text() + (space / "README.md").read_text()
+    assert (space / "model" / "model.safetensors").is_file()
+    assert "*.safetensors filter=lfs" in (space / ".gitattributes").read_text()
     port = free_port()
     env = {**os.environ, "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port), "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": ""}
@@ -435,6 +433,51 @@ def test_space_refuses_a_model_that_is_neither_a_folder_nor_a_repo_id(tmp_path, 
             cli(["space", "--out", str(tmp_path / "space"), "--model", model])
         assert "checkpoint folder" in capsys.readouterr().err
     assert not (tmp_path / "space").exists()
+
+
+def test_space_refuses_a_local_folder_unless_asked_to_bundle_it(tiny_checkpoint, tmp_path, capsys):
+    """A local path in app.py gave a pushed Space no model, and nothing warned."""
+    with pytest.raises(SystemExit):
+        cli(["space", "--out", str(tmp_path / "space"), "--model", str(tiny_checkpoint)])
+    error = capsys.readouterr().err
+    assert "a pushed Space cannot read" in error and "--bundle" in error
+    assert not (tmp_path / "space").exists()
+    with pytest.raises(SystemExit):
+        cli(["space", "--out", str(tmp_path / "space"), "--model", "org/name", "--bundle"])
+    assert "--bundle copies a local checkpoint folder" in capsys.readouterr().err
+
+
+def test_space_metadata_and_requirements_for_a_hub_model(tmp_path):
+    import gradio
+    import torch
+
+    space = write_space(tmp_path / "space", "org/leo-mini-smol")
+    assert "main('org/leo-mini-smol', examples_dir='examples')" in (space / "app.py").read_text()
+    readme = (space / "README.md").read_text()
+    header = readme.split("---\n")[1]
+    for field in ("title: LEO-MINI\n", "sdk: gradio\n", "app_file: app.py\n", "license: apache-2.0\n",
+                  "short_description: ", "models:\n  - org/leo-mini-smol\n"):
+        assert field in header, field
+    requirements = (space / "requirements.txt").read_text().splitlines()
+    assert requirements[0] == "--extra-index-url https://download.pytorch.org/whl/cpu"  # not the CUDA wheel
+    assert f"torch=={torch.__version__.split('+')[0]}+cpu" in requirements
+    assert f"gradio=={gradio.__version__}" in requirements
+
+
+def test_space_without_gradio_says_how_to_install_it(monkeypatch, tmp_path, capsys):
+    from importlib.metadata import PackageNotFoundError
+
+    import leo_mini_hf.app.serve as serve
+
+    def version(package):
+        if package == "gradio":
+            raise PackageNotFoundError(package)
+        return "1.0"
+    monkeypatch.setattr(serve, "version", version)
+    with pytest.raises(SystemExit):
+        cli(["space", "--out", str(tmp_path / "space"), "--model", "org/name"])
+    error = capsys.readouterr().err
+    assert "pip install 'leo-mini-hf[app]'" in error and "Traceback" not in error
 
 
 def test_serve_without_gradio_says_how_to_install_it(monkeypatch, capsys):

@@ -50,7 +50,7 @@ def run_serve(args: argparse.Namespace) -> None:
 def run_space(args: argparse.Namespace) -> None:
     from .app.serve import write_space
 
-    print(f"wrote {write_space(args.out, args.model)}: a Gradio Space for {args.model}")
+    print(f"wrote {write_space(args.out, args.model, bundle=args.bundle)}: a Gradio Space for {args.model}")
 
 
 def run_build(args: argparse.Namespace) -> None:
@@ -136,7 +136,10 @@ def main(argv: list[str] | None = None) -> None:
 
     space = commands.add_parser("space", help="write a folder that runs the web demo as a Hugging Face Space")
     space.add_argument("--out", required=True)
-    space.add_argument("--model", required=True, help="Hub repo id (ORG/NAME) or local checkpoint folder")
+    space.add_argument("--model", required=True,
+                       help="Hub repo id (ORG/NAME), or a local checkpoint folder with --bundle")
+    space.add_argument("--bundle", action="store_true",
+                       help="copy the local --model folder into the Space (its weights go through Git LFS)")
     space.set_defaults(handler=run_space)
 
     build = commands.add_parser("build", help="write a complete LEO-MINI checkpoint folder")
