@@ -48,10 +48,12 @@ def test_bundled_questions_exist():
 def test_eval_command(tiny_checkpoint, capsys):
     pytest.importorskip("easy_vqa")
     cli(["eval", "--model", str(tiny_checkpoint), "--split", "test", "--limit", "6", "--batch-size", "3"])
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     result = json.loads(printed[: printed.index("\n|")])
     assert result["count"] == 6 and 0.0 <= result["accuracy"] <= 1.0
     assert "| all |" in printed
+    assert "answering: 100%" in captured.err and "6/6" in captured.err  # the progress bar, on stderr
 
 
 def test_eval_command_on_mosaics_with_swapped_images(tiny_checkpoint, capsys):

@@ -200,3 +200,35 @@ def test_half_precision_image_tensors_are_read_like_float32_ones(processor, dtyp
     """A bfloat16 tensor image (numpy has no bfloat16) gives the pixels of its float32 values."""
     image = torch.linspace(0, 1, 3 * 8 * 8).reshape(3, 8, 8).to(dtype)
     np.testing.assert_array_equal(processor(image)["pixel_values"], processor(image.float())["pixel_values"])
+
+
+def test_chat_images_by_url_or_base64_are_read_like_the_file(tmp_path, tiny_processor):
+    """As transformers' VLMs accept them in chat messages: an http(s) URL (fetched with `load_image`), a
+    `data:image/...;base64,` URL or bare base64 — each gives the pixels of the same image read from its file."""
+    import base64
+    import functools
+    import http.server
+    import threading
+
+    Image.fromarray(np.arange(16 * 16 * 3, dtype=np.uint8).reshape(16, 16, 3)).save(tmp_path / "pic.png")
+    encoded = base64.b64encode((tmp_path / "pic.png").read_bytes()).decode()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        sources = [{"path": str(tmp_path / "pic.png")}, {"url": f"http://127.0.0.1:{server.server_port}/pic.png"},
+                   {"url": f"data:image/png;base64,{encoded}"}, {"base64": encoded}, {"image": encoded}]
+        pixels = []
+        for source in sources:
+            chat = [{"role": "user", "content": [{"type": "image", **source}, {"type": "text", "text": "What?"}]}]
+            pixels.append(tiny_processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=True,
+                                                             return_dict=True, return_tensors="pt")["pixel_values"])
+    finally:
+        server.shutdown()
+    for got in pixels[1:]:
+        torch.testing.assert_close(got, pixels[0], rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"Image file not found: 'missing.png' \(nor an http\(s\) URL or base64"):
+        to_rgb_image("missing.png")
+    with pytest.raises(ValueError, match="Image file not found: 'abcd'"):  # valid base64 that is no image
+        to_rgb_image("abcd")

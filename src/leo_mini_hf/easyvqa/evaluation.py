@@ -5,6 +5,7 @@ import time
 from collections import defaultdict
 
 import torch
+from tqdm.auto import tqdm
 
 from .dataset import evaluation_subset, normalise_answer, question_type
 from .registry import EVALUATION_DATASETS, evaluation_dataset
@@ -25,13 +26,16 @@ def prompt_inputs(processor, samples: list[dict], num_visual_tokens: int | None 
 
 @torch.no_grad()
 def answer_questions(model, processor, samples: list[dict], batch_size: int = 16, max_new_tokens: int = 5,
-                     num_visual_tokens: int | None = None) -> list[str]:
-    """Greedy answers for chat samples (the assistant turn, if any, is dropped), at `num_visual_tokens` per image."""
+                     num_visual_tokens: int | None = None, progress: bool = False) -> list[str]:
+    """Greedy answers for chat samples (the assistant turn, if any, is dropped), at `num_visual_tokens` per image;
+    with `progress`, a progress bar (on stderr) counts the questions answered."""
     answers = []
-    for start in range(0, len(samples), batch_size):
-        inputs = prompt_inputs(processor, samples[start:start + batch_size], num_visual_tokens)
-        generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-        answers += processor.batch_decode(generated[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    with tqdm(total=len(samples), desc="answering", unit="question", disable=not progress) as bar:
+        for start in range(0, len(samples), batch_size):
+            inputs = prompt_inputs(processor, samples[start:start + batch_size], num_visual_tokens)
+            generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+            answers += processor.batch_decode(generated[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+            bar.update(len(inputs["input_ids"]))
     return answers
 
 
@@ -63,7 +67,7 @@ def with_images_swapped(samples: list[dict], seed: int = 0) -> list[dict]:
 
 
 def evaluate_vqa(model, processor, dataset, limit: int | None = None, batch_size: int = 16, seed: int = 0,
-                 swap_images: bool = False, num_visual_tokens: int | None = None) -> dict:
+                 swap_images: bool = False, num_visual_tokens: int | None = None, progress: bool = False) -> dict:
     """Exact-match accuracy overall and per question type, on a seeded subset of `dataset`.
 
     swap_images: show each question another sample's image (`with_images_swapped`): the question-only control.
@@ -77,7 +81,8 @@ def evaluate_vqa(model, processor, dataset, limit: int | None = None, batch_size
     if swap_images:
         samples = with_images_swapped(samples, seed)
     started = time.perf_counter()
-    predictions = answer_questions(model, processor, samples, batch_size, num_visual_tokens=num_visual_tokens)
+    predictions = answer_questions(model, processor, samples, batch_size, num_visual_tokens=num_visual_tokens,
+                                   progress=progress)
     seconds = time.perf_counter() - started
     correct, total = defaultdict(int), defaultdict(int)
     for sample, prediction in zip(samples, predictions):
@@ -132,7 +137,7 @@ def evaluate_checkpoint(model_dir, dataset_name: str = "easy-vqa", split: str = 
     processor = LeoMiniProcessor.from_pretrained(model_dir)
     processor.budgets_per_text(num_visual_tokens, 1)  # a budget the model lacks is refused before any work
     result = evaluate_vqa(model, processor, dataset, limit=limit, batch_size=batch_size, seed=seed,
-                          swap_images=swap_images, num_visual_tokens=num_visual_tokens)
+                          swap_images=swap_images, num_visual_tokens=num_visual_tokens, progress=True)
     print(json.dumps(result, indent=2))
     print("\n| question type | accuracy | questions |\n|---|---|---|")
     for kind, accuracy in result["per_type"].items():

@@ -4,6 +4,9 @@ Runs on transformers' PIL backend (PIL + numpy; no torchvision). The output is t
 model's vision experts each resize and re-normalise from.
 """
 
+import base64
+import binascii
+import io
 import numbers
 import os
 import warnings
@@ -12,7 +15,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from transformers.image_processing_backends import PilBackend
 from transformers.image_processing_utils import BatchFeature
-from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling, load_image
 from transformers.processing_utils import ImagesKwargs
 
 DEFAULT_MAX_IMAGE_PIXELS = 64 * 1024 * 1024  # 64 megapixels: far above any real input, far below a bomb
@@ -48,14 +51,37 @@ def _check_size(width: int, height: int, max_image_pixels: int, source: str) -> 
         )
 
 
-def _open_image_file(path: str, max_image_pixels: int) -> Image.Image:
-    if not os.path.isfile(path):
-        raise ValueError(f"Image file not found: {path!r}")
+def _open_image_source(source: str, max_image_pixels: int) -> Image.Image:
+    """An image file path, an http(s) URL (fetched by transformers' `load_image`), a `data:image/...;base64,` URL or a
+    bare base64 string (as chat messages carry them) → a decoded PIL image, size-checked before decoding."""
+    if source.startswith(("http://", "https://")):
+        image = load_image(source, timeout=30)
+        _check_size(image.width, image.height, max_image_pixels, f"Image {source[:80]!r}")
+        return image
+    if os.path.isfile(source):
+        return _open_image_file(source, source, max_image_pixels)
+    encoded = source.split(",", 1)[1] if source.startswith("data:image/") else source
+    try:
+        data = base64.b64decode(encoded, validate=True)
+    except (ValueError, binascii.Error):
+        data = None
+    not_found = f"Image file not found: {source[:200]!r} (nor an http(s) URL or base64 image data)"
+    if not data:
+        raise ValueError(not_found)
+    try:
+        Image.open(io.BytesIO(data)).close()  # base64 text that is no image is a missing file's name
+    except (UnidentifiedImageError, OSError):
+        raise ValueError(not_found) from None
+    return _open_image_file(io.BytesIO(data), f"base64 image ({len(data):,} bytes)", max_image_pixels)
+
+
+def _open_image_file(file, name: str, max_image_pixels: int) -> Image.Image:
+    """A path or file object → a decoded PIL image; its size is checked before the pixels are decoded."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(path)
-            _check_size(image.width, image.height, max_image_pixels, f"Image file {path!r}")
+            image = Image.open(file)
+            _check_size(image.width, image.height, max_image_pixels, f"Image file {name!r}")
             previous, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
             try:
                 image.load()
@@ -63,7 +89,7 @@ def _open_image_file(path: str, max_image_pixels: int) -> Image.Image:
                 ImageFile.LOAD_TRUNCATED_IMAGES = previous
     except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError,
             Image.DecompressionBombWarning) as error:
-        raise ValueError(f"Image file {path!r} is corrupt, truncated or not an image: {error}") from error
+        raise ValueError(f"Image file {name!r} is corrupt, truncated or not an image: {error}") from error
     return image
 
 
@@ -127,7 +153,7 @@ def to_rgb_image(image, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Ima
     """
     max_image_pixels = _check_max_image_pixels(max_image_pixels)
     if isinstance(image, (str, os.PathLike)):
-        image = _open_image_file(os.fspath(image), max_image_pixels)
+        image = _open_image_source(os.fspath(image), max_image_pixels)
     elif type(image).__module__.startswith("torch") and hasattr(image, "detach"):
         if image.device.type == "meta":
             raise ValueError("The image is a meta tensor: it has a shape but no data")
