@@ -79,3 +79,43 @@ def test_a_folder_whose_save_was_cut_short_is_refused(saved):
     (folder / INCOMPLETE_MARKER).write_text("{}")
     with pytest.raises(ValueError, match="was not completely written"):
         LeoMiniForConditionalGeneration.from_pretrained(folder)
+
+
+def as_saved_before_base_linear(folder):
+    """Rewrite a checkpoint in the layout from before MMoE layers wrapped their base linear (`...down_proj.weight`
+    beside `...down_proj.general_lora_A`)."""
+    edit_weights(folder, lambda weights: weights.update(
+        {key.replace(".base_linear.", "."): weights.pop(key) for key in [k for k in weights if ".base_linear." in k]}))
+
+
+def test_a_checkpoint_from_before_base_linear_loads_and_computes_bit_identically(saved, tmp_path):
+    model, folder = saved
+    inputs = {"input_ids": torch.tensor([image_prompt(model.config)]), "pixel_values": random_pixels(model.config)}
+    expected = LeoMiniForConditionalGeneration.from_pretrained(folder).eval()(**inputs).logits
+    as_saved_before_base_linear(folder)
+    assert any(key.endswith("mlp.down_proj.weight") for key in load_file(folder / "model.safetensors"))
+    old = LeoMiniForConditionalGeneration.from_pretrained(folder).eval()
+    assert torch.equal(old(**inputs).logits, expected)
+    old.save_pretrained(tmp_path / "again")  # and saves what loads again
+    assert torch.equal(LeoMiniForConditionalGeneration.from_pretrained(tmp_path / "again").eval()(**inputs).logits,
+                       expected)
+
+
+def test_a_hub_checkpoint_from_before_base_linear_loads_on_its_first_download(saved, monkeypatch):
+    """On a checkpoint's first download its keys cannot be read before transformers fetches it: the load repeats."""
+    from leo_mini_hf.modeling import modeling_leo_mini
+
+    model, folder = saved
+    as_saved_before_base_linear(folder)
+    real = modeling_leo_mini.checkpoint_weight_files
+    calls = []
+
+    def not_downloaded_yet(*args):
+        calls.append(args)
+        return [] if len(calls) == 1 else real(*args)
+
+    monkeypatch.setattr(modeling_leo_mini, "checkpoint_weight_files", not_downloaded_yet)
+    loaded = LeoMiniForConditionalGeneration.from_pretrained(folder)
+    assert len(calls) == 3  # before, after the first load, and before the second
+    layer = loaded.model.language_model.layers[0].mlp.down_proj
+    assert torch.equal(layer.base_linear.weight, model.model.language_model.layers[0].mlp.down_proj.base_linear.weight)

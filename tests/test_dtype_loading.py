@@ -35,7 +35,7 @@ def test_every_part_takes_the_requested_dtype(parts_style_checkpoint, requested,
     model = LeoMiniForConditionalGeneration.from_pretrained(parts_style_checkpoint, dtype=requested)
     wrong = {}
     for name, param in model.named_parameters():
-        # documented: a float16 load keeps CoTR, the projector and the MMoE layers in float32
+        # documented: a float16 load keeps CoTR, the projector and the MMoE adapters and routers in float32
         want = torch.float32 if expected == torch.float16 and kept_in_float32(name, model.config) else expected
         if param.dtype != want:
             wrong[name] = param.dtype

@@ -35,7 +35,7 @@ def test_mmoe_linear_matches_formula(weighting, top_k):
     for b in range(x.shape[0]):
         for t in range(x.shape[1]):
             token = x[b, t]
-            y = layer.weight @ token + layer.bias
+            y = layer.base_linear.weight @ token + layer.base_linear.bias
             y = y + layer.scaling * layer.general_lora_B @ (layer.general_lora_A @ token)
             top = probs[b, t].topk(top_k)
             weights = top.values / top.values.sum() if weighting == "renormalized" else top.values
@@ -95,7 +95,8 @@ def test_fresh_model_equals_its_base_llm():
     base = AutoModelForCausalLM.from_config(config.text_config).eval()
     parts = model.parameter_parts()
     prefix = "model.language_model."
-    state = {f"model.{k}": v for k, v in model.model.language_model.state_dict().items() if parts[prefix + k] == "llm"}
+    state = {f"model.{k}".replace(".base_linear.", "."): v  # an MMoE layer holds the LLM's linear as its base_linear
+             for k, v in model.model.language_model.state_dict().items() if parts[prefix + k] == "llm"}
     state["lm_head.weight"] = model.lm_head.weight
     base.load_state_dict(state, strict=True)
     input_ids = torch.tensor([[1, 10, 20, 30, 40, 50]])

@@ -394,8 +394,9 @@ def test_half_precision_checkpoint_generates_from_the_processors_outputs(tiny_ch
     layer = model.model.language_model.layers[0]
     down_proj = layer.mlp.down_proj  # an MMoE layer: base linear, adapters and router
     assert model.dtype == dtype and layer.mlp.up_proj.weight.dtype == dtype
+    assert down_proj.base_linear.weight.dtype == dtype  # the base linear is the LLM's, cast like its others
     assert {model.model.token_reducer.queries.dtype, model.model.multi_modal_projector.linear_1.weight.dtype,
-            down_proj.weight.dtype, down_proj.router.context_proj.weight.dtype, down_proj.general_lora_A.dtype,
+            down_proj.router.context_proj.weight.dtype, down_proj.general_lora_A.dtype,
             down_proj.experts_lora_B.dtype} == {kept}
     image = Image.new("RGB", (40, 30), "red")
     inputs = tiny_processor(images=image, text="<image> What colour?", return_tensors="pt")

@@ -20,7 +20,7 @@ def test_every_parameter_has_one_part_by_module_class():
     assert set(dict(model.named_parameters())) <= set(parts) and set(parts.values()) == set(PARAMETER_PARTS)
     for name, module in model.named_modules():
         if isinstance(module, MMoELinear):
-            assert parts[f"{name}.weight"] == "llm"  # the frozen base linear is the LLM's
+            assert parts[f"{name}.base_linear.weight"] == "llm"  # the frozen base linear is the LLM's
             assert parts[f"{name}.general_lora_A"] == "mmoe_general_lora"
             assert parts[f"{name}.experts_lora_B"] == "mmoe_routed_lora"
         if isinstance(module, MMoERouter):

@@ -141,12 +141,13 @@ def test_generate_batches_beams_and_pipeline(model, processor):
     conversations = [chat("What colour is the big shape?", make_image(3)), chat("Shape?", make_image(4))]
     batch = inputs_for(processor, conversations)
     batched = model.generate(**batch, max_new_tokens=4, do_sample=False)
+    batched_beams = model.generate(**batch, max_new_tokens=4, do_sample=False, num_beams=2)
     for row, conversation in enumerate(conversations):
         alone = inputs_for(processor, [conversation])
-        for options in ({}, {"use_cache": False}, {"num_beams": 2}):
+        for options, expected in (({}, batched), ({"use_cache": False}, batched), ({"num_beams": 2}, batched_beams)):
             generated = model.generate(**alone, max_new_tokens=4, do_sample=False, **options)
             tokens = generated[0, alone["input_ids"].shape[1]:]
-            assert tokens.tolist() == batched[row, batch["input_ids"].shape[1]:].tolist(), (row, options)
+            assert tokens.tolist() == expected[row, batch["input_ids"].shape[1]:].tolist(), (row, options)
     at_one = inputs_for(processor, [conversations[0]], num_visual_tokens=1)
     assert (at_one["input_ids"] == processor.image_token_id).sum() == 1 and at_one["text_condition_mask"].sum() > 0
     model.generate(**at_one, max_new_tokens=2, do_sample=False)

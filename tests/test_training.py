@@ -157,7 +157,7 @@ def test_stages_set_requires_grad_exactly(tiny_checkpoint, stage):
         assert param.requires_grad == (parts[name] in STAGE_PARTS[stage]), name
     if stage == "finetune":
         assert not any(p.requires_grad for n, p in model.named_parameters() if "vision_experts" in n)
-        assert not model.model.language_model.layers[0].mlp.down_proj.weight.requires_grad
+        assert not model.model.language_model.layers[0].mlp.down_proj.base_linear.weight.requires_grad
         assert model.model.language_model.layers[0].mlp.down_proj.experts_lora_A.requires_grad
 
 
@@ -278,6 +278,67 @@ def test_train_command_end_to_end(tiny_checkpoint, tmp_path, capsys):
                            LeoMiniForConditionalGeneration.from_pretrained(tiny_checkpoint).model.token_reducer.queries)
 
 
+# ---- a quantized base (QLoRA-style) ---------------------------------------------------------------------------------
+
+def quantized(checkpoint, bits: int, stage="finetune"):
+    """The tiny checkpoint with a bitsandbytes base (its CLIP tower left out: bitsandbytes' CPU int8 matmul fails on
+    the tiny tower's outlier columns, see test_quantization.py)."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    skip = {"llm_int8_skip_modules": ["model.vision_experts", "lm_head"]}
+    config = BitsAndBytesConfig(load_in_8bit=True, **skip) if bits == 8 else BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", **skip)
+    torch.manual_seed(0)
+    model = LeoMiniForConditionalGeneration.from_pretrained(checkpoint, quantization_config=config, device_map="cpu")
+    apply_training_stage(model, stage)
+    return model
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_quantized_base_trains_leo_minis_own_parts_and_stays_frozen(tiny_checkpoint, tiny_processor, tmp_path, bits):
+    from leo_mini_hf.modeling.mmoe import MMoELinear
+
+    model = quantized(tiny_checkpoint, bits)
+    base_linear = next(module for module in model.modules() if isinstance(module, MMoELinear)).base_linear
+    assert type(base_linear).__name__ == ("Linear4bit" if bits == 4 else "Linear8bitLt")
+    frozen = frozen_fingerprint(model)
+    trainer = train(tiny_checkpoint, tiny_processor, tmp_path, overfit_set(1), model=model, max_steps=12,
+                    report_to=[])
+    trainer.train()
+    losses = losses_of(trainer)
+    assert losses[-1] < losses[0] - 0.2, losses
+    after = frozen_fingerprint(model)
+    assert all(torch.equal(after[name], tensor) for name, tensor in frozen.items())
+    assert model.is_quantized  # the Trainer's check saw it as not quantized only while it was built
+
+
+def test_a_quantized_base_refuses_to_train_its_quantized_parts(tiny_checkpoint, tiny_processor, tmp_path):
+    with pytest.raises(ValueError, match=r"stage 'full' would train quantized weights .*train stage 'finetune'"):
+        quantized(tiny_checkpoint, 4, stage="full")
+    model = quantized(tiny_checkpoint, 4)
+    model.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"no trainable parameters; .*apply_training_stage\(model, 'finetune'\)"):
+        train(tiny_checkpoint, tiny_processor, tmp_path, overfit_set(1), model=model, max_steps=1)
+
+
+def test_train_command_quantize_4bit_trains_on_a_4bit_base_and_saves_a_4bit_checkpoint(tiny_checkpoint, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from leo_mini_hf.modeling.mmoe import MMoELinear
+
+    records = [{"id": str(i), "image": "red.png", "conversations": [{"from": "human", "value": "<image>\nColour?"},
+                                                                   {"from": "gpt", "value": "red"}]} for i in range(8)]
+    out = tmp_path / "run"
+    cli(["train", "--model", str(tiny_checkpoint), "--data", str(write_records(tmp_path, records)), "--output_dir",
+         str(out), "--max_steps", "2", "--per_device_train_batch_size", "4", "--use_cpu", "--report_to", "none",
+         "--quantize", "4bit"])
+    trained = LeoMiniForConditionalGeneration.from_pretrained(out)
+    assert trained.is_quantized
+    assert type(next(m for m in trained.modules() if isinstance(m, MMoELinear)).base_linear).__name__ == "Linear4bit"
+    assert not torch.equal(trained.model.token_reducer.queries,
+                           LeoMiniForConditionalGeneration.from_pretrained(tiny_checkpoint).model.token_reducer.queries)
+
+
 # ---- PEFT -------------------------------------------------------------------------------------------------------
 
 def test_peft_lora_round_trip(tiny_checkpoint, tiny_processor, tmp_path):
@@ -308,6 +369,43 @@ def test_peft_lora_round_trip(tiny_checkpoint, tiny_processor, tmp_path):
         merged = reloaded.merge_and_unload()
         torch.testing.assert_close(merged(**inputs).logits, expected, rtol=1e-4, atol=1e-4)
     assert type(merged).__name__ == "LeoMiniForConditionalGeneration"
+
+
+def test_peft_all_linear_trains_and_merges_without_unloading_the_mmoe_layers(tiny_checkpoint, tiny_processor):
+    from peft import LoraConfig, get_peft_model
+
+    from leo_mini_hf.modeling.mmoe import MMoELinear
+
+    peft_model = get_peft_model(load(tiny_checkpoint), LoraConfig(r=2, target_modules="all-linear",
+                                                                  init_lora_weights=False))
+    batch = LeoMiniDataCollator(tiny_processor)(overfit_set(1)[:2])
+    peft_model(**batch).loss.backward()
+    trained = {name for name, param in peft_model.named_parameters() if param.grad is not None}
+    assert any(".down_proj.base_linear.lora_A." in name for name in trained)  # the MMoE layers' base linears
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    peft_model.eval()
+    with torch.no_grad():
+        expected = peft_model(**inputs).logits
+        merged = peft_model.merge_and_unload()
+        torch.testing.assert_close(merged(**inputs).logits, expected, rtol=1e-4, atol=1e-4)
+    assert sum(isinstance(module, MMoELinear) for module in merged.modules()) == merged.config.text_config.num_hidden_layers
+
+
+def test_llm_linear_names_adapt_the_llm_alone(tiny_checkpoint):
+    from peft import LoraConfig, get_peft_model
+
+    from leo_mini_hf.training import llm_linear_names
+
+    model = load(tiny_checkpoint)
+    names = llm_linear_names(model)
+    layers = model.config.text_config.num_hidden_layers
+    assert all(name.startswith("model.language_model.layers.") for name in names)
+    assert sum(name.endswith(".mlp.down_proj.base_linear") for name in names) == layers
+    assert sum(name.endswith(".self_attn.q_proj") for name in names) == layers  # not the CLIP expert's q_proj
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=names))
+    adapted = {name.split(".lora_A.")[0].removeprefix("base_model.model.")
+               for name, _ in peft_model.named_parameters() if ".lora_A." in name}
+    assert adapted == set(names)
 
 
 # ---- two processes ------------------------------------------------------------------------------------------------

@@ -106,6 +106,14 @@ def copy_llm_weights_exactly(model, llm_state: dict, lm_head_state: dict) -> Non
     prefix = "model.language_model."
     adapter_keys = {name.removeprefix(prefix) for name, part in model.parameter_parts().items()
                     if part.startswith("mmoe_") and name.startswith(prefix)}
+    own_keys = set(model.language_model.state_dict())
+
+    def own_key(key: str) -> str:  # an MMoE layer holds the LLM's linear as its `base_linear`
+        layer, _, name = key.rpartition(".")
+        wrapped = f"{layer}.base_linear.{name}"
+        return wrapped if key not in own_keys and wrapped in own_keys else key
+
+    llm_state = {own_key(key): tensor for key, tensor in llm_state.items()}
     copy_weights_exactly(model.language_model, llm_state, "LLM", allowed_missing=adapter_keys)
     if not model.config.tie_word_embeddings:
         copy_weights_exactly(model.lm_head, lm_head_state, "LM head")

@@ -89,25 +89,30 @@ class MMoERouter(nn.Module):
         return self.out_proj(F.gelu(routed))
 
 
-class MMoELinear(nn.Linear):
-    """An `nn.Linear` that keeps its own weight and bias (checkpoint keys unchanged) and adds MMoE LoRA terms."""
+class MMoELinear(nn.Module):
+    """An LLM linear (`base_linear`) plus MMoE's LoRA terms, as PEFT's LoRA layers wrap theirs (under another name:
+    PEFT takes any module with a `base_layer` for one of its own and would unload it in `merge_and_unload`).
+
+    The base linear stays the LLM's own module: a requested dtype casts it and a quantization backend quantizes or
+    replaces it like every other LLM linear. The adapters (general and routed LoRA, the router) are this layer's own
+    parameters and keep their own dtype (float32 in a float16 load: `trained_module_patterns`).
+    """
 
     # The adapter parameters this layer adds, and the part of the model each belongs to (as PEFT's LoRA layers
-    # declare `adapter_layer_names`); `weight` and `bias` stay the base LLM's. The router is an `MMoERouter`.
+    # declare `adapter_layer_names`); `base_linear` stays the base LLM's. The router is an `MMoERouter`.
     adapter_parameter_parts = {"general_lora_A": "mmoe_general_lora", "general_lora_B": "mmoe_general_lora",
                                "experts_lora_A": "mmoe_routed_lora", "experts_lora_B": "mmoe_routed_lora"}
 
-    def __init__(self, base: nn.Linear, config, context_dim: int, name: str):
-        nn.Module.__init__(self)  # not nn.Linear.__init__: the base weight is reused, never reallocated
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight
-        self.bias = base.bias
+    def __init__(self, base_linear: nn.Linear, config, context_dim: int, name: str):
+        super().__init__()
+        self.base_linear = base_linear
+        self.in_features, self.out_features = base_linear.in_features, base_linear.out_features
         rank, num_experts = config.mmoe_rank, config.mmoe_num_experts
         self.scaling = config.mmoe_alpha / rank
         self.top_k = config.mmoe_top_k
         self.expert_weighting = config.mmoe_expert_weighting
         self.layer_name = name
-        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        factory = {"device": base_linear.weight.device, "dtype": base_linear.weight.dtype}
         self.dropout = nn.Dropout(config.mmoe_dropout)
         self.general_lora_A = nn.Parameter(torch.empty(rank, self.in_features, **factory))
         self.general_lora_B = nn.Parameter(torch.empty(self.out_features, rank, **factory))
@@ -149,12 +154,13 @@ class MMoELinear(nn.Linear):
         return torch.zeros_like(probs).scatter(-1, top_experts, top_probs).to(hidden_states.dtype)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """hidden_states (B, T, in_features) → (B, T, out_features), in the input's dtype. The layer computes in its
-        own dtype: float32 in a float16 load (`_keep_in_fp32_modules`), never quantized."""
+        """hidden_states (B, T, in_features) → (B, T, out_features), in the input's dtype. The base linear computes as
+        loaded (cast or quantized); the LoRA terms in the adapters' own dtype, added to the base output there."""
         input_dtype = hidden_states.dtype
-        hidden_states = hidden_states.to(self.weight.dtype)
-        output = F.linear(hidden_states, self.weight, self.bias)
+        output = self.base_linear(hidden_states)
+        hidden_states = hidden_states.to(self.general_lora_A.dtype)
         lora_input = self.dropout(hidden_states)
+        output = output.to(hidden_states.dtype)
         output = output + self.scaling * (lora_input @ self.general_lora_A.T) @ self.general_lora_B.T
         if self.num_experts:
             weights = self.expert_weights(hidden_states)  # (B, T|1, E)
@@ -162,6 +168,24 @@ class MMoELinear(nn.Linear):
             expert_hidden = expert_hidden * weights.unsqueeze(-1)
             output = output + self.scaling * torch.einsum("bter,eor->bto", expert_hidden, self.experts_lora_B)
         return output.to(input_dtype)
+
+
+def base_linear_key_mapping(checkpoint_keys) -> dict[str, str]:
+    """`key_mapping` for `from_pretrained` from a checkpoint saved before MMoE layers wrapped their base linear.
+
+    Such a checkpoint holds an MMoE layer's base weight beside its adapters (`...down_proj.weight` next to
+    `...down_proj.general_lora_A`); today's layer holds it in `base_linear` (`...down_proj.base_linear.weight`).
+    Returns {old key: new key} for exactly those keys ({} for a checkpoint in today's layout). (transformers keeps the
+    mapping on the loaded model and saves it in the layout it was loaded from.)
+    """
+    keys = set(checkpoint_keys)
+    mapping = {}
+    for key in keys:
+        if key.endswith(".general_lora_A"):
+            layer = key.removesuffix("general_lora_A")
+            mapping.update({layer + name: f"{layer}base_linear.{name}" for name in ("weight", "bias")
+                            if layer + name in keys})
+    return mapping
 
 
 class MMoE:
@@ -173,7 +197,7 @@ class MMoE:
     """
 
     def __init__(self, language_model: nn.Module, config, context_dim: int):
-        """Replace every `nn.Linear` of `language_model` named in `config.mmoe_target_modules` by an `MMoELinear`."""
+        """Wrap every `nn.Linear` of `language_model` named in `config.mmoe_target_modules` in an `MMoELinear`."""
         targets = set(config.mmoe_target_modules)
         self.layers: list[MMoELinear] = []
         for parent_name, parent in list(language_model.named_modules()):

@@ -14,10 +14,12 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .configuration_leo_mini import LeoMiniConfig
-from .mmoe import MMoE, MMoELinear, MMoERouter, MMoERouting, load_balancing_loss, recompute_under_saved_routing
+from .mmoe import (MMoE, MMoELinear, MMoERouter, MMoERouting, base_linear_key_mapping, load_balancing_loss,
+                   recompute_under_saved_routing)
 from .token_reduction import ConditionalTokenReduction, build_token_reducer, prompt_text_mask, prompt_text_sum
 from .vision_experts import VisionExpert
-from .weight_check import check_folder_complete, check_loaded_weights, checkpoint_weight_files, non_float_weights
+from .weight_check import (check_folder_complete, check_loaded_weights, checkpoint_keys, checkpoint_weight_files,
+                           non_float_weights)
 
 # transformers 5.24 renamed the KV cache argument and output field `past_key_values` → `cache`. The forwards take
 # `cache` and accept `past_key_values` too; the installed version's name is the one passed to the LLM and returned.
@@ -188,12 +190,25 @@ class LeoMiniPreTrainedModel(PreTrainedModel):
             raise ValueError(f"fresh_parts must name parts of {PARAMETER_PARTS}, got {list(fresh_parts)}")
         subfolder = kwargs.get("subfolder", "")
         check_folder_complete(pretrained_model_name_or_path, subfolder)
+
+        def weight_files():
+            return checkpoint_weight_files(pretrained_model_name_or_path, subfolder, kwargs.get("cache_dir"),
+                                           kwargs.get("revision"))
+
+        files = weight_files()
+        key_mapping = base_linear_key_mapping(checkpoint_keys(files))  # a checkpoint from before `base_linear`
+        if key_mapping:
+            kwargs["key_mapping"] = {**key_mapping, **(kwargs.get("key_mapping") or {})}
         model, loading_info = super().from_pretrained(pretrained_model_name_or_path, *model_args,
                                                       output_loading_info=True, **kwargs)
+        if not files and base_linear_key_mapping(checkpoint_keys(weight_files())):
+            # a Hub checkpoint first downloaded by this call, in the layout from before `base_linear`: load it again,
+            # now that its keys can be read
+            return cls.from_pretrained(pretrained_model_name_or_path, *model_args, fresh_parts=fresh_parts,
+                                       output_loading_info=output_loading_info, **kwargs)
         non_float = {}
         if getattr(model.config, "quantization_config", None) is None:  # quantized weights are integers by design
-            files = checkpoint_weight_files(pretrained_model_name_or_path, subfolder, kwargs.get("cache_dir"),
-                                            kwargs.get("revision"))
+            files = files or weight_files()
             floating = {name for name, tensor in model.state_dict().items() if tensor.is_floating_point()}
             non_float = {name: dtype for name, dtype in non_float_weights(files).items() if name in floating}
         check_loaded_weights(model.parameter_parts(), loading_info, fresh_parts, non_float)
@@ -230,18 +245,18 @@ class LeoMiniPreTrainedModel(PreTrainedModel):
 
 
 def trained_module_patterns(config: LeoMiniConfig) -> list[str]:
-    """Name patterns of LEO-MINI's own modules: CoTR, the projector, and the MMoE layers (their base linear too).
+    """Name patterns of LEO-MINI's own modules: CoTR, the projector, and the MMoE adapters (LoRA and router).
 
     Declared as transformers' `_keep_in_fp32_modules`, which every quantizer leaves unquantized (and a float16 load
-    keeps in float32; each module casts its inputs to its own dtype). Whole MMoE layers are excluded because some
-    backends (bitsandbytes, quanto) replace a quantized linear by their own module, which would drop the adapters.
-    The LLM's other linears and the vision experts follow the requested dtype and quantization. Patterns match with
-    or without the top model's `model.` prefix.
+    keeps in float32; each module casts its inputs to its own dtype). An MMoE layer's base linear (`base_linear`) is
+    not among them: it follows the requested dtype and quantization like the LLM's other linears and the vision
+    experts. Patterns match with or without the top model's `model.` prefix.
     """
     patterns = [r"(model\.)?token_reducer", r"(model\.)?multi_modal_projector"]
     if config.mmoe_target_modules:
         targets = "|".join(re.escape(name) for name in config.mmoe_target_modules)
-        patterns.append(rf"(model\.)?language_model\..+\.({targets})")
+        adapters = "|".join(["router", *MMoELinear.adapter_parameter_parts])
+        patterns.append(rf"(model\.)?language_model\..+\.({targets})\.({adapters})")
     return patterns
 
 

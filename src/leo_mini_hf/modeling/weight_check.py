@@ -42,6 +42,15 @@ def checkpoint_weight_files(pretrained_model_name_or_path, subfolder: str = "", 
     return [single] if single is not None else []
 
 
+def checkpoint_keys(files: list[Path]) -> set[str]:
+    """The tensor names the safetensors files hold (headers only)."""
+    keys = set()
+    for path in files:
+        with safe_open(path, framework="pt") as weights:
+            keys.update(weights.keys())
+    return keys
+
+
 def non_float_weights(files: list[Path]) -> dict[str, str]:
     """Tensor name → safetensors dtype ("I64", "BOOL", …) of every tensor that is not floating point (headers only)."""
     found = {}

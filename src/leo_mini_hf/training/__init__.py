@@ -15,6 +15,7 @@ _EXPORTS = {
     "LlavaConversationDataset": "data",
     "apply_training_stage": "stages",
     "STAGE_PARTS": "stages",
+    "llm_linear_names": "stages",
     "VisionFeatureCache": "feature_cache",
     "BudgetSchedule": "elastic",
     "save_adapter_weights": "adapter_weights",

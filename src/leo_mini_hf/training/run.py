@@ -24,6 +24,20 @@ from .stages import apply_training_stage, format_parameter_table
 from .trainer import LeoMiniTrainer
 
 
+QUANTIZE_CHOICES = ("8bit", "4bit")
+
+
+def quantized_loading(quantize: str | None, device) -> dict:
+    """`from_pretrained` keywords for `--quantize`: bitsandbytes 8-bit or 4-bit nf4 on the training device."""
+    if quantize is None:
+        return {}
+    from transformers import BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_8bit=True) if quantize == "8bit" else BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4")
+    return {"quantization_config": config, "device_map": {"": str(device)}}
+
+
 @dataclass
 class TrainScriptArguments:
     """`leo-mini train` options beyond TrainingArguments."""
@@ -54,6 +68,13 @@ class TrainScriptArguments:
         metadata={"help": "own learning rates for model parts, comma-separated part=rate, e.g. 'token_reducer=3e-3' "
                           f"(parts: {', '.join(PARAMETER_PARTS)}); the rest train at --learning_rate, all on one "
                           "schedule"},
+    )
+    quantize: str | None = field(
+        default=None,
+        metadata={"help": "load the model's LLM and vision experts quantized with bitsandbytes ('8bit' or '4bit', nf4) "
+                          "and train LEO-MINI's own unquantized parts on that frozen base, as QLoRA does (stage "
+                          "finetune or pretrain); the final save is a quantized checkpoint",
+                  "choices": list(QUANTIZE_CHOICES)},
     )
     feature_cache_dir: str | None = field(
         default=None,
@@ -150,7 +171,8 @@ def run_training(argv: list[str]) -> None:
 
 
 def train_and_save(script: TrainScriptArguments, training: TrainingArguments) -> None:
-    model = LeoMiniForConditionalGeneration.from_pretrained(script.model)
+    model = LeoMiniForConditionalGeneration.from_pretrained(script.model,
+                                                            **quantized_loading(script.quantize, training.device))
     processor = LeoMiniProcessor.from_pretrained(script.model)
     if script.data == "easy-vqa":
         dataset = EasyVQADataset(split=script.split, limit=script.limit)

@@ -2,6 +2,8 @@
 
 from collections import defaultdict
 
+from torch import nn
+
 from ..modeling.modeling_leo_mini import PARAMETER_PARTS
 
 STAGE_PARTS = {
@@ -22,6 +24,11 @@ def apply_training_stage(model, stage: str) -> dict[str, tuple[int, int]]:
     if stage not in STAGES:
         raise ValueError(f"Unknown stage {stage!r}; choose one of {STAGES}")
     parts = model.parameter_parts()
+    quantized = [name for name, param in model.named_parameters()
+                 if parts[name] in STAGE_PARTS[stage] and not param.is_floating_point()]
+    if quantized:
+        raise ValueError(f"stage {stage!r} would train quantized weights (e.g. {quantized[:2]}), which cannot learn; "
+                         "on a quantized model train stage 'finetune' or 'pretrain' (LEO-MINI's own parts)")
     counts = defaultdict(lambda: [0, 0])
     for name, param in model.named_parameters():
         part = parts[name]
@@ -29,6 +36,19 @@ def apply_training_stage(model, stage: str) -> dict[str, tuple[int, int]]:
         counts[part][1] += param.numel()
         counts[part][0] += param.numel() if param.requires_grad else 0
     return {part: (trainable, total) for part, (trainable, total) in counts.items()}
+
+
+def llm_linear_names(model) -> list[str]:
+    """Full names of the LLM's own linears, the MMoE layers' base linears among them, not the LM head: PEFT's
+    `target_modules` that adapts the LLM alone. (`"all-linear"` adapts every linear, as in transformers' VLMs: the
+    vision experts, CoTR, the projector and the MMoE routers too.)
+
+        get_peft_model(model, LoraConfig(target_modules=llm_linear_names(model)))
+    """
+    parts = model.parameter_parts()
+    head = model.get_output_embeddings()
+    return [name for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and module is not head and parts.get(f"{name}.weight") == "llm"]
 
 
 def format_parameter_table(counts: dict[str, tuple[int, int]]) -> str:

@@ -1,5 +1,6 @@
 """`LeoMiniTrainer`: the HF Trainer, logging the MMoE balance loss on its own line, saving loadable checkpoints."""
 
+import contextlib
 import warnings
 from collections import defaultdict
 
@@ -64,6 +65,35 @@ def split_param_groups_by_part(optimizer: torch.optim.Optimizer, parameter_parts
         optimizer.add_param_group(group)
 
 
+@contextlib.contextmanager
+def quantized_base_with_own_adapters(model):
+    """Let the Trainer take a quantized LEO-MINI that trains its own unquantized modules (QLoRA-style).
+
+    transformers' Trainer refuses a quantized model without PEFT adapters ("purely quantized"). LEO-MINI carries its
+    own: CoTR, the projector and the MMoE LoRA and routers stay unquantized in every quantized load. Inside this
+    block a quantized LEO-MINI with trainable parameters passes that check (quantized weights cannot be trainable:
+    `apply_training_stage` refuses a stage that would train them); one that trains nothing, or whose backend cannot
+    train, is refused here with the reason.
+    """
+    if not getattr(model, "is_quantized", False) or getattr(model, "_hf_peft_config_loaded", False) or not hasattr(
+            model, "parameter_parts"):
+        yield
+        return
+    if not any(param.requires_grad for param in model.parameters()):
+        raise ValueError("This quantized LEO-MINI has no trainable parameters; train its own unquantized parts with "
+                         "apply_training_stage(model, 'finetune')")
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and not quantizer.is_trainable:
+        method = quantizer.quantization_config.quant_method
+        raise ValueError(f"transformers cannot train through a base quantized with {method}; quantize the base with "
+                         "bitsandbytes (8-bit or 4-bit) to train LEO-MINI's own parts on it")
+    model.is_quantized = False  # read by the Trainer's "purely quantized" check only
+    try:
+        yield
+    finally:
+        model.is_quantized = True
+
+
 class LeoMiniTrainer(Trainer):
     """Adds `aux_loss` (the unweighted MMoE load-balancing loss, mean since the last log) to the logs; training
     steps compute logits only from the first labelled position on (the loss is unchanged).
@@ -76,6 +106,9 @@ class LeoMiniTrainer(Trainer):
 
     `part_learning_rates` ({part: rate}, parts as in `model.parameter_parts()`, e.g. {"token_reducer": 3e-3}) trains
     those parts at their own learning rate instead of `args.learning_rate`, on the same schedule.
+
+    A quantized model (e.g. `BitsAndBytesConfig(load_in_4bit=True)`) trains its own unquantized parts on the frozen
+    quantized base, as QLoRA does (`quantized_base_with_own_adapters`).
     """
 
     def __init__(self, *args, budget_weights: list[float] | None = None, budget_loss: str = "sampled",
@@ -83,7 +116,8 @@ class LeoMiniTrainer(Trainer):
         if budget_loss not in BUDGET_LOSSES:
             raise ValueError(f"budget_loss must be one of {BUDGET_LOSSES}, got {budget_loss!r}")
         self.part_learning_rates = check_part_learning_rates(part_learning_rates)
-        super().__init__(*args, **kwargs)
+        with quantized_base_with_own_adapters(kwargs.get("model", args[0] if args else None)):
+            super().__init__(*args, **kwargs)
         config = self.model.config
         self.budget_schedule = None
         if getattr(config, "cotr_budgets", None) is not None:
