@@ -27,10 +27,18 @@ def folder_digest(folder) -> str:
 
 
 @pytest.fixture(scope="module")
-def exported(tiny_checkpoint, tmp_path_factory):
+def eval_result(tiny_checkpoint, tmp_path_factory):
+    path = tmp_path_factory.mktemp("eval") / "easy-vqa.json"
+    cli(["eval", "--model", str(tiny_checkpoint), "--limit", "6", "--output", str(path)])
+    return path
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_checkpoint, eval_result, tmp_path_factory):
     out = tmp_path_factory.mktemp("export") / "leo-mini-tiny"
     cli(["export", "--model", str(tiny_checkpoint), "--out", str(out), "--max-shard-size", "300KB",
-         "--repo-id", "acme/leo-mini-tiny", "--base-model", "acme/tiny-llm"])
+         "--repo-id", "acme/leo-mini-tiny", "--base-model", "acme/tiny-llm", "--dataset", "easy-vqa",
+         "--eval-results", str(eval_result)])
     return out
 
 
@@ -48,23 +56,62 @@ def test_export_is_sharded_complete_and_bit_identical(tiny_checkpoint, exported)
 
 
 @pytest.mark.slow
-def test_model_card_metadata_and_numbers(exported):
-    card = (exported / "README.md").read_text()
-    header = card.split("---")[1]
-    for line in ("library_name: transformers", "pipeline_tag: image-text-to-text", "- custom_code",
-                 "base_model:\n- acme/tiny-llm", "license: apache-2.0"):
-        assert line in header, line
-    assert 'from_pretrained("acme/leo-mini-tiny", trust_remote_code=True)' in card
-    assert "Per image, 20 visual tokens from the experts become **4** tokens" in card
-    assert "| CLIPVisionModel | 32 px | 16 x 32 |" in card
-    assert "{{" not in card
-    total = int(card.split("| total | ")[1].split(" |")[0].replace(",", ""))
+def test_model_card_metadata_and_numbers(exported, eval_result):
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(exported / "README.md")
+    data = card.data
+    assert (data.library_name, data.pipeline_tag, data.license) == ("transformers", "image-text-to-text", "apache-2.0")
+    assert "custom_code" in data.tags and data.base_model == ["acme/tiny-llm"] and data.datasets == ["easy-vqa"]
+    evaluated = json.loads(eval_result.read_text())
+    [result] = data.eval_results  # the model-index, from `leo-mini eval --output`
+    assert (result.dataset_type, result.dataset_split, result.metric_type) == ("easy-vqa", "test", "accuracy")
+    assert result.metric_value == evaluated["accuracy"] and evaluated["count"] == 6
+    text = card.text
+    assert 'from_pretrained("acme/leo-mini-tiny", trust_remote_code=True)' in text
+    assert "Per image, 20 visual tokens from the experts become **4** tokens" in text
+    assert "| CLIPVisionModel | 32 px | 16 x 32 |" in text and "| easy-vqa | test | 6 |" in text
+    assert "trained on easy-vqa only" in text and "@inproceedings{wang2025leomini," in text
+    assert "## Efficiency" in text  # a CoTR model: the paper-scale numbers apply
+    assert "{{" not in text and "{%" not in text
+    total = int(text.split("| total | ")[1].split(" |")[0].replace(",", ""))
     assert total == sum(t.numel() for t in read_safetensors_folder(exported).values())
 
 
+def test_model_card_facts_come_from_the_builder(tmp_path):
+    """A part loaded from the Hugging Face cache names its Hub id as base_model; another reduction than CoTR gets no
+    paper-scale efficiency section; the card of a folder passes its facts on to an export."""
+    from huggingface_hub import ModelCard
+
+    from helpers.tiny_models import tiny_model
+    from leo_mini_hf.hub.model_card import card_facts, hub_model_id, write_model_card
+
+    cached = tmp_path / "hub" / "models--acme--tiny-llm" / "snapshots" / "0123abc"
+    assert hub_model_id(cached) == "acme/tiny-llm" and hub_model_id(tmp_path / "plain-folder") is None
+    write_model_card(tiny_model(token_reduction="avg_pool"), tmp_path, base_models=[hub_model_id(cached)])
+    card = ModelCard.load(tmp_path / "README.md")
+    assert card.data.base_model == ["acme/tiny-llm"] and "## Efficiency" not in card.text
+    assert "trained on easy-vqa only" not in card.text  # no datasets named
+    assert card_facts(tmp_path) == {"base_models": ["acme/tiny-llm"], "datasets": []}
+    assert card_facts(tmp_path / "no-card") == {"base_models": [], "datasets": []}
+
+
+def test_eval_results_must_be_leo_mini_eval_output(tmp_path):
+    from leo_mini_hf.hub.model_card import eval_results_from
+
+    (tmp_path / "other.json").write_text(json.dumps({"accuracy": 0.5}))
+    with pytest.raises(ValueError, match="not a result file written by `leo-mini eval --output`"):
+        eval_results_from([tmp_path / "other.json"])
+    control = {"dataset": "easy-vqa", "split": "test", "accuracy": 0.3, "count": 6, "swap_images": True}
+    (tmp_path / "control.json").write_text(json.dumps(control))
+    with pytest.raises(ValueError, match="is a --swap-images control"):
+        eval_results_from([tmp_path / "control.json"])
+
+
 @pytest.mark.slow
-def test_export_casts_only_when_asked(tiny_checkpoint, tmp_path):
+def test_export_casts_only_when_asked(tiny_checkpoint, tmp_path, capsys):
     out = export_checkpoint(tiny_checkpoint, tmp_path / "bf16", dtype="bfloat16")
+    assert "verifying the export: logits with leo_mini_hf: 100%" in capsys.readouterr().err  # a progress bar
     tensors = read_safetensors_folder(out)
     assert {t.dtype for t in tensors.values() if t.is_floating_point()} == {torch.bfloat16}
     with pytest.raises(ValueError, match="--dtype"):
@@ -243,3 +290,6 @@ def test_half_precision_export_of_the_trained_demo_checkpoint_verifies(tmp_path,
     out = export_checkpoint(demo_checkpoint(), tmp_path / dtype, dtype=dtype)
     tensors = read_safetensors_folder(out)
     assert {tensor.dtype for tensor in tensors.values() if tensor.is_floating_point()} == {getattr(torch, dtype)}
+    card = (out / "README.md").read_text()  # what the demo's builder knew reaches the export's card
+    assert "base_model:\n- HuggingFaceTB/SmolLM2-135M-Instruct" in card and "datasets:\n- easy-vqa" in card
+    assert "trained on easy-vqa only" in card

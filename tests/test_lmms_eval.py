@@ -124,13 +124,15 @@ def test_loglikelihood_is_the_continuations_log_probability_from_the_logits(leo_
     assert len(greedy_ids) == 3 and all(value < 0 for value in expected)
 
 
-def test_generate_until_batches_cut_at_stop_strings_and_match_one_at_a_time(leo_mini_lmms):
+def test_generate_until_batches_cut_at_stop_strings_and_match_one_at_a_time(leo_mini_lmms, capsys):
     documents = easy_vqa_documents("object-2x2", "test", size=5)
     leo_mini_lmms.task_dict = {"object": {"test": documents}}
     options = {"max_new_tokens": 6, "temperature": 0, "do_sample": False}
     requests = [request(doc["question"], dict(options), doc_to_visual, i, "object", "test")
                 for i, doc in enumerate(documents)]
     batched = leo_mini_lmms.generate_until(requests)  # batch_size 3: a batch of 3 and one of 2, left-padded
+    progress = capsys.readouterr().err  # lmms-eval's own models show this bar
+    assert "Model Responding: 100%" in progress and "5/5" in progress
     one_at_a_time = [leo_mini_lmms.generate_until([r])[0] for r in requests]
     assert batched == one_at_a_time and len(batched) == 5
     full = leo_mini_lmms.generate_until([request(documents[0]["question"], dict(options), doc_to_visual, 0, "object",

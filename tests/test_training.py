@@ -276,6 +276,20 @@ def test_train_command_end_to_end(tiny_checkpoint, tmp_path, capsys):
     assert (out / "modeling_leo_mini.py").exists() and (out / "processor_config.json").exists()
     assert not torch.equal(model.model.token_reducer.queries,
                            LeoMiniForConditionalGeneration.from_pretrained(tiny_checkpoint).model.token_reducer.queries)
+    logged = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    assert sum("loss" in entry for entry in logged) == 3
+    with Image.open(out / "loss_curve.png") as curve:  # drawn from those three losses
+        assert curve.size == (640, 400) and (31, 119, 180) in {colour for _, colour in curve.getcolors(1 << 16)}
+    assert "library_name: transformers" in (out / "README.md").read_text()  # the trained checkpoint has a card
+
+
+def test_loss_curve_needs_two_losses(tmp_path):
+    from leo_mini_hf.training.loss_curve import loss_points, write_loss_curve
+
+    history = [{"loss": 2.0, "step": 2}, {"eval_loss": 9.0, "step": 2}, {"loss": 3.0, "step": 1}, {"train_loss": 1.0}]
+    assert loss_points(history) == [(1, 3.0), (2, 2.0)]
+    assert write_loss_curve(history[:2], tmp_path / "one.png") is None and not (tmp_path / "one.png").exists()
+    assert write_loss_curve(history, tmp_path / "two.png") == tmp_path / "two.png"
 
 
 # ---- a quantized base (QLoRA-style) ---------------------------------------------------------------------------------

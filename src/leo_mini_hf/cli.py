@@ -38,7 +38,7 @@ def run_eval(args: argparse.Namespace) -> None:
 
     evaluate_checkpoint(args.model, args.dataset, args.split, limit=args.limit, seed=args.seed,
                         batch_size=args.batch_size, swap_images=args.swap_images,
-                        num_visual_tokens=args.num_visual_tokens)
+                        num_visual_tokens=args.num_visual_tokens, output=args.output)
 
 
 def run_serve(args: argparse.Namespace) -> None:
@@ -78,7 +78,8 @@ def run_export(args: argparse.Namespace) -> None:
 
     started = time.perf_counter()
     export_checkpoint(args.model, args.out, max_shard_size=args.max_shard_size, dtype=args.dtype,
-                      repo_id=args.repo_id, license_name=args.license, base_models=args.base_model)
+                      repo_id=args.repo_id, license_name=args.license, base_models=args.base_model,
+                      datasets=args.dataset, eval_result_files=args.eval_results)
     print(f"exported and verified {args.out} ({time.perf_counter() - started:.1f} s)")
 
 
@@ -125,6 +126,8 @@ def main(argv: list[str] | None = None) -> None:
     evaluate.add_argument("--batch-size", type=int, default=16)
     evaluate.add_argument("--num-visual-tokens", type=int,
                           help="an elastic model's visual-token budget per image (default: its largest)")
+    evaluate.add_argument("--output", metavar="FILE",
+                          help="also write the result as JSON (for `leo-mini export --eval-results`)")
     evaluate.set_defaults(handler=run_eval)
 
     serve = commands.add_parser("serve", help="the web demo (Gradio): ask about an image, see where CoTR looked")
@@ -169,6 +172,9 @@ def main(argv: list[str] | None = None) -> None:
     export.add_argument("--repo-id", help="used in the model card's usage snippet")
     export.add_argument("--license", default="apache-2.0")
     export.add_argument("--base-model", action="append", help="model-card base_model entry (repeatable)")
+    export.add_argument("--dataset", action="append", help="model-card datasets entry (repeatable)")
+    export.add_argument("--eval-results", action="append", metavar="FILE",
+                        help="a result file of `leo-mini eval --output`, written as the card's model-index (repeatable)")
     export.set_defaults(handler=run_export)
 
     push = commands.add_parser("push", help="upload a folder to the Hub (token from HF_TOKEN or `hf auth login`)")

@@ -15,8 +15,8 @@ from .training.adapter_weights import adapter_metadata, load_adapter_weights, sh
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEMO_WEIGHTS = ASSETS / "leo-mini-smol-easyvqa.safetensors"
 # Bumped when the demo checkpoint is built differently, so cached ones are rebuilt (2: its tokenizer saves
-# padding_side="left").
-DEMO_BUILD = 2
+# padding_side="left"; 3: MMoE layers hold their base linear as `base_linear`, and the folder has a model card).
+DEMO_BUILD = 3
 DEMO_QUESTIONS = ASSETS / "demo" / "questions.json"
 REDUCTION_NAMES = {"cotr": "CoTR", "avg_pool": "average pooling", "none": "resampling (no reduction)"}
 
@@ -32,9 +32,10 @@ def default_cache_dir() -> Path:
 
 def build_demo_checkpoint(folder: Path, progress=None) -> Path:
     """LEO-MINI-Smol from the installed pretrained packages + the shipped trained weights, saved to `folder`."""
-    from .conversion.smol import assemble_leo_mini_smol, convert_smol_parts
+    from .conversion.smol import SMOL_CARD, assemble_leo_mini_smol, convert_smol_parts
     from .folders import write_folder_atomically
     from .hub.checkpoint_folder import save_for_hub
+    from .hub.model_card import EASY_VQA
 
     def step(message):
         if progress is not None:
@@ -51,7 +52,7 @@ def build_demo_checkpoint(folder: Path, progress=None) -> Path:
         step("loading the trained CoTR / projector / MMoE weights")
         load_adapter_weights(model, DEMO_WEIGHTS)
         step("saving the checkpoint")
-        save_for_hub(model, processor, staging)
+        save_for_hub(model, processor, staging, card={**SMOL_CARD, "datasets": [EASY_VQA]})
         (staging / "adapter.sha256").write_text(demo_build_marker())
 
     return write_folder_atomically(folder, write)

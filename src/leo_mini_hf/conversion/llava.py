@@ -14,6 +14,7 @@ from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from ..folders import require_path
 from ..hub.checkpoint_folder import save_for_hub
+from ..hub.model_card import hub_model_id
 from ..modeling import LeoMiniConfig, LeoMiniForConditionalGeneration
 from ..presets import check_option_names
 from ..processor import LeoMiniProcessor
@@ -93,4 +94,6 @@ def convert_llava(src, out, token_reduction: str = "none", **overrides) -> Path:
     image_token = tokenizer.convert_ids_to_tokens(model.config.image_token_id)
     tokenizer.padding_side = "left"  # generation pads on the left; saved with the tokenizer, as llava-hf's are
     tokenizer.init_kwargs["padding_side"] = "left"
-    return save_for_hub(model, LeoMiniProcessor.from_model_config(model.config, tokenizer, image_token), out)
+    base_model = hub_model_id(src)
+    return save_for_hub(model, LeoMiniProcessor.from_model_config(model.config, tokenizer, image_token), out,
+                        card={"base_models": [base_model] if base_model else []})

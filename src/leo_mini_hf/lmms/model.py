@@ -15,6 +15,7 @@ from lmms_eval.api.model import lmms
 from lmms_eval.models.registry_v2 import ModelManifest
 from lmms_eval.utils import simple_parse_args_string
 from PIL import Image
+from tqdm.auto import tqdm
 
 from ..dtypes import dtype_named
 from ..easyvqa.evaluation import prompt_inputs
@@ -90,6 +91,7 @@ class LeoMiniLmms(lmms):
         """Batched (left-padded) generation; requests are grouped by their generation options, answers cut at the
         first of the task's `until` strings."""
         answers: list[str | None] = [None] * len(requests)
+        progress = tqdm(total=len(requests), desc="Model Responding", disable=self.rank != 0)
         groups: dict[str, list[int]] = {}
         for index, request in enumerate(requests):
             groups.setdefault(repr(sorted(request.args[1].items())), []).append(index)
@@ -108,6 +110,8 @@ class LeoMiniLmms(lmms):
                                                     skip_special_tokens=True)
                 for i, text in zip(batch, texts):
                     answers[i] = _cut_at(text, until)
+                progress.update(len(batch))
+        progress.close()
         return answers
 
     def _generation_options(self, gen_kwargs: dict) -> tuple[dict, list[str]]:
@@ -150,8 +154,11 @@ class LeoMiniLmms(lmms):
         labels, so CoTR and the router are conditioned on the prompt only, as in training.
         """
         results = []
+        progress = tqdm(total=len(requests), desc="Model Responding", disable=self.rank != 0)
         for start in range(0, len(requests), self.batch_size):
             results += self._loglikelihood_batch(requests[start:start + self.batch_size])
+            progress.update(len(results) - progress.n)
+        progress.close()
         return results
 
     def _loglikelihood_batch(self, requests) -> list[tuple[float, bool]]:

@@ -12,6 +12,7 @@ from transformers import HfArgumentParser, TrainingArguments
 from ..easyvqa.dataset import EasyVQADataset
 from ..folders import remove_if_empty, require_path
 from ..hub.checkpoint_folder import add_remote_code
+from ..hub.model_card import EASY_VQA, card_facts, write_model_card
 from ..modeling import LeoMiniForConditionalGeneration
 from ..modeling.modeling_leo_mini import PARAMETER_PARTS
 from ..modeling.weight_check import INCOMPLETE_MARKER
@@ -20,6 +21,7 @@ from .collator import LeoMiniDataCollator
 from .data import LlavaConversationDataset
 from .elastic import BUDGET_LOSSES
 from .feature_cache import VisionFeatureCache
+from .loss_curve import write_loss_curve
 from .stages import apply_training_stage, format_parameter_table
 from .trainer import LeoMiniTrainer
 
@@ -202,17 +204,25 @@ def train_and_save(script: TrainScriptArguments, training: TrainingArguments) ->
     if feature_cache is not None:
         feature_cache.detach(model)
         print(f"feature cache {script.feature_cache_dir}: {feature_cache.stats()}")
-    save_final_model(trainer, Path(training.output_dir))
+    known = card_facts(script.model)  # what the source checkpoint's card knew, and the data trained on here
+    card = {"base_models": known["base_models"],
+            "datasets": known["datasets"] + ([EASY_VQA] if script.data == "easy-vqa" else [])}
+    save_final_model(trainer, Path(training.output_dir), card)
 
 
-def save_final_model(trainer, output_dir: Path) -> None:
-    """The trained model, processor and remote code, into `output_dir` beside its checkpoints. Until all are written
-    the folder holds the partial-folder marker, so a save cut short is refused on load, never used half-written."""
+def save_final_model(trainer, output_dir: Path, card: dict | None = None) -> None:
+    """The trained model, processor, remote code and model card (`card`: as `write_model_card` takes it) into
+    `output_dir` beside its checkpoints, with `trainer_state.json` and the loss curve (`loss_curve.png`). Until all
+    are written the folder holds the partial-folder marker, so a save cut short is refused on load, never used
+    half-written."""
     marker = output_dir / INCOMPLETE_MARKER
     if trainer.is_world_process_zero():
         output_dir.mkdir(parents=True, exist_ok=True)
         marker.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
     trainer.save_model()
+    trainer.save_state()
     if trainer.is_world_process_zero():
+        write_loss_curve(trainer.state.log_history, output_dir / "loss_curve.png")
+        write_model_card(trainer.model, output_dir, **(card or {}))
         add_remote_code(output_dir)
         marker.unlink()
