@@ -142,4 +142,5 @@ def test_a_demo_killed_while_converting_leaves_a_cache_the_next_demo_uses(tmp_pa
     second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stderr[-2000:]
     assert "6/6 bundled questions answered correctly" in second.stdout
+    assert "[transformers]" not in second.stderr  # a fresh assembly prints no transformers warning
     assert sorted(path.name for path in (tmp_path / "parts").iterdir()) == [".lock", "llm", "mobilenet_v2"]

@@ -4,6 +4,7 @@ The pretrained weights are loaded exactly (and checked); CoTR, the projector and
 so the LLM computes exactly what the original LLM computes on text.
 """
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -72,15 +73,22 @@ def vision_expert_spec(folder, feature_layer=None, num_prefix_tokens=None) -> di
     }
 
 
+@contextlib.contextmanager
+def transformers_verbosity_error():
+    """transformers logs errors only, inside the block."""
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+
+
 def load_complete(auto_class, folder, what: str):
     """`auto_class.from_pretrained(folder)` in float32, refusing a checkpoint that lacks any of the model's weights
     (transformers would fill them with random values and only warn)."""
-    verbosity = transformers_logging.get_verbosity()
-    transformers_logging.set_verbosity_error()  # unused weights (a classifier head) are expected; missing ones raise
-    try:
+    with transformers_verbosity_error():  # unused weights (a classifier head) are expected; missing ones raise
         model, loading = auto_class.from_pretrained(folder, dtype=torch.float32, output_loading_info=True)
-    finally:
-        transformers_logging.set_verbosity(verbosity)
     broken = sorted(loading["missing_keys"]) + sorted(str(key) for key in loading["mismatched_keys"])
     if broken:
         raise ValueError(f"{what} in {folder} lacks weights or has them in other shapes: {broken[:5]}")
@@ -147,7 +155,8 @@ def assemble_from_pretrained_parts(llm_dir, expert_dirs: list, image_size: int |
 
     llm = load_complete(AutoModelForCausalLM, llm_dir, "The LLM")
     if len(tokenizer) > llm.config.vocab_size:
-        llm.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+        with transformers_verbosity_error():  # its note on mean resizing, which is asked for here
+            llm.resize_token_embeddings(len(tokenizer), mean_resizing=True)
 
     specs = [vision_expert_spec(folder) for folder in expert_dirs]
     if not specs:
