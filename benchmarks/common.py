@@ -3,6 +3,7 @@ weights on disk, and the mosaic cell measurements. Each script imports from here
 
 import json
 import math
+import re
 import shutil
 import subprocess
 import time
@@ -35,6 +36,13 @@ def git_commit() -> str | None:
     except (OSError, subprocess.CalledProcessError):
         return None
     return commit + ("+" if dirty else "")
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS in MB (VmHWM). Not `getrusage`'s ru_maxrss: on Linux a child process starts with its
+    parent's RSS at the fork as its peak (the pre-exec peak is kept), so a worker would report its launcher's."""
+    status = Path("/proc/self/status").read_text()
+    return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024
 
 
 def write_results(out: Path, data: dict, lines: list[str]) -> None:

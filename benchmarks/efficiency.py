@@ -15,7 +15,6 @@ overhead, and scaling curves. Random weights: time does not depend on their valu
 import argparse
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -36,7 +35,7 @@ from transformers import (
 
 from transformers.image_utils import OPENAI_CLIP_MEAN as CLIP_MEAN, OPENAI_CLIP_STD as CLIP_STD
 
-from common import ROOT
+from common import ROOT, peak_rss_mb
 from leo_mini_hf import LeoMiniConfig, LeoMiniForConditionalGeneration, preset_config
 from leo_mini_hf.modeling.mmoe import MMoERouter
 from leo_mini_hf.presets import leo_mini_llama3_8b
@@ -308,7 +307,7 @@ def worker(name: str, quick: bool) -> dict:
                 "prefill_seconds": prefill, "decode_tokens_per_second": decode_tokens_per_second(model, inputs, prefill),
             })
     # peak memory over the workloads every model runs (the curves below build larger models for LEO-MINI only)
-    result["peak_rss_workloads_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["peak_rss_workloads_mb"] = peak_rss_mb()
     if name.startswith("leo-mini-cotr"):
         result["overhead"] = cotr_router_share(model, model_inputs(name, model, tokens, 1, 1))
     if name in ("leo-mini-cotr-64", "leo-mini-full"):
@@ -323,7 +322,7 @@ def worker(name: str, quick: bool) -> dict:
             inputs = model_inputs(name, sized, sized_tokens, 1, 1, image_size)
             result["tokens_curve"].append({"expert_tokens": (image_size // 16) ** 2,
                                            "prefill_seconds": time_prefill(sized, inputs, repeats)})
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["peak_rss_mb"] = peak_rss_mb()
     return result
 
 
@@ -389,7 +388,7 @@ def billion_worker(name: str, repeats: int) -> dict:
     return {"model": name, "images": BILLION_MODELS[name], "sequence": inputs["input_ids"].shape[1],
             "parameters": sum(p.numel() for p in model.parameters()), "prefill_flops": flops,
             "prefill_seconds": prefill, "repeats": repeats,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mb": peak_rss_mb()}
 
 
 def measure_billion(out: Path, repeats: int) -> None:
