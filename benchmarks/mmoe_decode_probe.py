@@ -12,7 +12,6 @@ The MMoE layer's forward is swapped for variants, in alternating rounds with LLa
 """
 
 import argparse
-import math
 import shlex
 import statistics
 import sys
@@ -22,7 +21,7 @@ import torch
 
 from common import ROOT, write_results
 from leo_mini_hf.modeling.mmoe import MMoELinear
-from memory import THREADS, build, generate_seconds, prompt_inputs
+from memory import THREADS, build, decode_tokens_per_second, prompt_inputs, ratio_mean_and_error
 
 AS_BUILT = MMoELinear.forward
 
@@ -80,23 +79,19 @@ def main() -> None:
         fused_difference = (leo(**leo_inputs).logits - reference).abs().max().item()
         MMoELinear.forward = AS_BUILT
 
-    def tokens_per_second(model, inputs) -> float:
-        return 16 / (generate_seconds(model, inputs, 17) - generate_seconds(model, inputs, 1))
-
-    tokens_per_second(leo, leo_inputs), tokens_per_second(llava, llava_inputs)  # warm-up
+    decode_tokens_per_second(leo, leo_inputs), decode_tokens_per_second(llava, llava_inputs)  # warm-up
     speeds = {name: [] for name in [*VARIANTS, "LLaVA"]}
     for _ in range(args.rounds):
         for name, forward in VARIANTS.items():
             MMoELinear.forward = forward
-            speeds[name].append(tokens_per_second(leo, leo_inputs))
+            speeds[name].append(decode_tokens_per_second(leo, leo_inputs))
         MMoELinear.forward = AS_BUILT
-        speeds["LLaVA"].append(tokens_per_second(llava, llava_inputs))
+        speeds["LLaVA"].append(decode_tokens_per_second(llava, llava_inputs))
     rows = []
     for name, values in speeds.items():
-        ratios = [a / b for a, b in zip(values, speeds["LLaVA"])]
+        ratio_mean, ratio_error = ratio_mean_and_error(values, speeds["LLaVA"])
         rows.append({"variant": name, "median_tokens_per_second": statistics.median(values),
-                     "ratio_mean": statistics.mean(ratios),
-                     "ratio_standard_error": statistics.stdev(ratios) / math.sqrt(len(ratios))})
+                     "ratio_mean": ratio_mean, "ratio_standard_error": ratio_error})
     command = shlex.join(["python", "benchmarks/mmoe_decode_probe.py", *sys.argv[1:]])
     lines = ["# Where LEO-MINI's batch-1 decode time goes (probe)\n", f"Command: `{command}`  ",
              f"SmolLM2 shape, float32, batch 1, {args.rounds} alternating rounds; the fused LoRA's logits differ from "

@@ -131,14 +131,31 @@ def probe(screen: ColourScreen, data: dict, grid: int, cells: torch.Tensor) -> d
     return {name: mean_and_error(values) for name, values in measured.items()}
 
 
+def fit(module: nn.Module, logits_of, train: dict, args, before_step=None) -> None:
+    """`args.steps` Adam steps of cross-entropy on the colours, batches drawn from the grids in turn.
+    logits_of(grid, batch indices) → colour logits; before_step(step) runs before each step and after the last."""
+    optimizer = torch.optim.Adam(module.parameters(), lr=args.learning_rate)
+    generator = torch.Generator().manual_seed(args.seed)
+    for step in range(args.steps + 1):
+        if before_step is not None:
+            before_step(step)
+        if step == args.steps:
+            break
+        grid = GRIDS[step % len(GRIDS)]  # the grids alternate
+        batch = torch.randint(len(train[grid]["colour"]), (args.batch_size,), generator=generator)
+        loss = nn.functional.cross_entropy(logits_of(grid, batch), train[grid]["colour"][batch])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
 def train_variant(name: str, config, train: dict, test: dict, cells: dict, args) -> dict:
     torch.manual_seed(args.seed)
     first = train[GRIDS[0]]["features"]
     screen = ColourScreen(config, first.shape[-1], first.shape[1])
-    optimizer = torch.optim.Adam(screen.parameters(), lr=args.learning_rate)
-    generator = torch.Generator().manual_seed(args.seed)
     curve, started = [], time.perf_counter()
-    for step in range(args.steps + 1):
+
+    def probe_at(step):
         if step in args.probe_steps or step == args.steps:
             point = {"step": step, "samples": step * args.batch_size,
                      **{f"{grid}x{grid}": probe(screen, test[grid], grid, cells[grid]) for grid in GRIDS}}
@@ -146,16 +163,11 @@ def train_variant(name: str, config, train: dict, test: dict, cells: dict, args)
             print(f"{name} step {step}: " + "; ".join(
                 f"{grid}x{grid} acc {point[f'{grid}x{grid}']['accuracy'][0]:.3f} share "
                 f"{point[f'{grid}x{grid}']['named_share'][0]:.3f}" for grid in GRIDS), flush=True)
-        if step == args.steps:
-            break
-        grid = GRIDS[step % len(GRIDS)]  # the grids alternate
-        data = train[grid]
-        batch = torch.randint(len(data["colour"]), (args.batch_size,), generator=generator)
-        logits, _ = screen(data["features"][batch], data["text_sum"][batch])
-        loss = nn.functional.cross_entropy(logits, data["colour"][batch])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+
+    def logits_of(grid, batch):
+        return screen(train[grid]["features"][batch], train[grid]["text_sum"][batch])[0]
+
+    fit(screen, logits_of, train, args, before_step=probe_at)
     return {"variant": name, "config": VARIANTS[name], "curve": curve, "train_seconds": time.perf_counter() - started}
 
 
@@ -174,16 +186,8 @@ def readout_baselines(train: dict, test: dict, cells: dict, args) -> dict:
     for name, reduce in (("mean of all tokens", mean_all), ("named cell's tokens (oracle)", named_cell_mean)):
         torch.manual_seed(args.seed)
         head = nn.Linear(train[GRIDS[0]]["features"].shape[-1], len(COLOURS))
-        optimizer = torch.optim.Adam(head.parameters(), lr=args.learning_rate)
-        generator = torch.Generator().manual_seed(args.seed)
         reduced = {grid: reduce(train[grid], grid) for grid in GRIDS}
-        for step in range(args.steps):
-            grid = GRIDS[step % len(GRIDS)]
-            batch = torch.randint(len(reduced[grid]), (args.batch_size,), generator=generator)
-            loss = nn.functional.cross_entropy(head(reduced[grid][batch]), train[grid]["colour"][batch])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+        fit(head, lambda grid, batch: head(reduced[grid][batch]), train, args)
         with torch.no_grad():
             results[name] = {f"{grid}x{grid}": mean_and_error(head(reduce(test[grid], grid)).argmax(-1)
                                                               == test[grid]["colour"]) for grid in GRIDS}
