@@ -37,7 +37,7 @@ from transformers.image_utils import OPENAI_CLIP_MEAN as CLIP_MEAN, OPENAI_CLIP_
 
 from common import ROOT, peak_rss_mb
 from leo_mini_hf import LeoMiniConfig, LeoMiniForConditionalGeneration, preset_config
-from leo_mini_hf.modeling.mmoe import MMoERouter
+from leo_mini_hf.modeling.mmoe import MMoERouter, MMoERouterContext
 from leo_mini_hf.presets import leo_mini_llama3_8b
 
 TEXT_TOKENS = 64  # prompt text tokens per sample in every FLOP count and measurement
@@ -275,7 +275,7 @@ def cotr_router_share(model, inputs, repeats: int = 10) -> dict:
     handles = [model.token_reducer.register_forward_pre_hook(before("cotr")),
                model.token_reducer.register_forward_hook(after("cotr"))]
     for module in model.modules():
-        if isinstance(module, MMoERouter):
+        if isinstance(module, (MMoERouter, MMoERouterContext)):
             handles += [module.register_forward_pre_hook(before("routers")), module.register_forward_hook(after("routers"))]
     model(**inputs, logits_to_keep=1)
     spent.update(cotr=0.0, routers=0.0)

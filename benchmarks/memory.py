@@ -2,9 +2,11 @@
 
 Table 1, weight bytes and peak RSS, per model shape and load:
 - shapes: SmolLM2-135M + ViT-S/16 (224 px) and Llama-3.2-1B + CLIP-L/336, random weights saved once as float32
-  safetensors (benchmarks/.work/memory), both for LEO-MINI (the SmolLM2 shape with LEO-MINI-Smol's options: CoTR 16,
+  safetensors (benchmarks/.work/memory), both for LEO-MINI (the SmolLM2 shape with LEO-MINI-Smol's sizes: CoTR 16,
   MMoE rank 4, router width 16; the 1B shape with the defaults: CoTR 64, rank 16, router width 128; 3 experts on
-  down_proj) and transformers' LlavaForConditionalGeneration;
+  down_proj), twice: `leo-mini` with today's default routers (reading A_g x, one shared context projection) and
+  `leo-mini-per-layer-router` with the routers of checkpoints saved before them (LEO-MINI-Smol's demo weights: each
+  router projects the hidden state and the context itself); and transformers' LlavaForConditionalGeneration;
 - loads: float32, bfloat16, torchao int8 weight-only and bitsandbytes nf4 (both on a bfloat16 load), each with
   `from_pretrained` in a fresh process that then generates 8 tokens for one image and 64 text tokens; peak RSS is
   that process's (imports included: `baseline` is the RSS after the imports, before loading);
@@ -49,7 +51,11 @@ THREADS = 2
 NEW_TOKENS = 8
 # shape → (LLM config, vision tower config, image size, image token id)
 SHAPES = {"smol": (SMALL_LLM, SMALL_VIT, 224, IMAGE_TOKEN_ID), "1b": (LLAMA_1B, CLIP_L_336, 336, 128002)}
-ARCHS = ["leo-mini", "llava"]
+ARCHS = ["leo-mini", "leo-mini-per-layer-router", "llava"]
+LEO_ARCHS = ARCHS[:2]
+# the router layout of checkpoints saved before `mmoe_router_token_input` / `mmoe_router_context` (the demo weights')
+PER_LAYER_ROUTER = {"mmoe_router_token_input": "hidden_state", "mmoe_router_context": "per_layer"}
+SMOL_SIZES = {name: value for name, value in SMOL_OPTIONS.items() if name not in PER_LAYER_ROUTER}
 LOADS = ["float32", "bfloat16", "torchao-int8", "bitsandbytes-nf4"]
 BACKEND = {"torchao-int8": "torchao-int8-weight-only", "bitsandbytes-nf4": "bitsandbytes-nf4"}
 ADAPTER = re.compile(r"\.(general_lora_[AB]|experts_lora_[AB]|router\.)")
@@ -63,15 +69,17 @@ def build(shape: str, arch: str, device: str = "cpu"):
     else:
         llm, vision, image_size, token = SHAPES[shape]
     with torch.device(device):
-        if arch == "leo-mini":
+        if arch in LEO_ARCHS:
+            router = PER_LAYER_ROUTER if arch == "leo-mini-per-layer-router" else {}
             if shape == "8b":
-                config = preset_config("leo-mini-llama3-8b")
+                config = preset_config("leo-mini-llama3-8b", **router)
             else:
                 expert = {"config": vision, "image_size": image_size, "feature_layer": -2, "num_prefix_tokens": 1,
                           "image_mean": CLIP_MEAN, "image_std": CLIP_STD}
-                options = SMOL_OPTIONS if shape == "smol" else {}  # LEO-MINI-Smol's; the 1B shape: the defaults
+                options = SMOL_SIZES if shape == "smol" else {}  # LEO-MINI-Smol's sizes; the 1B shape: the defaults
                 config = LeoMiniConfig(text_config=llm, vision_experts=[expert], image_size=image_size,
-                                       image_mean=CLIP_MEAN, image_std=CLIP_STD, image_token_id=token, **options)
+                                       image_mean=CLIP_MEAN, image_std=CLIP_STD, image_token_id=token, **options,
+                                       **router)
             return LeoMiniForConditionalGeneration(config).eval(), config.num_image_tokens
         grid = vision["image_size"] // vision["patch_size"]
         config = LlavaConfig(vision_config=vision, text_config=llm, image_token_id=token, image_seq_length=grid * grid)
@@ -150,13 +158,13 @@ def memory_worker(shape: str, arch: str, load: str) -> dict:
     kwargs = {"dtype": torch.float32 if load == "float32" else torch.bfloat16}
     if load in BACKEND:
         kwargs.update(quantization_config=quantization_config(BACKEND[load]), device_map="cpu")
-    model_class = LeoMiniForConditionalGeneration if arch == "leo-mini" else LlavaForConditionalGeneration
+    model_class = LeoMiniForConditionalGeneration if arch in LEO_ARCHS else LlavaForConditionalGeneration
     started = time.perf_counter()
     model = model_class.from_pretrained(checkpoint(shape, arch), **kwargs).eval()
     load_seconds = time.perf_counter() - started
     after_load = peak_rss_mb()
     counts = bytes_by_name(model)
-    tokens = model.config.num_image_tokens if arch == "leo-mini" else model.config.image_seq_length
+    tokens = model.config.num_image_tokens if arch in LEO_ARCHS else model.config.image_seq_length
     with torch.no_grad():
         started = time.perf_counter()
         model.generate(**prompt_inputs(shape, tokens), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
@@ -290,14 +298,14 @@ def run_decode(rounds: int, shape: str, new_tokens: int = 16) -> list[dict]:
             for _ in range(rounds):
                 for arch, (model, _) in models.items():
                     speeds[arch].append(decode_tokens_per_second(model, inputs[arch], new_tokens))
-            ratio_mean, ratio_error = ratio_mean_and_error(speeds["leo-mini"], speeds["llava"])
+            ratios = {arch: ratio_mean_and_error(speeds[arch], speeds["llava"]) for arch in LEO_ARCHS}
             row = {"shape": shape, "load": load, "batch": batch, "rounds": rounds, "tokens_per_second": speeds,
                    "median": {arch: statistics.median(v) for arch, v in speeds.items()},
-                   "ratio_mean": ratio_mean, "ratio_standard_error": ratio_error}
+                   "ratio_to_llava": {arch: {"mean": mean, "standard_error": error}
+                                      for arch, (mean, error) in ratios.items()}}
             rows.append(row)
             path.write_text(json.dumps(row))
-            print(f"  decode {load} batch {batch}: {row['median']}, ratio {row['ratio_mean']:.3f} ± "
-                  f"{row['ratio_standard_error']:.3f}", flush=True)
+            print(f"  decode {load} batch {batch}: {row['median']}, ratios {ratios}", flush=True)
         del models
         gc.collect()
     return rows
@@ -307,11 +315,15 @@ def decode_lines(rows: list[dict], shape: str, new_tokens: int = 16) -> list[str
     title = {"smol": "SmolLM2-135M + ViT-S/16", "1b": "Llama-3.2-1B + CLIP-L/336"}[shape]
     lines = [f"## Decode tokens/s ({title} shape, random weights)\n",
              f"Greedy; decode = generate({new_tokens + 1} new tokens) − generate(1 new token); median over rounds in "
-             "which the two models alternate; ratio = LEO-MINI / LLaVA per round, mean ± standard error.\n",
-             "| load | batch | LEO-MINI tok/s | LLaVA tok/s | LEO-MINI / LLaVA | rounds |", "|---|---|---|---|---|---|"]
+             "which the models alternate; ratio = LEO-MINI / LLaVA per round, mean ± standard error. *per-layer "
+             "router*: LEO-MINI with the routers of checkpoints saved before today's default.\n",
+             "| load | batch | LEO-MINI tok/s | per-layer router tok/s | LLaVA tok/s | LEO-MINI / LLaVA | "
+             "per-layer router / LLaVA | rounds |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['load']} | {r['batch']} | {r['median']['leo-mini']:.1f} | {r['median']['llava']:.1f} | "
-                     f"{r['ratio_mean']:.3f} ± {r['ratio_standard_error']:.3f} | {r['rounds']} |")
+        median, ratio = r["median"], r["ratio_to_llava"]
+        lines.append(f"| {r['load']} | {r['batch']} | " + " | ".join(f"{median[arch]:.1f}" for arch in ARCHS) + " | "
+                     + " | ".join(f"{ratio[arch]['mean']:.3f} ± {ratio[arch]['standard_error']:.3f}"
+                                  for arch in LEO_ARCHS) + f" | {r['rounds']} |")
     return lines
 
 

@@ -1,5 +1,6 @@
-"""Probe: where LEO-MINI's batch-1 decode time goes beside LLaVA (SmolLM2 shape, LEO-MINI-Smol's adapter sizes,
-float32, random weights with non-zero LoRA B so every term computes).
+"""Probe: where LEO-MINI's batch-1 decode time goes beside LLaVA (SmolLM2 shape, LEO-MINI-Smol's adapter sizes with
+the per-layer routers every checkpoint had before `mmoe_router_context`, float32, random weights with non-zero LoRA B
+so every term computes).
 
 The MMoE layer's forward is swapped for variants, in alternating rounds with LLaVA (decode tok/s as in memory.py):
 - `as built`: today's `MMoELinear.forward`;
@@ -66,7 +67,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "memory" / "mmoe_decode_probe"))
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
-    leo, leo_tokens = build("smol", "leo-mini")
+    leo, leo_tokens = build("smol", "leo-mini-per-layer-router")  # the router its variants call with x
     llava, llava_tokens = build("smol", "llava")
     for module in leo.modules():
         if isinstance(module, MMoELinear):

@@ -28,6 +28,7 @@ def test_documented_defaults():
     assert config.mmoe_target_modules == ["down_proj"]
     assert (config.mmoe_num_experts, config.mmoe_top_k, config.mmoe_rank) == (3, 1, 16)
     assert config.mmoe_router_uses_hidden_state is True
+    assert (config.mmoe_router_token_input, config.mmoe_router_context) == ("general_lora", "shared")
     assert config.mmoe_expert_weighting == "softmax"
     assert config.mmoe_balance_loss_coef == 0.05
 
@@ -94,11 +95,26 @@ def test_options_with_fixed_choices_are_typed_and_checked_in_one_place():
     typed = {field.name: get_args(field.type) for field in dataclasses.fields(LeoMiniConfig)
              if getattr(field.type, "__origin__", None) is Literal}
     assert set(typed) == {"token_reduction", "cotr_pooling", "cotr_score_scaling", "cotr_text_source",
-                          "mmoe_expert_weighting"}
+                          "mmoe_expert_weighting", "mmoe_router_token_input", "mmoe_router_context"}
     for name, choices in typed.items():
         assert getattr(tiny_config(), name) in choices
         with pytest.raises(ValueError, match=rf"`{name}` must be one of"):
             tiny_config(**{name: "no-such-choice"})
+
+
+def test_a_saved_config_without_the_router_layout_options_loads_in_the_layout_it_was_trained_with(tmp_path):
+    """Checkpoints saved before `mmoe_router_token_input` / `mmoe_router_context` existed were trained with routers
+    that project the hidden state and the context themselves; a config built in code takes today's defaults."""
+    tiny_config().save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert (saved["mmoe_router_token_input"], saved["mmoe_router_context"]) == ("general_lora", "shared")
+    assert LeoMiniConfig.from_pretrained(tmp_path).mmoe_router_context == "shared"  # saved: kept as saved
+    del saved["mmoe_router_token_input"], saved["mmoe_router_context"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    old = LeoMiniConfig.from_pretrained(tmp_path)
+    assert (old.mmoe_router_token_input, old.mmoe_router_context) == ("hidden_state", "per_layer")
+    assert LeoMiniConfig.from_pretrained(tmp_path, mmoe_router_context="shared").mmoe_router_context == "shared"
+    assert tiny_config().mmoe_router_context == "shared"
 
 
 def test_format_version_of_old_configs_is_dropped(tmp_path):

@@ -6,17 +6,25 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from helpers.tiny_models import image_prompt, random_pixels, tiny_config, tiny_model
-from leo_mini_hf.modeling.mmoe import MMoELinear, MMoERouting, load_balancing_loss
+from leo_mini_hf.modeling.mmoe import MMoELinear, MMoERouterContext, MMoERouting, load_balancing_loss
+
+ROUTER_LAYOUTS = [{}, {"mmoe_router_token_input": "hidden_state", "mmoe_router_context": "per_layer"}]
+LAYOUT_IDS = ["default", "per-layer-hidden-state"]
 
 
 def make_layer(batch=2, seq=5, **overrides):
+    """One MMoE layer (12 → 7, context width 6), random LoRA B, its routing on a random context (projected by a
+    `MMoERouterContext` when the config shares it), and an input (batch, seq, 12)."""
     torch.manual_seed(0)
     config = tiny_config(**overrides)
     layer = MMoELinear(nn.Linear(12, 7), config, context_dim=6, name="layer")
     with torch.no_grad():
         layer.general_lora_B.normal_()
         layer.experts_lora_B.normal_()
-    return layer, MMoERouting(torch.randn(batch, 6)), torch.randn(batch, seq, 12)
+    context = torch.randn(batch, 6)
+    if config.mmoe_router_context == "shared":
+        context = MMoERouterContext(6, config.mmoe_router_hidden_size)(context)
+    return layer, MMoERouting(context), torch.randn(batch, seq, 12)
 
 
 def routed(layer, routing, x):
@@ -25,10 +33,41 @@ def routed(layer, routing, x):
         return layer(x)
 
 
+@pytest.mark.parametrize("layout", ROUTER_LAYOUTS, ids=LAYOUT_IDS)
+def test_router_logits_match_the_literal_mlp(layout):
+    """logits = W_out gelu(c + W_tok t) + b_out per token: c the context's projection (the shared one, computed
+    before the layer, or the router's own), t the general LoRA's A_g x (default) or x itself."""
+    layer, state, x = make_layer(**layout)
+    routed(layer, state, x)
+    router = layer.router
+    for b in range(x.shape[0]):
+        context = state.context[b]
+        if router.context_proj is not None:
+            context = router.context_proj.weight @ context + router.context_proj.bias
+        for t in range(x.shape[1]):
+            token = x[b, t] if layout else layer.general_lora_A @ x[b, t]
+            hidden = torch.nn.functional.gelu(context + router.hidden_proj.weight @ token)
+            expected = router.out_proj.weight @ hidden + router.out_proj.bias
+            torch.testing.assert_close(state.router_logits["layer"][b, t], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_default_routers_are_small_beside_the_lora():
+    """The default router reads A_g x (rank 4 here) and a context projected once for all layers: per layer it holds
+    hidden × (rank + 1) + (hidden + 1) × experts parameters, nothing that grows with the layer's width."""
+    layer, _, _ = make_layer()
+    per_layer = {name: tuple(p.shape) for name, p in layer.router.named_parameters()}
+    assert per_layer == {"hidden_proj.weight": (16, 4), "out_proj.weight": (3, 16), "out_proj.bias": (3,)}
+    legacy, _, _ = make_layer(**ROUTER_LAYOUTS[1])
+    assert {name: tuple(p.shape) for name, p in legacy.router.named_parameters()} == {
+        "context_proj.weight": (16, 6), "context_proj.bias": (16,), "hidden_proj.weight": (16, 12),
+        "out_proj.weight": (3, 16), "out_proj.bias": (3,)}
+
+
+@pytest.mark.parametrize("layout", ROUTER_LAYOUTS, ids=LAYOUT_IDS)
 @pytest.mark.parametrize("weighting", ["softmax", "renormalized"])
 @pytest.mark.parametrize("top_k", [1, 2])
-def test_mmoe_linear_matches_formula(weighting, top_k):
-    layer, state, x = make_layer(mmoe_expert_weighting=weighting, mmoe_top_k=top_k)
+def test_mmoe_linear_matches_formula(weighting, top_k, layout):
+    layer, state, x = make_layer(mmoe_expert_weighting=weighting, mmoe_top_k=top_k, **layout)
     output = routed(layer, state, x)
     probs = state.router_logits["layer"].softmax(-1)
     expected = torch.empty_like(output)
@@ -63,7 +102,7 @@ def test_per_token_routing_depends_on_hidden_state():
 def test_layer_without_context_raises():
     layer, state, x = make_layer()
     with pytest.raises(ValueError, match="routing context"):
-        routed(layer, MMoERouting(torch.randn(5, 6)), x)
+        routed(layer, MMoERouting(torch.randn(5, 16)), x)
     with pytest.raises(ValueError, match="routing context"):
         layer(x)  # no routing active
     routed(layer, state, x)

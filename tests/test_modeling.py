@@ -65,7 +65,7 @@ def test_gradients_reach_trainable_parts_only():
         else:
             assert param.grad is None, f"frozen {name} received a gradient"
     trainable = {name.split(".")[1] for name, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {"token_reducer", "multi_modal_projector", "language_model"}
+    assert trainable == {"token_reducer", "multi_modal_projector", "mmoe_router_context", "language_model"}
 
 
 def test_aux_loss_is_added_and_scaled_by_micro_batch_share():
@@ -396,7 +396,8 @@ def test_half_precision_checkpoint_generates_from_the_processors_outputs(tiny_ch
     assert model.dtype == dtype and layer.mlp.up_proj.weight.dtype == dtype
     assert down_proj.base_linear.weight.dtype == dtype  # the base linear is the LLM's, cast like its others
     assert {model.model.token_reducer.queries.dtype, model.model.multi_modal_projector.linear_1.weight.dtype,
-            down_proj.router.context_proj.weight.dtype, down_proj.general_lora_A.dtype,
+            model.model.mmoe_router_context.weight.dtype, down_proj.router.hidden_proj.weight.dtype,
+            down_proj.general_lora_A.dtype,
             down_proj.experts_lora_B.dtype} == {kept}
     image = Image.new("RGB", (40, 30), "red")
     inputs = tiny_processor(images=image, text="<image> What colour?", return_tensors="pt")

@@ -89,7 +89,8 @@ def test_every_llm_linear_is_quantized_and_the_adapters_stay_float32(tiny_checkp
     inputs = image_inputs(plain.config)
     with torch.no_grad():
         expected, got = plain(**inputs).logits, quantized(**inputs).logits.float()
-    tolerance = 0.2 if backend == "bnb-nf4" else 0.05  # measured: 0.12 nf4, 0.013 or less int8
+    # measured on the tiny checkpoint: nf4 0.12-0.24 of the largest logit over `build --seed` 0-3; int8 0.013 or less
+    tolerance = 0.3 if backend == "bnb-nf4" else 0.05
     torch.testing.assert_close(got, expected, atol=tolerance * expected.abs().max().item(), rtol=0)
     assert quantized.generate(**inputs, max_new_tokens=3, do_sample=False).shape[1] == inputs["input_ids"].shape[1] + 3
 

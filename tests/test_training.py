@@ -336,9 +336,15 @@ def test_a_quantized_base_refuses_to_train_its_quantized_parts(tiny_checkpoint, 
         train(tiny_checkpoint, tiny_processor, tmp_path, overfit_set(1), model=model, max_steps=1)
 
 
-def test_train_command_quantize_4bit_trains_on_a_4bit_base_and_saves_a_4bit_checkpoint(tiny_checkpoint, tmp_path):
+def test_train_command_quantize_4bit_trains_on_a_4bit_base_and_saves_a_4bit_checkpoint(tiny_checkpoint, tmp_path,
+                                                                                      monkeypatch):
     pytest.importorskip("bitsandbytes")
     from leo_mini_hf.modeling.mmoe import MMoELinear
+
+    # On a CPU with AVX512-BF16, bitsandbytes 0.50 repacks a 4-bit weight for its CPU kernel in blocks of 64 input
+    # features and fails on a narrower linear ("shape '[32, 0]' is invalid"): the tiny CLIP tower is 32 wide (real
+    # towers are 384 or more). Take the path every other CPU takes.
+    monkeypatch.setattr("bitsandbytes.nn.modules.has_avx512bf16", lambda: False)
 
     records = [{"id": str(i), "image": "red.png", "conversations": [{"from": "human", "value": "<image>\nColour?"},
                                                                    {"from": "gpt", "value": "red"}]} for i in range(8)]

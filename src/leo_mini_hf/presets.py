@@ -116,9 +116,11 @@ def leo_mini_llama3_8b():
     }
 
 
-# LEO-MINI-Smol's own options: 196 MobileNetV2 tokens reduced to 16; adapter sizes keep its trained weights a few MB
+# LEO-MINI-Smol's own options: 196 MobileNetV2 tokens reduced to 16; adapter sizes keep its trained weights a few MB;
+# its routers in the layout its shipped demo weights were trained with (each projects the context and the hidden state)
 SMOL_OPTIONS = {"num_visual_tokens": 16, "cotr_projection_dim": 128, "mmoe_rank": 4, "mmoe_alpha": 8,
-                "mmoe_router_hidden_size": 16}
+                "mmoe_router_hidden_size": 16, "mmoe_router_token_input": "hidden_state",
+                "mmoe_router_context": "per_layer"}
 SMOL_IMAGE_SIZE = 448
 SMOL_IMAGE_TOKEN_ID = 49152  # `<image>`, added after SmolLM2's 49152 tokens
 

@@ -15,6 +15,9 @@ VISION_EXPERT_KEYS = {"config", "image_size", "feature_layer", "num_prefix_token
 POSITIVE_OPTIONS = ("image_size", "num_visual_tokens", "cotr_projection_dim", "full_token_grid", "mmoe_rank",
                     "mmoe_alpha", "mmoe_router_hidden_size")
 NON_NEGATIVE_OPTIONS = ("image_token_id", "mmoe_num_experts", "mmoe_top_k", "mmoe_balance_loss_coef")
+# Options added after checkpoints were saved without them → the value those checkpoints were trained with (a saved
+# config.json that lacks the option loads with it; a config built in code takes the declared default).
+SAVED_BEFORE_OPTION = {"mmoe_router_token_input": "hidden_state", "mmoe_router_context": "per_layer"}
 
 
 def _type_error(name: str, value, annotation) -> str | None:
@@ -87,8 +90,15 @@ class LeoMiniConfig(PreTrainedConfig):
             alpha / rank.
         mmoe_dropout (`float`, default 0.0): dropout on the LoRA input.
         mmoe_router_hidden_size (`int`, default 128): hidden width of each router MLP.
-        mmoe_router_uses_hidden_state (`bool`, default True): route per token on (context, hidden state); False
+        mmoe_router_uses_hidden_state (`bool`, default True): route per token on (context, the token); False
             routes per sample on the context alone.
+        mmoe_router_token_input (default `"general_lora"`): what a per-token router reads of the token: the general
+            LoRA's rank-r projection A_g x, which the layer computes anyway (after the LoRA dropout, in training);
+            `"hidden_state"`: the whole input x, through the router's own (in_features × hidden) projection.
+        mmoe_router_context (default `"shared"`): one projection of the routing context, computed once per forward,
+            feeds every layer's router; `"per_layer"`: each router projects the context itself. The two defaults keep
+            the routers at a fraction of the LoRA's size (docs/design-choices.md); a checkpoint saved before these
+            options existed loads with `"hidden_state"` and `"per_layer"`, the layout it was trained with.
         mmoe_expert_weighting (default `"softmax"`): a chosen expert's weight is its full-softmax probability
             (Switch); `"renormalized"` renormalises over the top-k (Mixtral).
         mmoe_balance_loss_coef (`float`, default 0.05): weight of the Switch-style load-balancing loss.
@@ -128,6 +138,8 @@ class LeoMiniConfig(PreTrainedConfig):
     mmoe_dropout: float = 0.0
     mmoe_router_hidden_size: int = 128
     mmoe_router_uses_hidden_state: bool = True
+    mmoe_router_token_input: Literal["general_lora", "hidden_state"] = "general_lora"
+    mmoe_router_context: Literal["shared", "per_layer"] = "shared"
     mmoe_expert_weighting: Literal["softmax", "renormalized"] = "softmax"
     mmoe_balance_loss_coef: float = 0.05
     output_router_logits: bool = False
@@ -164,6 +176,15 @@ class LeoMiniConfig(PreTrainedConfig):
             self.tie_word_embeddings = True
         super().__post_init__(**kwargs)
         self.validate_options()
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        """transformers' `from_dict`; a saved config (it records `transformers_version`) that lacks an option added
+        since gets the value it was saved under (`SAVED_BEFORE_OPTION`), not today's default."""
+        if "transformers_version" in config_dict:
+            config_dict = {**{name: value for name, value in SAVED_BEFORE_OPTION.items() if name not in config_dict},
+                           **config_dict}
+        return super().from_dict(config_dict, **kwargs)
 
     @staticmethod
     def _normalise_expert(index: int, expert) -> dict:

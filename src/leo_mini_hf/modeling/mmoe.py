@@ -3,7 +3,9 @@
     y = W x + b + s·B_g A_g x + s·Σ_{e ∈ top-k} w_e · B_e A_e x,      s = alpha / rank
 
 The router sees the per-sample context (pooled prompt text ‖ pooled visual tokens) and, when configured, the
-token's hidden state. B matrices start at zero, so a fresh model computes exactly its base LLM.
+token: the general LoRA's rank-r projection A_g x (default) or the whole hidden state x. The context's projection is
+one for all layers (default: `MMoERouterContext`, computed once per forward) or each router's own. B matrices start
+at zero, so a fresh model computes exactly its base LLM.
 
 `MMoE` is what the model talks to: it inserts the layers into an LLM and builds each forward's routing context. The
 routing of one forward (`MMoERouting`) travels with that call, never on the shared layers: it is active only while the
@@ -31,7 +33,7 @@ class MMoERouting:
     """
 
     def __init__(self, context: torch.Tensor):
-        self.context = context  # (batch, context_dim)
+        self.context = context  # (batch, context_dim), or (batch, router hidden) once projected by MMoERouterContext
         self.router_logits: dict[str, torch.Tensor] = {}  # layer name → (batch, seq or 1, num_experts), float32
 
     @contextlib.contextmanager
@@ -71,21 +73,35 @@ def entered_together(first, second):
         yield
 
 
-class MMoERouter(nn.Module):
-    """Small MLP: logits = W_out act(W_ctx context [+ W_hid hidden]) over the routed experts."""
+class MMoERouterContext(nn.Linear):
+    """The routing context's projection shared by every layer's router (`mmoe_router_context="shared"`): applied once
+    per forward, (B, context_dim) → (B, router hidden), instead of once in each layer."""
 
-    def __init__(self, context_dim: int, in_features: int, hidden_size: int, num_experts: int, uses_hidden: bool):
+    def forward(self, context: torch.Tensor) -> torch.Tensor:
+        return super().forward(context.to(self.weight.dtype))  # float32 in a float16 load: the input is upcast
+
+
+class MMoERouter(nn.Module):
+    """Small MLP: logits = W_out act(W_ctx context [+ W_tok token]) over the routed experts.
+
+    `context_proj` is None when the context arrives projected (`MMoERouterContext`); `hidden_proj` reads the token's
+    `token_features` (the hidden state, or the general LoRA's rank-r projection of it), None for per-sample routing.
+    """
+
+    def __init__(self, context_dim: int | None, token_features: int | None, hidden_size: int, num_experts: int):
         super().__init__()
-        self.context_proj = nn.Linear(context_dim, hidden_size)
-        self.hidden_proj = nn.Linear(in_features, hidden_size, bias=False) if uses_hidden else None
+        self.context_proj = nn.Linear(context_dim, hidden_size) if context_dim else None
+        self.hidden_proj = nn.Linear(token_features, hidden_size, bias=False) if token_features else None
         self.out_proj = nn.Linear(hidden_size, num_experts)
 
-    def forward(self, context: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
-        """context (B, C), hidden_states (B, T, in) → logits (B, T, E) per token, or (B, 1, E) per sample."""
+    def forward(self, context: torch.Tensor, token_states: torch.Tensor) -> torch.Tensor:
+        """context (B, C) raw or (B, hidden) projected, token_states (B, T, token_features) → logits (B, T, E) per
+        token, or (B, 1, E) per sample."""
         dtype = self.out_proj.weight.dtype  # float32 in a float16 load: inputs are upcast
-        routed = self.context_proj(context.to(dtype)).unsqueeze(1)
+        context = context.to(dtype)
+        routed = (context if self.context_proj is None else self.context_proj(context)).unsqueeze(1)
         if self.hidden_proj is not None:
-            routed = routed + self.hidden_proj(hidden_states.to(dtype))
+            routed = routed + self.hidden_proj(token_states.to(dtype))
         return self.out_proj(F.gelu(routed))
 
 
@@ -117,11 +133,17 @@ class MMoELinear(nn.Module):
         self.general_lora_A = nn.Parameter(torch.empty(rank, self.in_features, **factory))
         self.general_lora_B = nn.Parameter(torch.empty(self.out_features, rank, **factory))
         self.num_experts = num_experts
+        # the router reads A_g x, which the general LoRA computes anyway, instead of projecting x itself
+        self.router_reads_general_lora = config.mmoe_router_token_input == "general_lora"
         if num_experts:
             self.experts_lora_A = nn.Parameter(torch.empty(num_experts, rank, self.in_features, **factory))
             self.experts_lora_B = nn.Parameter(torch.empty(num_experts, self.out_features, rank, **factory))
-            self.router = MMoERouter(context_dim, self.in_features, config.mmoe_router_hidden_size, num_experts,
-                                     config.mmoe_router_uses_hidden_state).to(**factory)
+            token_features = None
+            if config.mmoe_router_uses_hidden_state:
+                token_features = rank if self.router_reads_general_lora else self.in_features
+            own_context = context_dim if config.mmoe_router_context == "per_layer" else None
+            self.router = MMoERouter(own_context, token_features, config.mmoe_router_hidden_size,
+                                     num_experts).to(**factory)
         self.reset_lora_parameters()
 
     def reset_lora_parameters(self, init=nn.init):
@@ -136,22 +158,22 @@ class MMoELinear(nn.Module):
             init.uniform_(self.experts_lora_A, -bound, bound)
             init.zeros_(self.experts_lora_B)
 
-    def expert_weights(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """Dense (B, T or 1, E) weights, non-zero on each token's top-k experts; records the router's logits in the
-        active routing."""
+    def expert_weights(self, token_states: torch.Tensor) -> torch.Tensor:
+        """Dense (B, T or 1, E) weights, non-zero on each token's top-k experts, from the router's token input
+        (B, T, in_features or rank); records the router's logits in the active routing."""
         routing = active_routing()
-        if routing is None or routing.context.shape[0] != hidden_states.shape[0]:
+        if routing is None or routing.context.shape[0] != token_states.shape[0]:
             raise ValueError(
-                f"MMoE layer {self.layer_name} has no routing context for a batch of {hidden_states.shape[0]}; "
+                f"MMoE layer {self.layer_name} has no routing context for a batch of {token_states.shape[0]}; "
                 "call it through LeoMiniModel, which makes each forward's routing active while the LLM runs."
             )
-        logits = self.router(routing.context, hidden_states).float()
+        logits = self.router(routing.context, token_states).float()
         routing.router_logits[self.layer_name] = logits
         probs = logits.softmax(dim=-1)
         top_probs, top_experts = probs.topk(self.top_k, dim=-1)
         if self.expert_weighting == "renormalized":
             top_probs = top_probs / top_probs.sum(dim=-1, keepdim=True)
-        return torch.zeros_like(probs).scatter(-1, top_experts, top_probs).to(hidden_states.dtype)
+        return torch.zeros_like(probs).scatter(-1, top_experts, top_probs).to(token_states.dtype)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """hidden_states (B, T, in_features) → (B, T, out_features), in the input's dtype. The base linear computes as
@@ -161,9 +183,10 @@ class MMoELinear(nn.Module):
         hidden_states = hidden_states.to(self.general_lora_A.dtype)
         lora_input = self.dropout(hidden_states)
         output = output.to(hidden_states.dtype)
-        output = output + self.scaling * (lora_input @ self.general_lora_A.T) @ self.general_lora_B.T
+        general_hidden = lora_input @ self.general_lora_A.T  # (B, T, r)
+        output = output + self.scaling * general_hidden @ self.general_lora_B.T
         if self.num_experts:
-            weights = self.expert_weights(hidden_states)  # (B, T|1, E)
+            weights = self.expert_weights(general_hidden if self.router_reads_general_lora else hidden_states)
             expert_hidden = torch.einsum("bti,eri->bter", lora_input, self.experts_lora_A)  # (B, T, E, r)
             expert_hidden = expert_hidden * weights.unsqueeze(-1)
             output = output + self.scaling * torch.einsum("bter,eor->bto", expert_hidden, self.experts_lora_B)
@@ -193,11 +216,13 @@ class MMoE:
     `MMoERouting`.
 
     Not an `nn.Module`: the layers are registered where they sit in the LLM (so checkpoint keys keep the LLM's
-    names); this object only keeps the list of them.
+    names), the shared context projection (`router_context`) by the model that owns the LLM; this object only keeps
+    them.
     """
 
     def __init__(self, language_model: nn.Module, config, context_dim: int):
-        """Wrap every `nn.Linear` of `language_model` named in `config.mmoe_target_modules` in an `MMoELinear`."""
+        """Wrap every `nn.Linear` of `language_model` named in `config.mmoe_target_modules` in an `MMoELinear`; with
+        routed experts and `mmoe_router_context="shared"`, make the one `MMoERouterContext` their routers read."""
         targets = set(config.mmoe_target_modules)
         self.layers: list[MMoELinear] = []
         for parent_name, parent in list(language_model.named_modules()):
@@ -210,6 +235,18 @@ class MMoE:
         if targets and not self.layers:
             raise ValueError(f"mmoe_target_modules {sorted(targets)} match no nn.Linear in "
                              f"{type(language_model).__name__}")
+        self.router_context = None
+        if self.layers and config.mmoe_num_experts and config.mmoe_router_context == "shared":
+            weight = self.layers[0].general_lora_A
+            self.router_context = MMoERouterContext(context_dim, config.mmoe_router_hidden_size,
+                                                    device=weight.device, dtype=weight.dtype)
+
+    def routing(self, context: torch.Tensor) -> MMoERouting:
+        """One forward's routing on `context` (B, context_dim): projected here, once, when the routers share the
+        projection."""
+        if self.router_context is not None:
+            context = self.router_context(context)
+        return MMoERouting(context)
 
     def reset_parameters(self, init=nn.init) -> None:
         """LoRA A uniform, B zero in every layer (`init` may be `transformers.initialization`)."""

@@ -14,7 +14,7 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .configuration_leo_mini import LeoMiniConfig
-from .mmoe import (MMoE, MMoELinear, MMoERouter, MMoERouting, base_linear_key_mapping, load_balancing_loss,
+from .mmoe import (MMoE, MMoELinear, MMoERouter, MMoERouterContext, base_linear_key_mapping, load_balancing_loss,
                    recompute_under_saved_routing)
 from .token_reduction import ConditionalTokenReduction, build_token_reducer, prompt_text_mask, prompt_text_sum
 from .vision_experts import VisionExpert
@@ -148,6 +148,7 @@ MODULE_PARTS = (
     (ConditionalTokenReduction, "token_reducer"),
     (LeoMiniMultiModalProjector, "projector"),
     (MMoERouter, "mmoe_routers"),
+    (MMoERouterContext, "mmoe_routers"),
 )
 PARAMETER_PARTS = ("vision_experts", "token_reducer", "projector", "mmoe_general_lora", "mmoe_routed_lora",
                    "mmoe_routers", "llm")
@@ -245,14 +246,15 @@ class LeoMiniPreTrainedModel(PreTrainedModel):
 
 
 def trained_module_patterns(config: LeoMiniConfig) -> list[str]:
-    """Name patterns of LEO-MINI's own modules: CoTR, the projector, and the MMoE adapters (LoRA and router).
+    """Name patterns of LEO-MINI's own modules: CoTR, the projector, and the MMoE adapters (LoRA, routers and the
+    routers' shared context projection).
 
     Declared as transformers' `_keep_in_fp32_modules`, which every quantizer leaves unquantized (and a float16 load
     keeps in float32; each module casts its inputs to its own dtype). An MMoE layer's base linear (`base_linear`) is
     not among them: it follows the requested dtype and quantization like the LLM's other linears and the vision
     experts. Patterns match with or without the top model's `model.` prefix.
     """
-    patterns = [r"(model\.)?token_reducer", r"(model\.)?multi_modal_projector"]
+    patterns = [r"(model\.)?token_reducer", r"(model\.)?multi_modal_projector", r"(model\.)?mmoe_router_context"]
     if config.mmoe_target_modules:
         targets = "|".join(re.escape(name) for name in config.mmoe_target_modules)
         adapters = "|".join(["router", *MMoELinear.adapter_parameter_parts])
@@ -281,6 +283,7 @@ class LeoMiniModel(LeoMiniPreTrainedModel):
         self.multi_modal_projector = LeoMiniMultiModalProjector(config, sum(expert_hidden_sizes))
         self.language_model = AutoModel.from_config(config.text_config, attn_implementation=attn_implementation)
         self.mmoe = MMoE(self.language_model, config, context_dim=2 * config.text_config.hidden_size)
+        self.mmoe_router_context = self.mmoe.router_context  # registered here; None when each router projects its own
         self._keep_in_fp32_modules = trained_module_patterns(config)
         self.post_init()
 
@@ -519,7 +522,7 @@ class LeoMiniModel(LeoMiniPreTrainedModel):
         if routing_context is None:  # at prefill; decoding steps carry the prefill's
             routing_context = self.mmoe.routing_context(text_embeds, text_mask, image_features, images_per_sample,
                                                         tokens_per_image)
-        with MMoERouting(routing_context).active() as routing:  # this call's routing, for the LLM's MMoE layers
+        with self.mmoe.routing(routing_context).active() as routing:  # this call's routing, for the LLM's MMoE layers
             outputs = self.language_model(
                 attention_mask=attention_mask,
                 position_ids=position_ids,
