@@ -58,7 +58,7 @@ PER_LAYER_ROUTER = {"mmoe_router_token_input": "hidden_state", "mmoe_router_cont
 SMOL_SIZES = {name: value for name, value in SMOL_OPTIONS.items() if name not in PER_LAYER_ROUTER}
 LOADS = ["float32", "bfloat16", "torchao-int8", "bitsandbytes-nf4"]
 BACKEND = {"torchao-int8": "torchao-int8-weight-only", "bitsandbytes-nf4": "bitsandbytes-nf4"}
-ADAPTER = re.compile(r"\.(general_lora_[AB]|experts_lora_[AB]|router\.)")
+ADAPTER = re.compile(r"\.(general_lora_[AB]|experts_lora_[AB]|router\.)|mmoe_router_context\.")
 
 
 def build(shape: str, arch: str, device: str = "cpu"):

@@ -3,7 +3,8 @@ the per-layer routers every checkpoint had before `mmoe_router_context`, float32
 so every term computes).
 
 The MMoE layer's forward is swapped for variants, in alternating rounds with LLaVA (decode tok/s as in memory.py):
-- `as built`: today's `MMoELinear.forward`;
+- `as built`: today's `MMoELinear.forward` (each LoRA product one `F.linear`);
+- `einsum LoRA`: the forward before it, the routed LoRA as two einsums;
 - `fused LoRA`: general and routed LoRA as one pair of matmuls (A and B concatenated, the routing weights as gates);
 - `fused, no general LoRA`: what a model whose general LoRA is merged into the base weight would compute per step;
 - `router only`: the base linear plus the router (no LoRA terms);
@@ -48,6 +49,15 @@ def fused_forward(general: bool):
     return forward
 
 
+def einsum_forward(self, hidden_states):
+    """`MMoELinear.forward` as it was before #43 made each LoRA product one `F.linear` (float32, eval)."""
+    general = (hidden_states @ self.general_lora_A.T) @ self.general_lora_B.T
+    output = self.base_linear(hidden_states) + self.scaling * general
+    weights = self.expert_weights(hidden_states)
+    expert_hidden = torch.einsum("bti,eri->bter", hidden_states, self.experts_lora_A) * weights.unsqueeze(-1)
+    return output + self.scaling * torch.einsum("bter,eor->bto", expert_hidden, self.experts_lora_B)
+
+
 def router_only(self, hidden_states):
     self.expert_weights(hidden_states)
     return self.base_linear(hidden_states)
@@ -57,7 +67,7 @@ def base_only(self, hidden_states):
     return self.base_linear(hidden_states)
 
 
-VARIANTS = {"as built": AS_BUILT, "fused LoRA": fused_forward(general=True),
+VARIANTS = {"as built": AS_BUILT, "einsum LoRA": einsum_forward, "fused LoRA": fused_forward(general=True),
             "fused, no general LoRA": fused_forward(general=False), "router only": router_only, "no MMoE": base_only}
 
 

@@ -177,20 +177,23 @@ class MMoELinear(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """hidden_states (B, T, in_features) → (B, T, out_features), in the input's dtype. The base linear computes as
-        loaded (cast or quantized); the LoRA terms in the adapters' own dtype, added to the base output there."""
+        loaded (cast or quantized); the LoRA terms in the adapters' own dtype, added to the base output there.
+
+        Each LoRA product is one `F.linear` on the (E·r)-flattened experts, whatever E: at a decoding step (T = 1)
+        the layer's cost is its number of small operations, which this keeps down."""
         input_dtype = hidden_states.dtype
         output = self.base_linear(hidden_states)
         hidden_states = hidden_states.to(self.general_lora_A.dtype)
-        lora_input = self.dropout(hidden_states)
-        output = output.to(hidden_states.dtype)
-        general_hidden = lora_input @ self.general_lora_A.T  # (B, T, r)
-        output = output + self.scaling * general_hidden @ self.general_lora_B.T
+        lora_input = self.dropout(hidden_states) if self.training else hidden_states
+        general_hidden = F.linear(lora_input, self.general_lora_A)  # (B, T, r)
+        lora_output = F.linear(general_hidden, self.general_lora_B)  # (B, T, out)
         if self.num_experts:
             weights = self.expert_weights(general_hidden if self.router_reads_general_lora else hidden_states)
-            expert_hidden = torch.einsum("bti,eri->bter", lora_input, self.experts_lora_A)  # (B, T, E, r)
-            expert_hidden = expert_hidden * weights.unsqueeze(-1)
-            output = output + self.scaling * torch.einsum("bter,eor->bto", expert_hidden, self.experts_lora_B)
-        return output.to(input_dtype)
+            expert_hidden = F.linear(lora_input, self.experts_lora_A.flatten(0, 1))  # (B, T, E·r), expert-major
+            expert_hidden = expert_hidden.unflatten(-1, (self.num_experts, -1)) * weights.unsqueeze(-1)
+            experts_lora_B = self.experts_lora_B.permute(1, 0, 2).flatten(1)  # (out, E·r), expert-major
+            lora_output = lora_output + F.linear(expert_hidden.flatten(-2), experts_lora_B)
+        return torch.add(output.to(lora_output.dtype), lora_output, alpha=self.scaling).to(input_dtype)
 
 
 def base_linear_key_mapping(checkpoint_keys) -> dict[str, str]:
