@@ -13,7 +13,8 @@ CARD_TEMPLATE_NAME = "MODEL_CARD.md"
 EASY_VQA = "easy-vqa"  # the data the demo model is trained on (PyPI easy-vqa 1.0), as a card's `datasets` names it
 CARD_OPTIONS = ("token_reduction", "num_visual_tokens", "cotr_projection_dim", "cotr_score_scaling",
                 "cotr_shared_query", "mmoe_target_modules", "mmoe_num_experts", "mmoe_top_k", "mmoe_rank", "mmoe_alpha",
-                "mmoe_router_uses_hidden_state", "mmoe_expert_weighting", "mmoe_balance_loss_coef", "image_size")
+                "mmoe_router_uses_hidden_state", "mmoe_router_token_input", "mmoe_router_context",
+                "mmoe_expert_weighting", "mmoe_balance_loss_coef", "image_size")
 
 
 def card_template_path() -> Path:
