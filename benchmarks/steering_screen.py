@@ -7,7 +7,9 @@ head reads it. The question enters as CoTR enters it in the model: the sum of th
 (`prompt_text_sums`, template included). Data: distinct-layout object-named mosaics (three objects of distinct shapes
 and colours, blanks elsewhere), "What colour is the <shape>?" only; a reducer that ignores the question scores about
 1/3. Variants: `text` (the paper's scoring: query + self + cross + text terms) and `none` (`cotr_text_conditioning`
-off: text-free queries).
+off: text-free queries), each read by the colour head; `text-llm`: the same `text` reducer read by LEO-MINI-Smol's
+own projector (demo weights, trained along) and its frozen LLM and MMoE, trained on the model's own loss (the
+answer's LM loss and its balance term; the model's `image_features` input takes the projected token; accuracy: the 8 colours' first answer tokens).
 
 Probes on the test mosaics: colour accuracy; CoTR's attention share on the named object's cell; the share left on it,
 and the share on the other object's cell, when the question names another shape of the same mosaic; accuracy with
@@ -37,7 +39,10 @@ from leo_mini_hf.modeling.token_reduction import ConditionalTokenReduction
 
 COLOUR_OF_SHAPE = "object colour of shape"
 GRIDS = (2, 3)
-VARIANTS = {"text": {"cotr_text_conditioning": True}, "none": {"cotr_text_conditioning": False}}
+VARIANTS = {"text": {"cotr_text_conditioning": True}, "none": {"cotr_text_conditioning": False},
+            "text-llm": {"cotr_text_conditioning": True}}
+LLM_READOUT = {"text-llm"}  # variants read by the frozen LLM instead of the colour head
+LLM_BATCH = 32  # test questions per LLM forward
 
 
 def colour_of_shape_samples(split: str, grid: int, count: int, seed: int) -> list[dict]:
@@ -103,21 +108,91 @@ class ColourScreen(nn.Module):
         return self.head(tokens[:, 0]), weights[0][:, 0]
 
 
+@torch.no_grad()
+def answer_prompts(processor, split: str, grid: int, count: int, seed: int, cache: Path) -> dict:
+    """The chat prompt with one `<image>` token and the answer, per sample of `colour_of_shape_samples` (same order
+    as `cached_features`): input_ids and labels (answer tokens only) right-padded (n, L), attention_mask, and the
+    position whose logits predict the answer's first token."""
+    path = cache / f"prompts-{split}-{grid}x{grid}-{count}-seed{seed}.pt"
+    if path.is_file():
+        return torch.load(path, weights_only=True)
+    tokenizer = processor.tokenizer
+    rows = []
+    for sample in colour_of_shape_samples(split, grid, count, seed):
+        user = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": sample["question"]}]}]
+        prompt = tokenizer(processor.apply_chat_template(user, add_generation_prompt=True, tokenize=False),
+                           add_special_tokens=False)["input_ids"]
+        answer = tokenizer(COLOURS[sample["colour"]] + "<|im_end|>", add_special_tokens=False)["input_ids"]
+        rows.append((prompt, answer))
+    length = max(len(prompt) + len(answer) for prompt, answer in rows)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.full((len(rows), length), pad)
+    labels = torch.full((len(rows), length), -100)
+    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for row, (prompt, answer) in enumerate(rows):
+        input_ids[row, :len(prompt) + len(answer)] = torch.tensor(prompt + answer)
+        labels[row, len(prompt):len(prompt) + len(answer)] = torch.tensor(answer)
+        attention_mask[row, :len(prompt) + len(answer)] = 1
+    data = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
+            "answer_position": torch.tensor([len(prompt) - 1 for prompt, _ in rows])}
+    torch.save(data, path)
+    return data
+
+
+class LLMScreen(nn.Module):
+    """One-query CoTR over one expert, then LEO-MINI-Smol's projector (trained) and its frozen LLM with its MMoE
+    adapters (the demo weights): the LLM reads the reduced token as the prompt's one image token."""
+
+    def __init__(self, config, hidden_size: int, num_tokens: int, model, colour_token_ids: list[int]):
+        super().__init__()
+        self.reducer = ConditionalTokenReduction(config, [hidden_size], [num_tokens])
+        self.projector = copy.deepcopy(model.multi_modal_projector).requires_grad_(True)
+        self.__dict__["model"] = model  # frozen and not a submodule: the optimiser sees CoTR and the projector only
+        self.colour_token_ids = colour_token_ids
+
+    def forward(self, features: torch.Tensor, text_sum: torch.Tensor, prompts: dict):
+        """features (B, N, d), text_sum (B, d_text), prompts: `answer_prompts` rows → (LM loss on the answers,
+        logits of the 8 colours' first tokens (B, colours), attention (B, N))."""
+        tokens, weights = self.reducer([features.float()], text_sum, output_weights=True)
+        outputs = self.model(input_ids=prompts["input_ids"], attention_mask=prompts["attention_mask"],
+                             image_features=self.projector(tokens), labels=prompts["labels"])
+        rows = torch.arange(len(tokens))
+        colour_logits = outputs.logits[rows, prompts["answer_position"]][:, self.colour_token_ids]
+        return outputs.loss, colour_logits, weights[0][:, 0]
+
+
+def rows_of(data: dict, indices) -> dict:
+    return {name: values[indices] for name, values in data.items()}
+
+
+def readout(screen: nn.Module, data: dict, text_sum: torch.Tensor):
+    """Colour logits (n, colours) and attention (n, N) for every row of `data` (LLM screens: in batches)."""
+    if not isinstance(screen, LLMScreen):
+        return screen(data["features"], text_sum)
+    logits, weights = [], []
+    for start in range(0, len(text_sum), LLM_BATCH):
+        part = slice(start, start + LLM_BATCH)
+        _, batch_logits, batch_weights = screen(data["features"][part], text_sum[part], rows_of(data["prompts"], part))
+        logits.append(batch_logits)
+        weights.append(batch_weights)
+    return torch.cat(logits), torch.cat(weights)
+
+
 def mean_and_error(values: torch.Tensor) -> tuple[float, float]:
     values = values.float()
     return values.mean().item(), (values.std(unbiased=True) / math.sqrt(len(values))).item()
 
 
 @torch.no_grad()
-def probe(screen: ColourScreen, data: dict, grid: int, cells: torch.Tensor) -> dict:
+def probe(screen: nn.Module, data: dict, grid: int, cells: torch.Tensor) -> dict:
     """Accuracy, share on the named cell, the counterfactual question's shares, accuracy with the text zeroed, and
     how many tokens the attention effectively mixes (1 / Σ w²)."""
     screen.eval()
-    logits, weights = screen(data["features"], data["text_sum"])
+    logits, weights = readout(screen, data, data["text_sum"])
     shares = cell_share(weights[:, None], cells, grid)  # (n, cells)
-    _, other_weights = screen(data["features"], data["other_text_sum"])
-    other_shares = cell_share(other_weights[:, None], cells, grid)
-    zeroed_logits, _ = screen(data["features"], torch.zeros_like(data["text_sum"]))
+    _, other_weights = screen.reducer([data["features"].float()], data["other_text_sum"], output_weights=True)
+    other_shares = cell_share(other_weights[0][:, 0][:, None], cells, grid)
+    zeroed_logits, _ = readout(screen, data, torch.zeros_like(data["text_sum"]))
     rows = torch.arange(len(shares))
     measured = {
         "accuracy": logits.argmax(-1) == data["colour"],
@@ -131,9 +206,9 @@ def probe(screen: ColourScreen, data: dict, grid: int, cells: torch.Tensor) -> d
     return {name: mean_and_error(values) for name, values in measured.items()}
 
 
-def fit(module: nn.Module, logits_of, train: dict, args, before_step=None) -> None:
-    """`args.steps` Adam steps of cross-entropy on the colours, batches drawn from the grids in turn.
-    logits_of(grid, batch indices) → colour logits; before_step(step) runs before each step and after the last."""
+def fit(module: nn.Module, loss_of, train: dict, args, before_step=None) -> None:
+    """`args.steps` Adam steps, batches drawn from the grids in turn. loss_of(grid, batch indices) → the loss;
+    before_step(step) runs before each step and after the last."""
     optimizer = torch.optim.Adam(module.parameters(), lr=args.learning_rate)
     generator = torch.Generator().manual_seed(args.seed)
     for step in range(args.steps + 1):
@@ -143,16 +218,24 @@ def fit(module: nn.Module, logits_of, train: dict, args, before_step=None) -> No
             break
         grid = GRIDS[step % len(GRIDS)]  # the grids alternate
         batch = torch.randint(len(train[grid]["colour"]), (args.batch_size,), generator=generator)
-        loss = nn.functional.cross_entropy(logits_of(grid, batch), train[grid]["colour"][batch])
+        loss = loss_of(grid, batch)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
 
 
-def train_variant(name: str, config, train: dict, test: dict, cells: dict, args) -> dict:
+def colour_loss(logits: torch.Tensor, colours: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(logits, colours)
+
+
+def train_variant(name: str, config, train: dict, test: dict, cells: dict, args, model=None,
+                  colour_token_ids=None) -> dict:
     torch.manual_seed(args.seed)
     first = train[GRIDS[0]]["features"]
-    screen = ColourScreen(config, first.shape[-1], first.shape[1])
+    if name in LLM_READOUT:
+        screen = LLMScreen(config, first.shape[-1], first.shape[1], model, colour_token_ids)
+    else:
+        screen = ColourScreen(config, first.shape[-1], first.shape[1])
     curve, started = [], time.perf_counter()
 
     def probe_at(step):
@@ -164,10 +247,13 @@ def train_variant(name: str, config, train: dict, test: dict, cells: dict, args)
                 f"{grid}x{grid} acc {point[f'{grid}x{grid}']['accuracy'][0]:.3f} share "
                 f"{point[f'{grid}x{grid}']['named_share'][0]:.3f}" for grid in GRIDS), flush=True)
 
-    def logits_of(grid, batch):
-        return screen(train[grid]["features"][batch], train[grid]["text_sum"][batch])[0]
+    def loss_of(grid, batch):
+        data = train[grid]
+        if name in LLM_READOUT:
+            return screen(data["features"][batch], data["text_sum"][batch], rows_of(data["prompts"], batch))[0]
+        return colour_loss(screen(data["features"][batch], data["text_sum"][batch])[0], data["colour"][batch])
 
-    fit(screen, logits_of, train, args, before_step=probe_at)
+    fit(screen, loss_of, train, args, before_step=probe_at)
     return {"variant": name, "config": VARIANTS[name], "curve": curve, "train_seconds": time.perf_counter() - started}
 
 
@@ -187,7 +273,8 @@ def readout_baselines(train: dict, test: dict, cells: dict, args) -> dict:
         torch.manual_seed(args.seed)
         head = nn.Linear(train[GRIDS[0]]["features"].shape[-1], len(COLOURS))
         reduced = {grid: reduce(train[grid], grid) for grid in GRIDS}
-        fit(head, lambda grid, batch: head(reduced[grid][batch]), train, args)
+        fit(head, lambda grid, batch: colour_loss(head(reduced[grid][batch]), train[grid]["colour"][batch]), train,
+            args)
         with torch.no_grad():
             results[name] = {f"{grid}x{grid}": mean_and_error(head(reduce(test[grid], grid)).argmax(-1)
                                                               == test[grid]["colour"]) for grid in GRIDS}
@@ -226,13 +313,23 @@ def main() -> None:
     cells = {grid: token_cells(expert.num_tokens, grid) for grid in GRIDS}
     baselines = readout_baselines(train, test, cells, args)
     print(f"readout baselines: {baselines}", flush=True)
+    colour_token_ids = None
+    if LLM_READOUT & set(args.variants):  # the LLM reads one image token per prompt: the screen's one query
+        model.config.num_visual_tokens = 1
+        model.requires_grad_(False)
+        for split, data in (("train", train), ("test", test)):
+            count = args.train_mosaics if split == "train" else args.test_mosaics
+            for grid in GRIDS:
+                data[grid]["prompts"] = answer_prompts(processor, split, grid, count, 0, args.cache)
+        colour_token_ids = [processor.tokenizer(colour, add_special_tokens=False)["input_ids"][0] for colour in COLOURS]
+        assert len(set(colour_token_ids)) == len(COLOURS), "the colours' first tokens must differ"
     results = []
     for name in args.variants:
         config = copy.deepcopy(model.config)
         config.num_visual_tokens = 1
         for key, value in VARIANTS[name].items():
             setattr(config, key, value)
-        results.append(train_variant(name, config, train, test, cells, args))
+        results.append(train_variant(name, config, train, test, cells, args, model, colour_token_ids))
     command = shlex.join(["python", "benchmarks/steering_screen.py", *sys.argv[1:]])
     config = model.config
     lines = ["# Reducer-only screen: does CoTR's scoring select the object the question names?", "",
